@@ -1,0 +1,73 @@
+"""Adapters between bitsandbytes objects and moka_kernels' plain NF4Tensor (bitsandbytes is optional)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moka_kernels import NF4Tensor
+
+__all__ = ["is_linear4bit", "linear4bit_from_nf4", "nf4_from_linear4bit"]
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (checked without importing bitsandbytes)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) and hasattr(weight, "quant_state") and hasattr(weight, "quant_type")
+
+
+def nf4_from_linear4bit(module: nn.Module) -> NF4Tensor:
+    """A zero-copy NF4Tensor view of a quantized ``Linear4bit``'s weight (see NF4Tensor.from_bnb)."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is None:
+        raise ValueError(
+            "base_layer: the Linear4bit weight is not quantized yet (bitsandbytes quantizes on .to(device) "
+            "or on the first .cuda()); quantize it before wrapping"
+        )
+    if weight.quant_type != "nf4":
+        raise ValueError(f"base_layer: expected an NF4 Linear4bit (quant_type='nf4'), got {weight.quant_type!r}")
+    return NF4Tensor.from_bnb(weight, weight.quant_state)
+
+
+def linear4bit_from_nf4(q: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype | None) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding exactly the bytes of ``q`` (requires bitsandbytes)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    n_out, k_in = q.shape
+    code = bnb.functional.get_4bit_type("nf4", device=q.device)
+    state2 = None
+    if q.double_quant:
+        state2 = QuantState(absmax=q.nested_absmax, code=q.nested_code, blocksize=256, dtype=torch.float32)
+    state = QuantState(
+        absmax=q.absmax,
+        shape=torch.Size(q.shape),
+        code=code,
+        blocksize=q.blocksize,
+        quant_type="nf4",
+        dtype=q.dtype,
+        offset=q.offset,
+        state2=state2,
+    )
+    layer = bnb.nn.Linear4bit(
+        k_in,
+        n_out,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=q.double_quant,
+        quant_type="nf4",
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        q.packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=q.blocksize,
+        compress_statistics=q.double_quant,
+        quant_type="nf4",
+        bnb_quantized=True,
+        module=layer,
+    )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer

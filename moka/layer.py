@@ -1,0 +1,267 @@
+"""MoKALinear: a drop-in nn.Module with a frozen base and a gated mixture of Kronecker adapters."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
+from moka_kernels import delta_weight as materialized_delta_weight
+
+from .bnb_compat import is_linear4bit, linear4bit_from_nf4, nf4_from_linear4bit
+from .config import MoKAConfig
+
+__all__ = ["MoKALinear", "NF4Linear"]
+
+logger = logging.getLogger("moka")
+
+_NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
+
+    The NF4 fields are buffers, so ``.to(device)`` and ``state_dict`` carry them.
+    """
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Tensor):
+            raise TypeError(f"weight: expected an NF4Tensor, got {type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.nf4_dtype = weight.dtype
+        self.blocksize = weight.blocksize
+        for name in _NF4_FIELDS:
+            self.register_buffer(name, getattr(weight, name))
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def nf4_weight(self) -> NF4Tensor:
+        return NF4Tensor(
+            packed=self.packed,
+            absmax=self.absmax,
+            shape=(self.out_features, self.in_features),
+            dtype=self.nf4_dtype,
+            blocksize=self.blocksize,
+            nested_absmax=self.nested_absmax,
+            nested_code=self.nested_code,
+            offset=self.offset,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, dequantize_nf4(self.nf4_weight, x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
+
+
+class MoKALinear(nn.Module):
+    r"""A linear layer whose frozen base is adapted by a gated mixture of Kronecker products.
+
+    .. math::
+
+        y = x W_0^T + b + s \sum_{i=1}^{r} \mathrm{softmax}(g)_i\,(A_i \otimes B_i)\,\mathrm{dropout}(x)
+
+    Args:
+        base_layer: the frozen base: an ``nn.Linear``, a bitsandbytes ``Linear4bit`` (NF4), an
+            :class:`NF4Tensor`, or an :class:`NF4Linear`. Its parameters are frozen.
+        config: a :class:`MoKAConfig`; defaults to ``MoKAConfig()``.
+        bias: the bias when ``base_layer`` is an NF4Tensor.
+        name: the layer's name, used in error messages.
+
+    Only ``a_factors``, ``b_factors`` and ``gate_logits`` are trainable (with ``moka_s``, A_i is a
+    frozen identity). At init one factor of each component is zero, so the output equals the base's.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module | NF4Tensor,
+        config: MoKAConfig | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        name: str = "layer",
+    ) -> None:
+        super().__init__()
+        config = config if config is not None else MoKAConfig()
+        if not isinstance(config, MoKAConfig):
+            raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
+        if isinstance(base_layer, NF4Tensor):
+            base_layer = NF4Linear(base_layer, bias)
+        elif bias is not None:
+            raise ValueError("bias: only accepted with an NF4Tensor base; nn.Linear bases carry their own")
+        if isinstance(base_layer, NF4Linear):
+            base_dtype = base_layer.nf4_dtype
+        elif is_linear4bit(base_layer):
+            nf4_from_linear4bit(base_layer)  # validates: quantized, NF4, not repacked for CPU
+            # Our forward never calls Linear4bit.forward; this keeps a later plain forward (after
+            # remove_moka) from repacking the bytes in place on AVX512-BF16 CPUs.
+            base_layer.support_avx512bf16_for_cpu = False
+            base_dtype = base_layer.compute_dtype or base_layer.weight.quant_state.dtype
+        elif isinstance(base_layer, nn.Linear):
+            base_dtype = base_layer.weight.dtype
+        else:
+            raise TypeError(
+                "base_layer: expected nn.Linear, bitsandbytes Linear4bit, NF4Tensor or NF4Linear, got "
+                f"{type(base_layer).__name__}"
+            )
+        self.out_features, self.in_features = int(base_layer.out_features), int(base_layer.in_features)
+        shapes = config.component_shapes(self.out_features, self.in_features, name)
+
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.config = config
+        self.component_shapes = shapes
+        self.scale = float(config.scale)
+        self.variant = config.variant
+        dtype = config.resolved_adapter_dtype(base_dtype)
+        device = self._base_device()
+        self.a_factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(a1, a2, dtype=dtype, device=device)) for a1, a2, _, _ in shapes]
+        )
+        self.b_factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(b1, b2, dtype=dtype, device=device)) for _, _, b1, b2 in shapes]
+        )
+        self.gate_logits = nn.Parameter(torch.zeros(len(shapes), dtype=dtype, device=device)) if config.gate else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.reset_adapter()
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _base_device(self) -> torch.device:
+        for t in self.base_layer.buffers():
+            return t.device
+        return next(self.base_layer.parameters()).device
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Re-initialize: ΔW = 0 (one factor zero per component, the other Kaiming-uniform), g = 0."""
+        zero_a = self.config.init == "zero_a" and self.variant == "moka"
+        for a, b in zip(self.a_factors, self.b_factors, strict=True):
+            if self.variant == "moka_s":
+                a.copy_(torch.eye(a.shape[0], dtype=a.dtype))
+                a.requires_grad_(False)
+                b.zero_()
+                continue
+            nonzero, zero = (b, a) if zero_a else (a, b)
+            nn.init.kaiming_uniform_(nonzero, a=math.sqrt(5))
+            zero.zero_()
+        if self.gate_logits is not None:
+            self.gate_logits.zero_()
+
+    # -- the base ------------------------------------------------------------------------------
+    @property
+    def is_4bit(self) -> bool:
+        return isinstance(self.base_layer, NF4Linear) or is_linear4bit(self.base_layer)
+
+    def base_weight(self) -> torch.Tensor | NF4Tensor:
+        """W0 as moka_kernels takes it: the dense weight, or a zero-copy NF4Tensor."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.nf4_weight
+        if is_linear4bit(self.base_layer):
+            return nf4_from_linear4bit(self.base_layer)
+        return self.base_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight object (for code that inspects ``module.weight``)."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.packed
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if is_linear4bit(self.base_layer) and self.base_layer.compute_dtype is not None:
+            return self.base_layer.compute_dtype
+        return x.dtype
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(self._compute_dtype(x))
+        dtype = x.dtype
+        adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
+        bias = self.bias
+        out = moka_linear(
+            x,
+            self.base_weight(),
+            [a.to(dtype) for a in self.a_factors],
+            [b.to(dtype) for b in self.b_factors],
+            self.gate_logits,
+            None if bias is None else bias.to(dtype),
+            self.scale,
+            adapter_input,
+        )
+        return out.to(input_dtype)
+
+    # -- inspection and merging ----------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The materialized ΔW = s Σ softmax(g)_i kron(A_i, B_i), shape (out, in), adapter dtype."""
+        return materialized_delta_weight(list(self.a_factors), list(self.b_factors), self.gate_logits, self.scale)
+
+    def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 as a dense tensor (dequantized for 4-bit bases)."""
+        weight = self.base_weight()
+        if isinstance(weight, NF4Tensor):
+            return dequantize_nf4(weight, dtype or weight.dtype)
+        return weight.detach().to(dtype or weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain layer computing the same function, holding W0 + ΔW.
+
+        Args:
+            requantize: for a 4-bit base, quantize W0 + ΔW back to NF4 (same blocksize and double
+                quantization) and return the same kind of 4-bit layer (Linear4bit or NF4Linear).
+                The error this adds is logged and stored as ``merged.moka_requantization_error``
+                (``max_abs`` and ``rel_rms`` against the unquantized merge). Ignored for dense bases.
+            dtype: dtype of the merged dense weight; defaults to the base's dtype (for 4-bit bases,
+                the dtype bitsandbytes dequantizes to).
+        """
+        base_w = self.base_weight()
+        out_dtype = dtype or (base_w.dtype if isinstance(base_w, (torch.Tensor, NF4Tensor)) else torch.float32)
+        merged_fp32 = self.dense_base_weight(torch.float32) + self.delta_weight().float()
+        bias = self.bias
+        if self.is_4bit and requantize:
+            q = quantize_nf4(merged_fp32.to(out_dtype), base_w.blocksize, base_w.double_quant)
+            decoded = dequantize_nf4(q, torch.float32)
+            err = decoded - merged_fp32
+            report = {
+                "max_abs": err.abs().max().item(),
+                "rel_rms": (err.pow(2).mean().sqrt() / merged_fp32.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+            }
+            if is_linear4bit(self.base_layer):
+                layer = linear4bit_from_nf4(q, bias, self.base_layer.compute_dtype)
+            else:
+                layer = NF4Linear(q, bias)
+            layer.moka_requantization_error = report
+            logger.info(
+                "merge: NF4 requantization error max_abs=%.3g rel_rms=%.3g", report["max_abs"], report["rel_rms"]
+            )
+            return layer
+        layer = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=merged_fp32.device, dtype=out_dtype
+        )
+        layer.weight.copy_(merged_fp32.to(out_dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.to(out_dtype))
+        layer.requires_grad_(False)
+        return layer
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{a1}x{a2}⊗{b1}x{b2}" for a1, a2, b1, b2 in self.component_shapes)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, variant={self.variant}, "
+            f"r={len(self.component_shapes)} [{shapes}], gate={self.gate_logits is not None}, scale={self.scale}"
+        )

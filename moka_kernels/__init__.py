@@ -1,0 +1,28 @@
+"""moka_kernels: functional MoKA ops (no nn.Module, no bitsandbytes needed).
+
+Public functions:
+
+* :func:`moka_linear` — y = x W0ᵀ + b + s Σ softmax(g)_i (A_i ⊗ B_i) x, never forming ΔW.
+* :func:`quantize_nf4` / :func:`dequantize_nf4` / :class:`NF4Tensor` — bitsandbytes' exact NF4 layout.
+* :func:`delta_weight` — the materialized ΔW (for merging and tests).
+"""
+
+from .dispatch import moka_linear, select_backend, validate_moka_inputs
+from .nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
+from .reference import contraction_order, gate_weights
+from .reference import materialized_delta_weight as delta_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4_CODE",
+    "NF4Tensor",
+    "contraction_order",
+    "delta_weight",
+    "dequantize_nf4",
+    "gate_weights",
+    "moka_linear",
+    "quantize_nf4",
+    "select_backend",
+    "validate_moka_inputs",
+]

@@ -1,0 +1,161 @@
+"""The public functional op: validate once, pick a backend, call it.
+
+Backends: ``torch`` (the reshape form in :mod:`moka_kernels.reference`, any device). The environment
+variable ``MOKA_BACKEND`` (``torch`` | ``auto``) forces a choice; ``auto`` (the default) picks the
+fastest backend available for the input's device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .nf4 import NF4Tensor
+from .reference import moka_linear_torch
+
+__all__ = ["BACKENDS", "moka_linear", "select_backend", "validate_moka_inputs"]
+
+# name -> callable(x2d, weight, a_factors, b_factors, gate_logits, bias, scale, adapter_x2d) -> (T, N)
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": moka_linear_torch}
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """Backend for ``x``: ``MOKA_BACKEND`` if set to a backend name, else the best available one."""
+    requested = os.environ.get("MOKA_BACKEND", "auto").strip().lower() or "auto"
+    if requested == "auto":
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"MOKA_BACKEND: expected one of {['auto', *BACKENDS]}, got {requested!r}")
+    return requested
+
+
+def _shape(t: torch.Tensor | NF4Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate_moka_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor | NF4Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    adapter_input: torch.Tensor | None = None,
+) -> None:
+    """Raise a ValueError/TypeError naming the offending parameter if the inputs do not fit together."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., K), got a 0-d tensor")
+    if isinstance(weight, NF4Tensor):
+        if weight.device != x.device:
+            raise ValueError(f"weight: expected device {x.device} (the device of x), got {weight.device}")
+    elif isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected a 2-D (N, K) tensor, got shape {_shape(weight)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight: expected dtype {x.dtype} (the dtype of x), got {weight.dtype}")
+        if weight.device != x.device:
+            raise ValueError(f"weight: expected device {x.device} (the device of x), got {weight.device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight: expected a frozen base weight (requires_grad=False); MoKA trains only adapters")
+    else:
+        raise TypeError(f"weight: expected a torch.Tensor or NF4Tensor, got {type(weight).__name__}")
+    n_out, k_in = _shape(weight)
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x: expected last dim K={k_in} (weight is {n_out}x{k_in}), got shape {tuple(x.shape)}")
+    if len(a_factors) == 0:
+        raise ValueError("a_factors: expected at least one component (r >= 1), got r=0")
+    if len(b_factors) != len(a_factors):
+        raise ValueError(f"b_factors: expected r={len(a_factors)} factors (one per A), got {len(b_factors)}")
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        for name, f in ((f"a_factors[{i}]", a), (f"b_factors[{i}]", b)):
+            if not isinstance(f, torch.Tensor) or f.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(f, 'shape', type(f).__name__)}")
+            if f.dtype != x.dtype:
+                raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {f.dtype}")
+            if f.device != x.device:
+                raise ValueError(f"{name}: expected device {x.device} (the device of x), got {f.device}")
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        if a1 * b1 != n_out or a2 * b2 != k_in:
+            raise ValueError(
+                f"a_factors[{i}], b_factors[{i}]: expected a1*b1 == N={n_out} and a2*b2 == K={k_in}, "
+                f"got A {a1}x{a2} and B {b1}x{b2} (kron shape {a1 * b1}x{a2 * b2})"
+            )
+    r = len(a_factors)
+    if gate_logits is not None:
+        if not isinstance(gate_logits, torch.Tensor) or tuple(gate_logits.shape) != (r,):
+            raise ValueError(
+                f"gate_logits: expected shape ({r},) (one logit per component), got "
+                f"{getattr(gate_logits, 'shape', type(gate_logits).__name__)}"
+            )
+        if not gate_logits.is_floating_point():
+            raise TypeError(f"gate_logits: expected a floating-point tensor, got dtype {gate_logits.dtype}")
+        if gate_logits.device != x.device:
+            raise ValueError(f"gate_logits: expected device {x.device} (the device of x), got {gate_logits.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias: expected shape ({n_out},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias: expected dtype {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite real number, got {scale!r}")
+    if adapter_input is not None and (
+        not isinstance(adapter_input, torch.Tensor)
+        or adapter_input.shape != x.shape
+        or adapter_input.dtype != x.dtype
+        or adapter_input.device != x.device
+    ):
+        raise ValueError(
+            f"adapter_input: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+            f"{getattr(adapter_input, 'shape', type(adapter_input).__name__)}"
+        )
+
+
+def moka_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | NF4Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    adapter_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""A linear layer with a frozen base and a gated mixture of Kronecker adapters.
+
+    .. math::
+
+        y = x W_0^T + b + s \sum_{i=1}^{r} \mathrm{softmax}(g)_i \, (A_i \otimes B_i)\, x_a
+
+    ΔW = s Σ α_i (A_i ⊗ B_i) is never formed: per token, (A ⊗ B) x = (A · x.view(a2, b2) · Bᵀ).flatten().
+
+    Args:
+        x: (..., K) input, any leading dims (zero tokens allowed), floating point.
+        weight: frozen base W0, a dense (N, K) tensor of x's dtype or an :class:`NF4Tensor`.
+        a_factors: r tensors A_i of shape (a1_i, a2_i), x's dtype and device.
+        b_factors: r tensors B_i of shape (b1_i, b2_i) with a1_i·b1_i = N and a2_i·b2_i = K.
+        gate_logits: (r,) logits g, or None for the gate-off ablation (α_i = 1/r, fixed).
+        bias: optional (N,) bias.
+        scale: the fixed scale s.
+        adapter_input: optional x_a (same shape as x) fed to the adapter only, e.g. dropout(x);
+            defaults to x.
+
+    Returns:
+        (..., N) output in x's dtype. Differentiable w.r.t. x, adapter_input, every A_i and B_i,
+        gate_logits and bias; the base weight gets no gradient.
+    """
+    validate_moka_inputs(x, weight, a_factors, b_factors, gate_logits, bias, scale, adapter_input)
+    n_out, k_in = _shape(weight)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k_in)
+    adapter_x2d = None if adapter_input is None else adapter_input.reshape(-1, k_in)
+    backend = BACKENDS[select_backend(x)]
+    out = backend(x2d, weight, list(a_factors), list(b_factors), gate_logits, bias, scale, adapter_x2d)
+    return out.reshape(*lead, n_out)

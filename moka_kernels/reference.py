@@ -1,0 +1,232 @@
+r"""Plain-PyTorch MoKA: the materialized form (tests only) and the reshape form (the CPU path).
+
+Notation (docs/design.md has the derivations). A layer with frozen W0 of shape (N, K) and r components
+A_i: (a1_i, a2_i), B_i: (b1_i, b2_i), a1_i·b1_i = N, a2_i·b2_i = K, gate logits g (r,), scale s:
+
+.. math::
+
+    y = x W_0^T + b + s \sum_i \alpha_i (A_i \otimes B_i) x, \qquad \alpha = \mathrm{softmax}(g)
+
+Per token, with X = x.view(a2, b2) (row-major), ``(A ⊗ B) x == (A X Bᵀ).flatten()``.
+Two contraction orders, per token:
+
+* ``b_first``: U = X Bᵀ (a2×b1), then Y = A U — a2·b1·(b2 + a1) MACs;
+* ``a_first``: V = A X (a1×b2), then Y = V Bᵀ — a1·b2·(a2 + b1) MACs.
+
+Backward, with G = dy.view(a1, b1) per token and c_i = s·α_i:
+
+* dX_i = c_i · Aᵀ G B
+* dA_i = c_i · Σ_t G_t B X_tᵀ      (= c_i · M_i)
+* dB_i = c_i · Σ_t G_tᵀ A X_t      (= c_i · R_i)
+* dα_i = s · Σ_t ⟨G_t, A X_t Bᵀ⟩ = s · ⟨A_i, M_i⟩ = s · ⟨B_i, R_i⟩
+* dg = α ⊙ (dα − ⟨α, dα⟩)           (softmax backward)
+
+Every contraction is batched over all T tokens into one GEMM, never T small ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Tensor, dequantize_nf4
+
+__all__ = [
+    "MoKALinearFunction",
+    "contraction_order",
+    "gate_weights",
+    "kron_component",
+    "materialized_delta_weight",
+    "moka_linear_materialized",
+    "moka_linear_torch",
+]
+
+
+def gate_weights(
+    gate_logits: torch.Tensor | None,
+    num_components: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """α = softmax(g), or the fixed uniform 1/r when the gate is off (``gate_logits is None``).
+
+    Computed in ``dtype`` promoted to at least fp32 (and to the logits' dtype), never in half precision.
+    """
+    dtype = torch.promote_types(dtype, torch.float32)
+    if gate_logits is None:
+        return torch.full((num_components,), 1.0 / num_components, dtype=dtype, device=device)
+    return torch.softmax(gate_logits.to(torch.promote_types(gate_logits.dtype, dtype)), dim=0)
+
+
+def contraction_order(a_shape: Sequence[int], b_shape: Sequence[int]) -> str:
+    """The cheaper per-token order for A X Bᵀ: ``"b_first"`` (X Bᵀ first) or ``"a_first"`` (A X first)."""
+    (a1, a2), (b1, b2) = a_shape, b_shape
+    return "b_first" if a2 * b1 * (b2 + a1) <= a1 * b2 * (a2 + b1) else "a_first"
+
+
+def _left(m: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+    """(T, p, q) -> (T, m, q): M @ X_t for every token, as one GEMM over T·q columns."""
+    return torch.tensordot(x3, m, dims=([1], [1])).transpose(1, 2)
+
+
+def kron_component(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A ⊗ B) x for every row of ``x2d`` (T, a2·b2) -> (T, a1·b1), without forming A ⊗ B."""
+    num_tokens = x2d.shape[0]
+    x3 = x2d.reshape(num_tokens, a.shape[1], b.shape[1])
+    if contraction_order(a.shape, b.shape) == "b_first":
+        y3 = _left(a, x3 @ b.T)
+    else:
+        y3 = _left(a, x3) @ b.T
+    return y3.reshape(num_tokens, a.shape[0] * b.shape[0])
+
+
+def materialized_delta_weight(
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """ΔW = s · Σ_i α_i · kron(A_i, B_i), shape (N, K). For tests and merging only."""
+    alpha = gate_weights(gate_logits, len(a_factors), a_factors[0].device, a_factors[0].dtype)
+    delta = sum(
+        alpha[i].to(a.dtype) * torch.kron(a, b) for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True))
+    )
+    return delta * scale
+
+
+def _dense_weight(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensor) else weight.to(dtype)
+
+
+def moka_linear_materialized(
+    x: torch.Tensor,
+    weight: torch.Tensor | NF4Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The obviously-right form: F.linear(x, W0 + ΔW, bias), with ΔW from torch.kron. Tests only."""
+    delta = materialized_delta_weight(a_factors, b_factors, gate_logits, scale)
+    return F.linear(x, _dense_weight(weight, x.dtype).detach() + delta.to(x.dtype), bias)
+
+
+class MoKALinearFunction(torch.autograd.Function):
+    """y = x W0ᵀ + b + s Σ α_i (A_i ⊗ B_i) x_a, reshape form, with a hand-written backward.
+
+    ``x_a`` (the adapter input) is ``x`` itself unless a separate tensor is passed (e.g. dropout(x)).
+    Saved for backward: x (and x_a if distinct), the factors and the gate logits. Not saved: ΔW, the
+    dequantized base weight (re-decoded in backward) and the r per-component intermediates (recomputed).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x2d: torch.Tensor,
+        adapter_x2d: torch.Tensor | None,
+        weight: torch.Tensor | NF4Tensor,
+        bias: torch.Tensor | None,
+        gate_logits: torch.Tensor | None,
+        scale: float,
+        num_components: int,
+        *factors: torch.Tensor,
+    ) -> torch.Tensor:
+        a_factors, b_factors = factors[:num_components], factors[num_components:]
+        xa = x2d if adapter_x2d is None else adapter_x2d
+        alpha = gate_weights(gate_logits, num_components, x2d.device, x2d.dtype)
+        coeffs = (alpha * scale).to(x2d.dtype)
+        out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
+        for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+            out += kron_component(xa, a, b) * coeffs[i]
+        ctx.nf4_weight = weight if isinstance(weight, NF4Tensor) else None
+        ctx.scale = scale
+        ctx.num_components = num_components
+        ctx.has_bias = bias is not None
+        ctx.separate_adapter_input = adapter_x2d is not None
+        ctx.gate_is_off = gate_logits is None
+        empty = x2d.new_empty(0)
+        ctx.save_for_backward(
+            x2d,
+            empty if adapter_x2d is None else adapter_x2d,
+            empty if gate_logits is None else gate_logits,
+            empty if ctx.nf4_weight is not None else weight,
+            *factors,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2d, adapter_x2d, gate_logits, dense_weight, *factors = ctx.saved_tensors
+        r = ctx.num_components
+        a_factors, b_factors = factors[:r], factors[r:]
+        needs = ctx.needs_input_grad
+        need_x, need_xa, need_bias, need_gate = needs[0], needs[1], needs[3], needs[4]
+        need_adapter_x = need_xa if ctx.separate_adapter_input else need_x
+        xa = adapter_x2d if ctx.separate_adapter_input else x2d
+        num_tokens = x2d.shape[0]
+        gate = None if ctx.gate_is_off else gate_logits
+        alpha = gate_weights(gate, r, x2d.device, x2d.dtype)
+        coeffs = (alpha * ctx.scale).to(grad_out.dtype)
+
+        base_weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
+        grad_x = grad_out @ _dense_weight(base_weight, grad_out.dtype) if need_x else None
+        grad_xa = torch.zeros_like(xa) if (need_adapter_x and ctx.separate_adapter_input) else None
+        grad_alpha = torch.zeros_like(alpha)
+        grad_factors: list[torch.Tensor | None] = [None] * (2 * r)
+
+        for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+            (a1, a2), (b1, b2) = a.shape, b.shape
+            need_a, need_b = needs[7 + i], needs[7 + r + i]
+            g3 = grad_out.reshape(num_tokens, a1, b1)
+            x3 = xa.reshape(num_tokens, a2, b2)
+            # P = Aᵀ G (T, a2, b1) feeds dB and dX; Q = G B (T, a1, b2) feeds dA and dX.
+            p = _left(a.T, g3) if need_b else None
+            q = g3 @ b if need_a else None
+            if need_adapter_x:
+                cost_via_p = (0 if p is not None else a1 * a2 * b1) + a2 * b1 * b2
+                cost_via_q = (0 if q is not None else a1 * b1 * b2) + a1 * a2 * b2
+                if cost_via_p <= cost_via_q:
+                    p = _left(a.T, g3) if p is None else p
+                    dx3 = p @ b
+                else:
+                    q = g3 @ b if q is None else q
+                    dx3 = _left(a.T, q)
+                dx = dx3.reshape(num_tokens, a2 * b2) * coeffs[i]
+                target = grad_xa if ctx.separate_adapter_input else grad_x
+                target += dx
+            m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2])) if q is not None else None  # Σ G B Xᵀ
+            r_raw = torch.tensordot(p, x3, dims=([0, 1], [0, 1])) if p is not None else None  # Σ (AᵀG)ᵀ X
+            if need_gate:
+                if m_raw is None and r_raw is None:
+                    r_raw = torch.tensordot(_left(a.T, g3), x3, dims=([0, 1], [0, 1]))
+                pair = (a, m_raw) if m_raw is not None else (b, r_raw)
+                grad_alpha[i] = ctx.scale * (pair[0].to(alpha.dtype) * pair[1].to(alpha.dtype)).sum()
+            if need_a:
+                grad_factors[i] = m_raw * coeffs[i]
+            if need_b:
+                grad_factors[r + i] = r_raw * coeffs[i]
+
+        grad_gate = None
+        if need_gate:
+            grad_gate = (alpha * (grad_alpha - (alpha * grad_alpha).sum())).to(gate_logits.dtype)
+        grad_bias = grad_out.sum(0) if (need_bias and ctx.has_bias) else None
+        return grad_x, grad_xa, None, grad_bias, grad_gate, None, None, *grad_factors
+
+
+def moka_linear_torch(
+    x2d: torch.Tensor,
+    weight: torch.Tensor | NF4Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    adapter_x2d: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The PyTorch path on 2-D inputs (already validated): (T, K) -> (T, N)."""
+    return MoKALinearFunction.apply(
+        x2d, adapter_x2d, weight, bias, gate_logits, float(scale), len(a_factors), *a_factors, *b_factors
+    )

@@ -1,0 +1,38 @@
+"""moka: fast Mixture of Kronecker Adapters (MoKA) on frozen dense or NF4 bases."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="moka",
+    version="0.1.0",
+    description="Mixture of Kronecker Adapters: fused NF4 + Kronecker-mixture kernels, MoKALinear, LLaMA patching",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moka", "moka.*", "moka_kernels", "moka_kernels.*"]),
+    install_requires=[
+        # CPU machines: install with -c constraints-cpu.txt so that pip takes the CPU build of torch.
+        "torch>=2.4",
+        "numpy",  # the Triton interpreter needs it; neither triton nor CPU torch declares it
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "bnb": ["bitsandbytes>=0.45"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "bitsandbytes>=0.45",
+            "ruff>=0.6",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,104 @@
+"""MoKAConfig and the automatic factor shapes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moka import MoKAConfig, MoKALinear, auto_component_shapes
+
+
+@pytest.mark.parametrize(
+    ("n_out", "k_in"),
+    [(24, 36), (36, 24), (4096, 4096), (1024, 4096), (4096, 11008), (11008, 4096), (192, 576), (576, 1536), (6, 4)],
+)
+@pytest.mark.parametrize("variant", ["moka", "moka_s"])
+def test_auto_shapes_are_valid_distinct_and_nontrivial(n_out, k_in, variant):
+    shapes = auto_component_shapes(n_out, k_in, 5, variant)
+    assert shapes and len(shapes) == len(set(shapes)) <= 5
+    for a1, a2, b1, b2 in shapes:
+        assert a1 * b1 == n_out and a2 * b2 == k_in
+        assert a1 * a2 > 1 and b1 * b2 > 1
+        if variant == "moka_s":
+            assert a1 == a2
+
+
+def test_auto_shapes_match_the_paper_budget():
+    """Five 64x64⊗64x64-sized components per 4096² layer: 5 × 2 × 4096 = 40,960 parameters."""
+    shapes = auto_component_shapes(4096, 4096, 5)
+    assert shapes[0] == (64, 64, 64, 64)
+    assert all(a1 * a2 == b1 * b2 == 4096 for a1, a2, b1, b2 in shapes)
+    gqa = auto_component_shapes(1024, 4096, 5)
+    assert all(a1 * a2 == b1 * b2 == 2048 for a1, a2, b1, b2 in gqa)
+
+
+def test_auto_shapes_most_balanced_first():
+    shapes = auto_component_shapes(24, 36, 8)
+    imbalance = [round(abs(math.log(a1 * a2 / (b1 * b2))), 9) for a1, a2, b1, b2 in shapes]
+    assert imbalance == sorted(imbalance)
+
+
+def test_default_config_works_on_tiny_and_gqa_layers():
+    for n_out, k_in in [(24, 36), (64, 256), (192, 576)]:
+        layer = MoKALinear(nn.Linear(k_in, n_out), MoKAConfig())
+        assert len(layer.component_shapes) == 5
+
+
+def test_too_few_shapes_warns_and_uses_fewer():
+    with pytest.warns(UserWarning, match="only 2 distinct"):
+        layer = MoKALinear(nn.Linear(3, 2), MoKAConfig(num_components=5))
+    assert len(layer.a_factors) == 2 and layer.gate_logits.shape == (2,)
+
+
+def test_too_few_shapes_can_raise():
+    with pytest.raises(ValueError, match="only 2 distinct"):
+        MoKALinear(nn.Linear(3, 2), MoKAConfig(num_components=5, on_too_few_shapes="error"))
+
+
+def test_no_factorization_raises():
+    with pytest.raises(ValueError, match="no non-trivial Kronecker factorization"):
+        MoKALinear(nn.Linear(7, 1))
+
+
+def test_explicit_components_are_used_and_checked():
+    config = MoKAConfig(components=[(4, 6, 6, 6), (2, 3, 12, 12)])
+    assert config.num_components == 2
+    layer = MoKALinear(nn.Linear(36, 24), config)
+    assert layer.component_shapes == [(4, 6, 6, 6), (2, 3, 12, 12)]
+    with pytest.raises(ValueError, match=r"components\[0\].*out_features=48"):
+        MoKALinear(nn.Linear(36, 48), config, name="model.layers.0.q_proj")
+
+
+def test_target_module_matching():
+    assert MoKAConfig().matches("model.layers.3.self_attn.q_proj")
+    assert not MoKAConfig().matches("model.layers.3.self_attn.q_proj_extra")
+    assert MoKAConfig(target_modules=["lm_head"]).matches("lm_head")
+    regex = MoKAConfig(target_modules=r".*\.(q|v)_proj")
+    assert regex.matches("model.layers.0.self_attn.v_proj") and not regex.matches("model.layers.0.self_attn.k_proj")
+
+
+def test_dict_round_trip():
+    config = MoKAConfig(components=[(4, 6, 6, 6)], scale=2.0, adapter_dtype=torch.bfloat16, gate=False)
+    assert MoKAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown MoKAConfig fields"):
+        MoKAConfig.from_dict({"rank": 4})
+
+
+def test_adapter_dtype_defaults_to_fp32_for_half_bases():
+    layer = MoKALinear(nn.Linear(36, 24).to(torch.bfloat16))
+    assert all(p.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
+    x = torch.randn(3, 36, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    layer(x).float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
+
+
+def test_warning_free_default_on_llama_shapes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n_out, k_in in [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 14336)]:
+            assert len(MoKAConfig().component_shapes(n_out, k_in)) == 5

@@ -1,0 +1,145 @@
+"""Bad input raises an exception that names the parameter and the expected value, and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import make_problem
+from torch import nn
+
+from moka import MoKAConfig, MoKALinear
+from moka_kernels import NF4Tensor, moka_linear, quantize_nf4
+
+
+@pytest.fixture
+def problem():
+    return make_problem(24, 36, [(4, 6, 6, 6), (2, 9, 12, 4)], torch.float32, lead=(3,))
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [t.detach().clone() for t in value]
+    return value
+
+
+def _call(problem, **overrides):
+    x, weight, a_f, b_f, g, b = problem
+    args = dict(x=x, weight=weight, a_factors=a_f, b_factors=b_f, gate_logits=g, bias=b)
+    args.update(overrides)
+    snapshot = {k: _clone(v) for k, v in args.items()}
+    try:
+        moka_linear(**args)
+    finally:
+        for k, v in args.items():  # nothing was modified
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, snapshot[k]), k
+            elif isinstance(v, list):
+                assert all(t.device.type == "meta" or torch.equal(t, s) for t, s in zip(v, snapshot[k], strict=True)), k
+
+
+def test_factor_shapes_must_multiply_to_layer(problem):
+    _, _, _a_f, b_f, _, _ = problem
+    with pytest.raises(ValueError, match=r"a_factors\[1\], b_factors\[1\]: expected a1\*b1 == N=24 and a2\*b2 == K=36"):
+        _call(problem, b_factors=[b_f[0], torch.randn(12, 5)])
+
+
+def test_x_last_dim_must_be_k(problem):
+    with pytest.raises(ValueError, match=r"x: expected last dim K=36"):
+        _call(problem, x=torch.randn(3, 35))
+
+
+def test_factor_dtype_must_match_x(problem):
+    _, _, a_f, _, _, _ = problem
+    with pytest.raises(TypeError, match=r"a_factors\[0\]: expected dtype torch.float32"):
+        _call(problem, a_factors=[a_f[0].detach().double(), a_f[1]])
+
+
+def test_factor_device_must_match_x(problem):
+    _, _, _, b_f, _, _ = problem
+    with pytest.raises(ValueError, match=r"b_factors\[1\]: expected device cpu"):
+        _call(problem, b_factors=[b_f[0], b_f[1].detach().to("meta")])
+
+
+def test_x_must_be_floating(problem):
+    with pytest.raises(TypeError, match=r"x: expected a floating-point tensor, got dtype torch\.int64"):
+        _call(problem, x=torch.ones(3, 36, dtype=torch.int64))
+
+
+def test_gate_logits_length(problem):
+    with pytest.raises(ValueError, match=r"gate_logits: expected shape \(2,\)"):
+        _call(problem, gate_logits=torch.zeros(3))
+
+
+def test_zero_components(problem):
+    with pytest.raises(ValueError, match=r"a_factors: expected at least one component \(r >= 1\)"):
+        _call(problem, a_factors=[], b_factors=[])
+    with pytest.raises(ValueError, match="num_components: expected an integer >= 1, got 0"):
+        MoKAConfig(num_components=0)
+    with pytest.raises(ValueError, match=r"components: expected at least one"):
+        MoKAConfig(components=[])
+
+
+def test_factor_count_mismatch(problem):
+    _, _, _, b_f, _, _ = problem
+    with pytest.raises(ValueError, match="b_factors: expected r=2 factors"):
+        _call(problem, b_factors=b_f[:1])
+
+
+def test_bias_shape(problem):
+    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
+        _call(problem, bias=torch.zeros(36))
+
+
+def test_trainable_base_weight_is_rejected(problem):
+    _, weight, _, _, _, _ = problem
+    with pytest.raises(ValueError, match="weight: expected a frozen base weight"):
+        _call(problem, weight=weight.clone().requires_grad_(True))
+
+
+def test_nf4_blocksize_must_divide_numel():
+    q = quantize_nf4(torch.randn(8, 16), blocksize=32)
+    with pytest.raises(ValueError, match="blocksize: expected a positive divisor of the element count 128"):
+        NF4Tensor(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=48)
+    with pytest.raises(ValueError, match=r"blocksize: expected one of \(32, 64"):
+        quantize_nf4(torch.randn(8, 16), blocksize=48)
+    with pytest.raises(ValueError, match="blocksize: expected a divisor of the element count 96"):
+        quantize_nf4(torch.randn(6, 16), blocksize=64)
+
+
+def test_config_errors_name_the_parameter():
+    for kwargs, pattern in [
+        (dict(variant="lokr"), "variant: expected one of"),
+        (dict(init="normal"), "init: expected one of"),
+        (dict(dropout=1.5), r"dropout: expected a probability in \[0, 1\)"),
+        (dict(scale=float("nan")), "scale: expected a finite real number"),
+        (dict(target_modules=[]), "target_modules: expected a non-empty list"),
+        (dict(target_modules="(["), "target_modules: invalid regular expression"),
+        (dict(components=[(4, 6, 6)]), r"components\[0\]: expected four positive ints"),
+        (dict(variant="moka_s", components=[(4, 6, 6, 6)]), r"components\[0\]: moka_s needs a square identity"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            MoKAConfig(**kwargs)
+
+
+def test_layer_errors_leave_base_untouched():
+    base = nn.Linear(36, 24)
+    before = copy.deepcopy(base.state_dict())
+    requires_grad = [p.requires_grad for p in base.parameters()]
+    with pytest.raises(ValueError, match="components"):
+        MoKALinear(base, MoKAConfig(components=[(5, 6, 5, 6)]))
+    assert [p.requires_grad for p in base.parameters()] == requires_grad  # not frozen by the failed wrap
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.raises(TypeError, match=r"base_layer: expected nn\.Linear"):
+        MoKALinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="config: expected a MoKAConfig"):
+        MoKALinear(base, {"num_components": 2})
+
+
+def test_backend_env_is_validated(problem, monkeypatch):
+    monkeypatch.setenv("MOKA_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="MOKA_BACKEND: expected one of"):
+        _call(problem)

@@ -1,0 +1,213 @@
+"""MoKALinear over nn.Linear, bitsandbytes Linear4bit and NF4Tensor bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close_rel
+from torch import nn
+
+from moka import MoKAConfig, MoKALinear, NF4Linear, NF4Tensor, dequantize_nf4, quantize_nf4
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _randomize_adapter(layer: MoKALinear) -> None:
+    """Give every factor and the gate non-zero values, so ΔW != 0."""
+    with torch.no_grad():
+        for p in list(layer.a_factors) + list(layer.b_factors):
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+        if layer.gate_logits is not None:
+            layer.gate_logits.normal_()
+
+
+def _linear4bit(n_out: int, k_in: int, bias: bool = True, compute_dtype=torch.float32, double_quant=True):
+    dense = nn.Linear(k_in, n_out, bias=bias)
+    layer = bnb.nn.Linear4bit(
+        k_in, n_out, bias=bias, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=double_quant
+    )
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")  # quantizes
+
+
+def _bnb_dense(layer) -> torch.Tensor:
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", ["moka", "moka_s"])
+def test_linear_base_equals_dense_math(dtype, variant):
+    base = nn.Linear(36, 24).to(dtype)
+    layer = MoKALinear(base, MoKAConfig(variant=variant, num_components=3))
+    _randomize_adapter(layer)
+    x = torch.randn(2, 5, 36, dtype=dtype)
+    expected = x.double() @ (base.weight.double() + layer.delta_weight().double()).T + base.bias.double()
+    assert_close_rel(layer(x), expected, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+def test_linear4bit_base_equals_dense_math(double_quant):
+    base = _linear4bit(48, 64, double_quant=double_quant)
+    layer = MoKALinear(base, MoKAConfig(num_components=4))
+    _randomize_adapter(layer)
+    x = torch.randn(3, 7, 64)
+    expected = x @ (_bnb_dense(base) + layer.delta_weight()).T + base.bias
+    assert_close_rel(layer(x), expected, TOLERANCES[torch.float32])
+    # Gradients flow to the adapter only.
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters() if p.requires_grad)
+    assert base.weight.grad is None
+
+
+def test_linear4bit_bf16_compute_dtype_casts_back():
+    base = _linear4bit(32, 64, compute_dtype=torch.bfloat16)
+    layer = MoKALinear(base)
+    x = torch.randn(4, 64)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    expected = (x.bfloat16() @ _bnb_dense(base).bfloat16().T + base.bias.bfloat16()).float()
+    assert_close_rel(out, expected, TOLERANCES[torch.bfloat16])
+
+
+def test_nf4tensor_base():
+    w = torch.randn(24, 64)
+    q = quantize_nf4(w)
+    bias = torch.randn(24)
+    layer = MoKALinear(q, MoKAConfig(num_components=2), bias=bias)
+    assert isinstance(layer.base_layer, NF4Linear)
+    _randomize_adapter(layer)
+    x = torch.randn(5, 64)
+    expected = x @ (dequantize_nf4(q, torch.float32) + layer.delta_weight()).T + bias
+    assert_close_rel(layer(x), expected, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("init", ["zero_b", "zero_a"])
+@pytest.mark.parametrize("variant", ["moka", "moka_s"])
+def test_zero_init_is_exactly_the_base(init, variant):
+    base = nn.Linear(36, 24)
+    layer = MoKALinear(base, MoKAConfig(init=init, variant=variant))
+    x = torch.randn(4, 36)
+    assert torch.equal(layer(x), base(x))
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    nonzero = [p for p in list(layer.a_factors) + list(layer.b_factors) if torch.count_nonzero(p) > 0]
+    assert len(nonzero) == len(layer.component_shapes), "exactly one factor per component must be non-zero"
+
+
+def test_zero_init_is_exactly_the_4bit_base():
+    base = _linear4bit(32, 64)
+    layer = MoKALinear(base)
+    x = torch.randn(4, 64)
+    expected = x @ bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).T + base.bias
+    assert torch.equal(layer(x), expected)
+
+
+def test_only_adapter_is_trainable_and_counted():
+    base = nn.Linear(36, 24)
+    layer = MoKALinear(base, MoKAConfig(num_components=3))
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "a_factors.0",
+        "a_factors.1",
+        "a_factors.2",
+        "b_factors.0",
+        "b_factors.1",
+        "b_factors.2",
+        "gate_logits",
+    }
+    expected = sum(a1 * a2 + b1 * b2 for a1, a2, b1, b2 in layer.component_shapes) + 3
+    assert layer.num_trainable_parameters() == expected
+    layer_s = MoKALinear(nn.Linear(36, 24), MoKAConfig(variant="moka_s", num_components=2, gate=False))
+    assert layer_s.num_trainable_parameters() == sum(b1 * b2 for _, _, b1, b2 in layer_s.component_shapes)
+
+
+def test_moka_s_update_is_block_diagonal():
+    layer = MoKALinear(nn.Linear(36, 24), MoKAConfig(variant="moka_s", num_components=1))
+    _randomize_adapter(layer)
+    k, _, b1, b2 = layer.component_shapes[0]
+    delta = layer.delta_weight()
+    mask = torch.block_diag(*[torch.ones(b1, b2)] * k).bool()
+    assert torch.count_nonzero(delta[~mask]) == 0 and torch.count_nonzero(delta[mask]) > 0
+
+
+def test_gate_off_uses_uniform_weights():
+    layer = MoKALinear(nn.Linear(36, 24), MoKAConfig(gate=False, num_components=3))
+    _randomize_adapter(layer)
+    assert layer.gate_logits is None
+    expected = sum(torch.kron(a, b) for a, b in zip(layer.a_factors, layer.b_factors, strict=True)) / 3
+    torch.testing.assert_close(layer.delta_weight(), expected)
+
+
+def test_dropout_applies_to_adapter_input_only_in_training():
+    base = nn.Linear(36, 24)
+    layer = MoKALinear(base, MoKAConfig(dropout=0.5))
+    _randomize_adapter(layer)
+    x = torch.randn(64, 36)
+    layer.eval()
+    eval_out = layer(x)
+    layer.train()
+    torch.manual_seed(1)
+    train_out = layer(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    expected = base(x) + dropped @ layer.delta_weight().T
+    assert_close_rel(train_out, expected, 1e-5)
+    assert not torch.allclose(train_out, eval_out)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear4bit", "nf4"])
+def test_merge_equals_forward(kind):
+    if kind == "linear":
+        base = nn.Linear(64, 48)
+    elif kind == "linear4bit":
+        base = _linear4bit(48, 64)
+    else:
+        base = quantize_nf4(torch.randn(48, 64))
+    layer = MoKALinear(base, MoKAConfig(num_components=3))
+    _randomize_adapter(layer)
+    x = torch.randn(6, 64)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and not any(p.requires_grad for p in merged.parameters())
+    assert_close_rel(merged(x), layer(x), 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear4bit", "nf4"])
+def test_merge_requantize_reports_error(kind):
+    base = _linear4bit(48, 64) if kind == "linear4bit" else quantize_nf4(torch.randn(48, 64) * 0.05)
+    layer = MoKALinear(base, MoKAConfig(num_components=3))
+    _randomize_adapter(layer)
+    with torch.no_grad():
+        for b in layer.b_factors:
+            b.mul_(0.05)
+    merged = layer.merge(requantize=True)
+    assert type(merged) is (bnb.nn.Linear4bit if kind == "linear4bit" else NF4Linear)
+    report = merged.moka_requantization_error
+    assert 0 < report["rel_rms"] < 0.15 and report["max_abs"] > 0
+    x = torch.randn(6, 64)
+    dense = layer.merge()
+    rel = ((merged(x) - dense(x)).norm() / dense(x).norm()).item()
+    assert rel < 0.2, rel  # NF4 rounding of W0 + ΔW, no more
+
+
+def test_repacked_linear4bit_is_rejected():
+    """bitsandbytes' CPU inference path rewrites the bytes in place; wrapping such a layer must fail clearly."""
+    base = _linear4bit(64, 64)
+    base.eval()
+    with torch.no_grad():
+        base(torch.randn(2, 64))  # repacks on AVX512-BF16 CPUs
+    state = base.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        state.packing_format_for_cpu = True  # this CPU lacks AVX512-BF16: mark it as the repack would
+    with pytest.raises(ValueError, match="packing_format_for_cpu"):
+        MoKALinear(base)
+
+
+def test_wrapping_prevents_a_later_repack():
+    base = _linear4bit(64, 64)
+    layer = MoKALinear(base)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+        base(torch.randn(2, 64))  # the unwrapped layer, e.g. after remove_moka
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    assert isinstance(NF4Tensor.from_bnb(base.weight), NF4Tensor)

@@ -1,0 +1,99 @@
+"""NF4 in bitsandbytes' exact layout: bytes and values against bitsandbytes itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moka_kernels import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
+from moka_kernels.nf4 import dynamic_code, unpack_nibbles
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [(24, 64), (64, 64), (96, 128), (1024, 4096 // 8), (11008 // 16, 128), (48, 36)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# bitsandbytes' device-independent reference kernel (the "default" registration), bypassing its CPU C code.
+_REFERENCE_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def _bnb_reference_quantize_blockwise(values: torch.Tensor, blocksize: int):
+    return torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+        _REFERENCE_KEYS, values, dynamic_code(), blocksize
+    )
+
+
+def test_code_tables_equal_bitsandbytes():
+    assert torch.equal(torch.tensor(NF4_CODE), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_code(), bnbF.create_dynamic_map())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("shape", "blocksize"), [(s, bs) for s in SHAPES for bs in (64, 128) if s[0] * s[1] % bs == 0], ids=str
+)
+def test_quantize_matches_bitsandbytes(shape, dtype, blocksize):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    for double_quant in (False, True):
+        ours = quantize_nf4(w, blocksize, double_quant)
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+        assert torch.equal(ours.packed, packed), "packed nibbles differ"
+        assert ours.dtype == state.dtype and ours.shape == tuple(state.shape)
+        if not double_quant:
+            assert torch.equal(ours.absmax, state.absmax)
+            continue
+        # First-level scales, their mean and the nested fp32 scales are bit-exact with bitsandbytes.
+        _, first_level = torch.ops.bitsandbytes.quantize_4bit.default(w, blocksize, "nf4", torch.uint8)
+        assert torch.equal(ours.offset, state.offset)
+        assert torch.equal(ours.nested_absmax, state.state2.absmax)
+        # The 8-bit codes of the scales equal bitsandbytes' reference kernel. Its CPU C kernel uses an
+        # approximate binary search that picks a neighbouring code for ~1% of blocks; allow that.
+        ref_codes, ref_nested = _bnb_reference_quantize_blockwise(first_level - state.offset, 256)
+        assert torch.equal(ours.absmax, ref_codes)
+        assert torch.equal(ours.nested_absmax, ref_nested)
+        assert (ours.absmax.int() - state.absmax.int()).abs().max() <= 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-absmax", "double-quant"])
+def test_dequantize_bit_exact_to_bitsandbytes(shape, dtype, double_quant):
+    """Decode bitsandbytes' own quantized bytes, zero-copy, and compare bit for bit."""
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    q = NF4Tensor.from_bnb(packed, state)
+    assert q.packed.data_ptr() == packed.data_ptr(), "from_bnb copied the packed bytes"
+    ours = dequantize_nf4(q)
+    if shape[1] % 64 == 0:
+        assert torch.equal(ours, bnbF.dequantize_4bit(packed, state))
+    # bitsandbytes' AVX512 CPU kernel indexes blocks per row (wrong when K % blocksize != 0), so the
+    # layout's definition is its reference kernel, which CUDA follows: flat index // blocksize.
+    scales = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+    reference = torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
+        _REFERENCE_KEYS, packed, scales, 64, "nf4", list(shape), dtype
+    )
+    assert torch.equal(ours, reference)
+
+
+def test_round_trip_error_is_nf4_sized():
+    w = torch.randn(1024, 1024)
+    q = quantize_nf4(w)
+    rel = ((dequantize_nf4(q, torch.float32) - w).norm() / w.norm()).item()
+    assert 0.02 < rel < 0.15, rel  # NF4 on Gaussian weights: ~9% relative error
+    assert q.nbytes() < w.numel() * 0.52  # 0.5 + 1/64 + 4/(64*256) bytes per weight
+
+
+def test_nibble_order_high_first():
+    # Codes 0..15 in a row: byte j must hold (2j << 4) | (2j + 1).
+    w = torch.tensor(NF4_CODE, dtype=torch.float32).repeat(4).reshape(1, 64)
+    q = quantize_nf4(w, blocksize=64, double_quant=False)
+    assert q.packed.reshape(-1)[:8].tolist() == [(2 * j << 4) | (2 * j + 1) for j in range(8)]
+    assert torch.equal(unpack_nibbles(q.packed, 64)[:16], torch.arange(16))
+
+
+def test_linear4bit_from_bnb_zero_copy():
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    q = NF4Tensor.from_bnb(layer.weight)
+    assert q.packed.data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(dequantize_nf4(q), bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))

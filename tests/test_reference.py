@@ -1,0 +1,179 @@
+"""The reshape form (the CPU path, hand-written backward) against the materialized kron form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close_rel
+from helpers import leaves, make_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moka.config import auto_component_shapes
+from moka_kernels import contraction_order, moka_linear
+from moka_kernels.reference import kron_component, moka_linear_materialized
+
+CASES = {
+    "square-r1": (64, 64, [(8, 8, 8, 8)]),
+    "rect-auto-r5": (24, 36, auto_component_shapes(24, 36, 5)),
+    "rect-mixed-r3": (36, 24, [(6, 4, 6, 6), (2, 12, 18, 2), (36, 3, 1, 8)]),
+    "gqa-1024x4096-r2": (1024, 4096, [(32, 64, 32, 64), (16, 128, 64, 32)]),
+    "llama-11008=86x128": (11008, 64, [(86, 8, 128, 8), (172, 4, 64, 16)]),
+    "mixed-r6": (48, 60, auto_component_shapes(48, 60, 6)),
+}
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def _truth(x, weight, a_factors, b_factors, gate_logits, bias, scale):
+    """fp64 materialized output and gradients for the same values."""
+    cast = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+        for t in (x, *a_factors, *b_factors, gate_logits, bias)
+    ]
+    r = len(a_factors)
+    x64, a64, b64, g64, bias64 = cast[0], cast[1 : 1 + r], cast[1 + r : 1 + 2 * r], cast[-2], cast[-1]
+    out = moka_linear_materialized(x64, weight.double(), a64, b64, g64, bias64, scale)
+    return out, leaves(x64, a64, b64, g64, bias64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_reshape_form_matches_materialized(case, dtype):
+    n_out, k_in, shapes = CASES[case]
+    x, weight, a_f, b_f, gate, bias = make_problem(n_out, k_in, shapes, dtype, lead=(3, 5))
+    scale = 0.75
+    out = moka_linear(x, weight, a_f, b_f, gate, bias, scale)
+    expected, expected_leaves = _truth(x, weight, a_f, b_f, gate, bias, scale)
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype
+    assert_close_rel(out, expected, tol, "forward")
+    grad_out = torch.randn_like(expected)
+    ours = torch.autograd.grad(out, leaves(x, a_f, b_f, gate, bias), grad_out.to(dtype))
+    theirs = torch.autograd.grad(expected, expected_leaves, grad_out)
+    names = ["x"] + [f"A{i}" for i in range(len(a_f))] + [f"B{i}" for i in range(len(b_f))] + ["gate", "bias"]
+    for name, g_ours, g_ref in zip(names, ours, theirs, strict=True):
+        assert g_ours.dtype == dtype, name
+        # The adapter's share of dx is small next to the base's; the gate's gradient is a long reduction.
+        assert_close_rel(g_ours, g_ref, tol * (4 if name == "gate" else 1), f"grad {name}")
+
+
+def test_adapter_alone_matches_kron_for_both_orders():
+    x = torch.randn(9, 6 * 10, dtype=torch.float64)
+    for a_shape, b_shape in [((2, 6), (20, 10)), ((20, 6), (2, 10))]:
+        a, b = torch.randn(*a_shape, dtype=torch.float64), torch.randn(*b_shape, dtype=torch.float64)
+        assert contraction_order(a_shape, b_shape) != contraction_order(b_shape, a_shape) or a_shape == b_shape
+        torch.testing.assert_close(kron_component(x, a, b), x @ torch.kron(a, b).T)
+
+
+def test_contraction_order_picks_cheaper():
+    # A 64x2 (cheap to apply first), B 2x512: b_first costs 2*2*(512+64), a_first 64*512*(2+2).
+    assert contraction_order((64, 2), (2, 512)) == "b_first"
+    assert contraction_order((2, 512), (64, 2)) == "a_first"
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "gate-off"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_gradcheck_fp64(gate, bias):
+    shapes = [(2, 3, 6, 6), (3, 9, 4, 2), (12, 2, 1, 9)]
+    x, weight, a_f, b_f, g, b = make_problem(12, 18, shapes, torch.float64, lead=(2, 3), gate=gate, bias=bias)
+
+    def fn(x, *rest):
+        a, bb = rest[:3], rest[3:6]
+        tail = list(rest[6:])
+        g_ = tail.pop(0) if gate else None
+        b_ = tail.pop(0) if bias else None
+        return moka_linear(x, weight, a, bb, g_, b_, 0.6)
+
+    inputs = [x, *a_f, *b_f] + ([g] if gate else []) + ([b] if bias else [])
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_separate_adapter_input_and_frozen_factor():
+    shapes = [(3, 3, 4, 6), (2, 6, 6, 3)]
+    x, weight, a_f, b_f, g, _b = make_problem(12, 18, shapes, torch.float64, lead=(4,))
+    a_f[0] = torch.eye(3, dtype=torch.float64)  # MoKA_s-style frozen identity factor
+    x_adapter = torch.randn_like(x).requires_grad_(True)
+
+    def fn(x, x_adapter, a1, b0, b1, g):
+        return moka_linear(x, weight, [a_f[0], a1], [b0, b1], g, None, 1.3, adapter_input=x_adapter)
+
+    assert torch.autograd.gradcheck(fn, (x, x_adapter, a_f[1], b_f[0], b_f[1], g))
+
+
+def test_zero_tokens_and_leading_dims():
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, auto_component_shapes(24, 36, 3), torch.float32, lead=(2, 0, 3))
+    out = moka_linear(x, weight, a_f, b_f, g, b)
+    assert out.shape == (2, 0, 3, 24)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.count_nonzero(a.grad) == 0 for a in a_f)
+    assert torch.count_nonzero(g.grad) == 0
+
+
+def test_nan_in_x_propagates():
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, auto_component_shapes(24, 36, 2), torch.float32, lead=(3,))
+    x = x.detach().clone()
+    x[1, 5] = float("nan")
+    out = moka_linear(x, weight, a_f, b_f, g, b)
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[[0, 2]]).all()
+    out.sum().backward()
+    assert torch.isnan(a_f[0].grad).any()
+
+
+def test_backward_saves_no_delta_weight_and_no_intermediates():
+    """Saved tensors are x, the factors and the gate: nothing of size N*K or r*T*N."""
+    n_out, k_in, shapes = 64, 96, auto_component_shapes(64, 96, 4)
+    x, weight, a_f, b_f, g, b = make_problem(n_out, k_in, shapes, torch.float32, lead=(32,))
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        moka_linear(x, weight, a_f, b_f, g, b)
+    factor_numel = sum(a.numel() + bb.numel() for a, bb in zip(a_f, b_f, strict=True))
+    total = sum(t.numel() for t in saved if t.data_ptr() != weight.data_ptr())
+    assert total <= x.numel() + factor_numel + g.numel(), total
+
+
+# -- property test -------------------------------------------------------------------------------
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def problems(draw):
+    n_out = draw(st.sampled_from([1, 2, 4, 6, 8, 9, 12, 15, 16, 20, 24, 30]))
+    k_in = draw(st.sampled_from([2, 3, 4, 6, 8, 10, 12, 18, 24, 32]))
+    r = draw(st.integers(1, 4))
+    shapes = []
+    for _ in range(r):
+        a1 = draw(st.sampled_from(_divisors(n_out)))
+        a2 = draw(st.sampled_from(_divisors(k_in)))
+        shapes.append((a1, a2, n_out // a1, k_in // a2))
+    lead = tuple(draw(st.lists(st.integers(0, 3), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    gate = draw(st.booleans())
+    bias = draw(st.booleans())
+    scale = draw(st.floats(-2, 2, allow_nan=False))
+    return n_out, k_in, shapes, lead, dtype, gate, bias, scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_property_reshape_equals_materialized(problem):
+    n_out, k_in, shapes, lead, dtype, gate, bias, scale = problem
+    x, weight, a_f, b_f, g, b = make_problem(n_out, k_in, shapes, dtype, lead=lead, gate=gate, bias=bias)
+    out = moka_linear(x, weight, a_f, b_f, g, b, scale)
+    expected = moka_linear_materialized(x, weight, a_f, b_f, g, b, scale)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    grad_out = torch.randn_like(out)
+    tensors = leaves(x, a_f, b_f, g, b)
+    ours = torch.autograd.grad(out, tensors, grad_out, allow_unused=True)
+    theirs = torch.autograd.grad(expected, tensors, grad_out, allow_unused=True)
+    for g_ours, g_ref in zip(ours, theirs, strict=True):
+        g_ref = torch.zeros_like(g_ours) if g_ref is None else g_ref
+        torch.testing.assert_close(g_ours, g_ref, rtol=tol, atol=tol)
