@@ -177,3 +177,13 @@ def test_property_reshape_equals_materialized(problem):
     for g_ours, g_ref in zip(ours, theirs, strict=True):
         g_ref = torch.zeros_like(g_ours) if g_ref is None else g_ref
         torch.testing.assert_close(g_ours, g_ref, rtol=tol, atol=tol)
+
+
+def test_gradcheck_gate_only_with_frozen_factors():
+    """Only x and the gate train: dα must come from its own contraction, not a factor's gradient."""
+    shapes = [(3, 3, 4, 6), (2, 6, 6, 3), (4, 2, 3, 9)]
+    x, weight, a_f, b_f, g, _ = make_problem(12, 18, shapes, torch.float64, lead=(5,), bias=False)
+    frozen_a = [a.detach() for a in a_f]
+    frozen_b = [b.detach() for b in b_f]
+    assert torch.autograd.gradcheck(lambda x, g: moka_linear(x, weight, frozen_a, frozen_b, g, None, 0.9), (x, g))
+    assert torch.autograd.gradcheck(lambda g: moka_linear(x.detach(), weight, frozen_a, frozen_b, g), (g,))
