@@ -1,34 +1,40 @@
-"""The public functional op: validate once, pick a backend, call it.
+"""The public functional op: validate once, pick a backend, call the ``moka::linear`` custom op.
 
-Backends: ``torch`` (the reshape form in :mod:`moka_kernels.reference`, any device). The environment
-variable ``MOKA_BACKEND`` (``torch`` | ``auto``) forces a choice; ``auto`` (the default) picks the
-fastest backend available for the input's device.
+Backends: ``triton`` (the fused kernels in :mod:`moka_kernels.ops`, CUDA tensors) and ``torch`` (the
+reshape form in :mod:`moka_kernels.reference`, any device). ``auto`` (the default) takes Triton for CUDA
+tensors when triton imports, else the PyTorch path. The environment variable ``MOKA_BACKEND``
+(``auto`` | ``torch`` | ``triton``) forces a choice; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from . import library
 from .nf4 import NF4Tensor
-from .reference import moka_linear_torch
+from .ops import INTERPRET, TRITON_AVAILABLE
 
 __all__ = ["BACKENDS", "moka_linear", "select_backend", "validate_moka_inputs"]
 
-# name -> callable(x2d, weight, a_factors, b_factors, gate_logits, bias, scale, adapter_x2d) -> (T, N)
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": moka_linear_torch}
+BACKENDS = ("torch", "triton")
 
 
 def select_backend(x: torch.Tensor) -> str:
     """Backend for ``x``: ``MOKA_BACKEND`` if set to a backend name, else the best available one."""
     requested = os.environ.get("MOKA_BACKEND", "auto").strip().lower() or "auto"
     if requested == "auto":
-        return "torch"
+        return "triton" if (TRITON_AVAILABLE and x.is_cuda) else "torch"
     if requested not in BACKENDS:
         raise ValueError(f"MOKA_BACKEND: expected one of {['auto', *BACKENDS]}, got {requested!r}")
+    if requested == "triton":
+        if not TRITON_AVAILABLE:
+            raise ValueError("MOKA_BACKEND: 'triton' was asked for, but triton is not installed")
+        if not x.is_cuda and not INTERPRET:
+            raise ValueError(f"MOKA_BACKEND: 'triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1")
     return requested
 
 
@@ -156,6 +162,15 @@ def moka_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k_in)
     adapter_x2d = None if adapter_input is None else adapter_input.reshape(-1, k_in)
-    backend = BACKENDS[select_backend(x)]
-    out = backend(x2d, weight, list(a_factors), list(b_factors), gate_logits, bias, scale, adapter_x2d)
+    out = library.linear(
+        x2d,
+        adapter_x2d,
+        *library.weight_fields(weight),
+        bias,
+        gate_logits,
+        float(scale),
+        list(a_factors),
+        list(b_factors),
+        select_backend(x),
+    )
     return out.reshape(*lead, n_out)

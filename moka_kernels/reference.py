@@ -27,6 +27,7 @@ Every contraction is batched over all T tokens into one GEMM, never T small ones
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,16 @@ import torch.nn.functional as F
 from .nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = [
+    "GradRequest",
+    "MoKAGrads",
     "MoKALinearFunction",
     "contraction_order",
     "gate_weights",
     "kron_component",
     "materialized_delta_weight",
+    "moka_backward_torch",
+    "moka_forward_torch",
     "moka_linear_materialized",
-    "moka_linear_torch",
 ]
 
 
@@ -114,6 +118,113 @@ def moka_linear_materialized(
     return F.linear(x, _dense_weight(weight, x.dtype).detach() + delta.to(x.dtype), bias)
 
 
+class GradRequest(NamedTuple):
+    """Which gradients a backward must produce (False: skip the work, return None)."""
+
+    x: bool
+    adapter_x: bool  # only meaningful when the adapter input is a distinct tensor
+    bias: bool
+    gate: bool
+    a: tuple[bool, ...]
+    b: tuple[bool, ...]
+
+
+class MoKAGrads(NamedTuple):
+    x: torch.Tensor | None
+    adapter_x: torch.Tensor | None
+    bias: torch.Tensor | None
+    gate: torch.Tensor | None
+    a: list[torch.Tensor | None]
+    b: list[torch.Tensor | None]
+
+
+def softmax_gate_backward(alpha: torch.Tensor, grad_alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dg = α ⊙ (dα − ⟨α, dα⟩), the softmax backward, cast to the logits' dtype."""
+    return (alpha * (grad_alpha - (alpha * grad_alpha).sum())).to(dtype)
+
+
+def moka_forward_torch(
+    x2d: torch.Tensor,
+    adapter_x2d: torch.Tensor | None,
+    weight: torch.Tensor | NF4Tensor,
+    bias: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Forward of the reshape form, (T, K) -> (T, N). No autograd inside."""
+    xa = x2d if adapter_x2d is None else adapter_x2d
+    alpha = gate_weights(gate_logits, len(a_factors), x2d.device, x2d.dtype)
+    coeffs = (alpha * scale).to(x2d.dtype)
+    out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        out += kron_component(xa, a, b) * coeffs[i]
+    return out
+
+
+def moka_backward_torch(
+    grad_out: torch.Tensor,
+    x2d: torch.Tensor,
+    adapter_x2d: torch.Tensor | None,
+    weight: torch.Tensor | NF4Tensor,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    needs: GradRequest,
+) -> MoKAGrads:
+    """Hand-written backward of the reshape form (formulas in the module docstring)."""
+    r = len(a_factors)
+    separate = adapter_x2d is not None
+    need_adapter_x = needs.adapter_x if separate else needs.x
+    xa = adapter_x2d if separate else x2d
+    num_tokens = x2d.shape[0]
+    alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
+    coeffs = (alpha * scale).to(grad_out.dtype)
+
+    grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
+    grad_xa = torch.zeros_like(xa) if (need_adapter_x and separate) else None
+    grad_alpha = torch.zeros_like(alpha)
+    grad_a: list[torch.Tensor | None] = [None] * r
+    grad_b: list[torch.Tensor | None] = [None] * r
+
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        need_a, need_b = needs.a[i], needs.b[i]
+        g3 = grad_out.reshape(num_tokens, a1, b1)
+        x3 = xa.reshape(num_tokens, a2, b2)
+        # P = Aᵀ G (T, a2, b1) feeds dB and dX; Q = G B (T, a1, b2) feeds dA and dX.
+        p = _left(a.T, g3) if need_b else None
+        q = g3 @ b if need_a else None
+        if need_adapter_x:
+            cost_via_p = (0 if p is not None else a1 * a2 * b1) + a2 * b1 * b2
+            cost_via_q = (0 if q is not None else a1 * b1 * b2) + a1 * a2 * b2
+            if cost_via_p <= cost_via_q:
+                p = _left(a.T, g3) if p is None else p
+                dx3 = p @ b
+            else:
+                q = g3 @ b if q is None else q
+                dx3 = _left(a.T, q)
+            target = grad_xa if separate else grad_x
+            target += dx3.reshape(num_tokens, a2 * b2) * coeffs[i]
+        m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2])) if need_a else None  # Σ_t G B Xᵀ
+        r_raw = torch.tensordot(p, x3, dims=([0, 1], [0, 1])) if need_b else None  # Σ_t (AᵀG)ᵀ X
+        if needs.gate:
+            if m_raw is None and r_raw is None:
+                r_raw = torch.tensordot(_left(a.T, g3), x3, dims=([0, 1], [0, 1]))
+            factor, raw = (a, m_raw) if m_raw is not None else (b, r_raw)
+            grad_alpha[i] = scale * (factor.to(alpha.dtype) * raw.to(alpha.dtype)).sum()
+        if need_a:
+            grad_a[i] = m_raw * coeffs[i]
+        if need_b:
+            grad_b[i] = r_raw * coeffs[i]
+
+    grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
+    grad_bias = grad_out.sum(0) if needs.bias else None
+    return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)
+
+
 class MoKALinearFunction(torch.autograd.Function):
     """y = x W0ᵀ + b + s Σ α_i (A_i ⊗ B_i) x_a, reshape form, with a hand-written backward.
 
@@ -135,12 +246,6 @@ class MoKALinearFunction(torch.autograd.Function):
         *factors: torch.Tensor,
     ) -> torch.Tensor:
         a_factors, b_factors = factors[:num_components], factors[num_components:]
-        xa = x2d if adapter_x2d is None else adapter_x2d
-        alpha = gate_weights(gate_logits, num_components, x2d.device, x2d.dtype)
-        coeffs = (alpha * scale).to(x2d.dtype)
-        out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
-        for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
-            out += kron_component(xa, a, b) * coeffs[i]
         ctx.nf4_weight = weight if isinstance(weight, NF4Tensor) else None
         ctx.scale = scale
         ctx.num_components = num_components
@@ -155,78 +260,23 @@ class MoKALinearFunction(torch.autograd.Function):
             empty if ctx.nf4_weight is not None else weight,
             *factors,
         )
-        return out
+        return moka_forward_torch(x2d, adapter_x2d, weight, bias, gate_logits, scale, a_factors, b_factors)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2d, adapter_x2d, gate_logits, dense_weight, *factors = ctx.saved_tensors
         r = ctx.num_components
-        a_factors, b_factors = factors[:r], factors[r:]
-        needs = ctx.needs_input_grad
-        need_x, need_xa, need_bias, need_gate = needs[0], needs[1], needs[3], needs[4]
-        need_adapter_x = need_xa if ctx.separate_adapter_input else need_x
-        xa = adapter_x2d if ctx.separate_adapter_input else x2d
-        num_tokens = x2d.shape[0]
-        gate = None if ctx.gate_is_off else gate_logits
-        alpha = gate_weights(gate, r, x2d.device, x2d.dtype)
-        coeffs = (alpha * ctx.scale).to(grad_out.dtype)
-
-        base_weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
-        grad_x = grad_out @ _dense_weight(base_weight, grad_out.dtype) if need_x else None
-        grad_xa = torch.zeros_like(xa) if (need_adapter_x and ctx.separate_adapter_input) else None
-        grad_alpha = torch.zeros_like(alpha)
-        grad_factors: list[torch.Tensor | None] = [None] * (2 * r)
-
-        for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
-            (a1, a2), (b1, b2) = a.shape, b.shape
-            need_a, need_b = needs[7 + i], needs[7 + r + i]
-            g3 = grad_out.reshape(num_tokens, a1, b1)
-            x3 = xa.reshape(num_tokens, a2, b2)
-            # P = Aᵀ G (T, a2, b1) feeds dB and dX; Q = G B (T, a1, b2) feeds dA and dX.
-            p = _left(a.T, g3) if need_b else None
-            q = g3 @ b if need_a else None
-            if need_adapter_x:
-                cost_via_p = (0 if p is not None else a1 * a2 * b1) + a2 * b1 * b2
-                cost_via_q = (0 if q is not None else a1 * b1 * b2) + a1 * a2 * b2
-                if cost_via_p <= cost_via_q:
-                    p = _left(a.T, g3) if p is None else p
-                    dx3 = p @ b
-                else:
-                    q = g3 @ b if q is None else q
-                    dx3 = _left(a.T, q)
-                dx = dx3.reshape(num_tokens, a2 * b2) * coeffs[i]
-                target = grad_xa if ctx.separate_adapter_input else grad_x
-                target += dx
-            m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2])) if q is not None else None  # Σ G B Xᵀ
-            r_raw = torch.tensordot(p, x3, dims=([0, 1], [0, 1])) if p is not None else None  # Σ (AᵀG)ᵀ X
-            if need_gate:
-                if m_raw is None and r_raw is None:
-                    r_raw = torch.tensordot(_left(a.T, g3), x3, dims=([0, 1], [0, 1]))
-                pair = (a, m_raw) if m_raw is not None else (b, r_raw)
-                grad_alpha[i] = ctx.scale * (pair[0].to(alpha.dtype) * pair[1].to(alpha.dtype)).sum()
-            if need_a:
-                grad_factors[i] = m_raw * coeffs[i]
-            if need_b:
-                grad_factors[r + i] = r_raw * coeffs[i]
-
-        grad_gate = None
-        if need_gate:
-            grad_gate = (alpha * (grad_alpha - (alpha * grad_alpha).sum())).to(gate_logits.dtype)
-        grad_bias = grad_out.sum(0) if (need_bias and ctx.has_bias) else None
-        return grad_x, grad_xa, None, grad_bias, grad_gate, None, None, *grad_factors
-
-
-def moka_linear_torch(
-    x2d: torch.Tensor,
-    weight: torch.Tensor | NF4Tensor,
-    a_factors: Sequence[torch.Tensor],
-    b_factors: Sequence[torch.Tensor],
-    gate_logits: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scale: float,
-    adapter_x2d: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The PyTorch path on 2-D inputs (already validated): (T, K) -> (T, N)."""
-    return MoKALinearFunction.apply(
-        x2d, adapter_x2d, weight, bias, gate_logits, float(scale), len(a_factors), *a_factors, *b_factors
-    )
+        n = ctx.needs_input_grad
+        needs = GradRequest(n[0], n[1], n[3] and ctx.has_bias, n[4], tuple(n[7 : 7 + r]), tuple(n[7 + r :]))
+        grads = moka_backward_torch(
+            grad_out,
+            x2d,
+            adapter_x2d if ctx.separate_adapter_input else None,
+            ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight,
+            None if ctx.gate_is_off else gate_logits,
+            ctx.scale,
+            factors[:r],
+            factors[r:],
+            needs,
+        )
+        return grads.x, grads.adapter_x, None, grads.bias, grads.gate, None, None, *grads.a, *grads.b

@@ -1,0 +1,122 @@
+r"""The fused MoKA layer on the Triton kernels: forward and backward of
+
+.. math::  y = x W_0^T + b + \sum_i c_i (A_i \otimes B_i) x_a, \qquad c = s \cdot \mathrm{softmax}(g)
+
+Forward (two launches per layer plus one per component):
+
+1. ``kron_mixture_forward`` writes the adapter output Σ c_i Y_i once, in fp32 (T × N). The r per-component
+   intermediates stay on chip.
+2. The base GEMM adds it in its epilogue, with the bias: ``nf4_matmul`` for an NF4 base (decoding the packed
+   bytes in registers), ``torch.addmm`` (cuBLAS, beta = 1) for a dense base.
+
+Why the epilogue and not ΔW folded into the dequantized tile: folding needs ΔW tiles, i.e. r small
+GEMMs per W tile recomputed by every M-tile, which only pays at very large T; the epilogue costs one write
+and one read of a T × N fp32 tensor (docs/design.md has the roofline numbers).
+
+Backward: dx = dy · W0 with the adapter's dx (``kron_mixture_backward_dx``) added in the NF4 transposed
+GEMM's epilogue; dA_i, dB_i by token reduction; dα_i = s⟨A_i, M_i⟩; dg by the softmax backward.
+Nothing of size r·T·N is ever written, and W0 is re-decoded instead of saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..nf4 import NF4Tensor, dequantize_nf4
+from ..reference import GradRequest, MoKAGrads, gate_weights, softmax_gate_backward
+from . import nf4_matmul as nf4_ops
+from .kron_mixture import kron_factor_grads, kron_mixture_backward_dx, kron_mixture_forward
+
+__all__ = ["moka_backward_triton", "moka_forward_triton"]
+
+
+def _coefficients(gate_logits: torch.Tensor | None, r: int, scale: float, x: torch.Tensor) -> torch.Tensor:
+    """c = s·α as fp32 on the device (no host sync)."""
+    return (gate_weights(gate_logits, r, x.device, x.dtype) * scale).float().contiguous()
+
+
+def _base_matmul(
+    x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x · W0ᵀ + add + bias, with add (fp32) and bias joining in the GEMM's epilogue."""
+    if isinstance(weight, NF4Tensor) and nf4_ops.supports(weight):
+        return nf4_ops.nf4_matmul(x2d, weight, add=add, bias=bias)
+    dense = dequantize_nf4(weight, x2d.dtype) if isinstance(weight, NF4Tensor) else weight
+    base_in = add.to(x2d.dtype) if add is not None else None
+    if bias is not None:
+        base_in = bias.expand(x2d.shape[0], -1) if base_in is None else base_in + bias
+    if base_in is None:
+        return x2d @ dense.t()
+    return torch.addmm(base_in, x2d, dense.t())
+
+
+def _base_matmul_t(grad_out: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None):
+    """dy · W0 (+ add), reading NF4 bytes in place."""
+    if isinstance(weight, NF4Tensor) and nf4_ops.supports(weight):
+        return nf4_ops.nf4_matmul_t(grad_out, weight, add=add)
+    dense = dequantize_nf4(weight, grad_out.dtype) if isinstance(weight, NF4Tensor) else weight
+    if add is None:
+        return grad_out @ dense
+    return torch.addmm(add.to(grad_out.dtype), grad_out, dense)
+
+
+def moka_forward_triton(
+    x2d: torch.Tensor,
+    adapter_x2d: torch.Tensor | None,
+    weight: torch.Tensor | NF4Tensor,
+    bias: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """(T, K) -> (T, N) on the Triton kernels; same contract as ``reference.moka_forward_torch``."""
+    x2d = x2d.contiguous()
+    xa = x2d if adapter_x2d is None else adapter_x2d.contiguous()
+    coeffs = _coefficients(gate_logits, len(a_factors), scale, x2d)
+    adapter = kron_mixture_forward(xa, a_factors, b_factors, coeffs)
+    return _base_matmul(x2d, weight, adapter, bias)
+
+
+def moka_backward_triton(
+    grad_out: torch.Tensor,
+    x2d: torch.Tensor,
+    adapter_x2d: torch.Tensor | None,
+    weight: torch.Tensor | NF4Tensor,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    needs: GradRequest,
+) -> MoKAGrads:
+    """Backward on the Triton kernels; same contract as ``reference.moka_backward_torch``."""
+    grad_out = grad_out.contiguous()
+    separate = adapter_x2d is not None
+    xa = (adapter_x2d if separate else x2d).contiguous()
+    r = len(a_factors)
+    coeffs = _coefficients(gate_logits, r, scale, x2d)
+    need_adapter_x = needs.adapter_x if separate else needs.x
+
+    adapter_dx = kron_mixture_backward_dx(grad_out, a_factors, b_factors, coeffs) if need_adapter_x else None
+    grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx) if needs.x else None
+    grad_xa = adapter_dx.to(grad_out.dtype) if (separate and need_adapter_x) else None
+
+    alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
+    grad_alpha = torch.zeros_like(alpha)
+    grad_a: list[torch.Tensor | None] = [None] * r
+    grad_b: list[torch.Tensor | None] = [None] * r
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        need_m = needs.a[i] or (needs.gate and not needs.b[i])
+        m_raw, r_raw = kron_factor_grads(grad_out, xa, a, b, need_m, needs.b[i])
+        if needs.gate:
+            factor, raw = (a, m_raw) if m_raw is not None else (b, r_raw)
+            grad_alpha[i] = scale * (factor.to(alpha.dtype) * raw.to(alpha.dtype)).sum()
+        if needs.a[i]:
+            grad_a[i] = (m_raw * coeffs[i]).to(a.dtype)
+        if needs.b[i]:
+            grad_b[i] = (r_raw * coeffs[i]).to(b.dtype)
+    grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
+    grad_bias = grad_out.sum(0) if needs.bias else None
+    return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)

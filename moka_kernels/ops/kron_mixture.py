@@ -1,0 +1,356 @@
+r"""Kronecker-mixture kernels: Σ_i c_i (A_i ⊗ B_i) x without ΔW, and its backward.
+
+Every contraction of the adapter is one of two shapes, so two kernels cover forward and backward.
+
+**Sandwich** (``_kron_sandwich_kernel``), per token t:
+
+.. math::  \mathrm{out}_t \mathrel{(+)}= c \cdot S_1 \, (M_t \, S_2)
+
+with S_1 (P×J) and S_2 (L×Q) shared and M_t (J×L) a view of token t's row. Strides pick the roles:
+
+* forward, ``b_first``: S_1 = A, M_t = X_t, S_2 = Bᵀ, out_t = Y_t (a1×b1)  — a2·b1·(b2 + a1) MACs;
+* forward, ``a_first``: S_1 = B, M_t = X_tᵀ, S_2 = Aᵀ, out_t = Y_tᵀ        — a1·b2·(a2 + b1) MACs;
+* adapter dX: S_1 = Aᵀ, M_t = G_t, S_2 = B (or the transposed roles), out_t = dX_t.
+
+A program owns one token and a BLOCK_P × BLOCK_Q tile of out_t in fp32 registers. It walks J in BLOCK_J
+steps; for each step the inner product M_t[j-block, :] · S_2[:, q-tile] is accumulated over L in fp32
+registers, rounded to the input dtype (as the reference rounds its intermediate) and multiplied by
+S_1[p-tile, j-block]. The per-token intermediate (as large as x per component) never leaves the chip.
+
+**Token reduction** (``_kron_token_reduce_kernel``), over all tokens:
+
+.. math::  \mathrm{out} = \sum_t (L_t \, S) \, R_t
+
+* dA_raw = M = Σ_t (G_t B) X_tᵀ: L_t = G_t, S = B, R_t = X_tᵀ;
+* dB_raw = R = Σ_t (G_tᵀ A) X_t: L_t = G_tᵀ, S = A, R_t = X_t.
+
+The token axis is split across programs (``splits``), each writing an fp32 partial sum that is reduced
+afterwards; no atomics, so results are deterministic. Then dA = c·M, dB = c·R, dα = s⟨A, M⟩ = s⟨B, R⟩.
+
+Components with different shapes run as one launch each, all accumulating into one fp32 buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import contraction_order
+from . import INTERPRET, new_output
+
+__all__ = ["kron_factor_grads", "kron_mixture_backward_dx", "kron_mixture_forward", "sandwich", "token_reduce"]
+
+
+@triton.jit
+def _kron_sandwich_kernel(
+    m_ptr,  # per-token matrix M_t, element (j, l) at t*stride_mt + j*stride_mj + l*stride_ml
+    s1_ptr,  # S_1 (P, J)
+    s2_ptr,  # S_2 (L, Q)
+    out_ptr,  # fp32 out_t (P, Q)
+    coeff_ptr,  # fp32 scalar c (device memory: no host sync for the gate)
+    P,
+    J,
+    L,
+    Q,
+    stride_mt,
+    stride_mj,
+    stride_ml,
+    stride_s1p,
+    stride_s1j,
+    stride_s2l,
+    stride_s2q,
+    stride_ot,
+    stride_op,
+    stride_oq,
+    ACCUMULATE: tl.constexpr,  # out += c·Y instead of out = c·Y
+    DOT_FP32: tl.constexpr,  # upcast operands: the interpreter's bf16 tl.dot is wrong
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_row = m_ptr + t * stride_mt
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        inner = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            m_tile = tl.load(
+                m_row + offs_j[:, None] * stride_mj + offs_l[None, :] * stride_ml,
+                mask=(offs_j[:, None] < J) & (offs_l[None, :] < L),
+                other=0.0,
+            )
+            s2_tile = tl.load(
+                s2_ptr + offs_l[:, None] * stride_s2l + offs_q[None, :] * stride_s2q,
+                mask=(offs_l[:, None] < L) & (offs_q[None, :] < Q),
+                other=0.0,
+            )
+            if DOT_FP32:
+                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32))
+            else:
+                inner += tl.dot(m_tile, s2_tile)
+        s1_tile = tl.load(
+            s1_ptr + offs_p[:, None] * stride_s1p + offs_j[None, :] * stride_s1j,
+            mask=(offs_p[:, None] < P) & (offs_j[None, :] < J),
+            other=0.0,
+        )
+        inner = inner.to(s1_tile.dtype)  # the reference rounds its intermediate to the input dtype too
+        if DOT_FP32:
+            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32))
+        else:
+            acc += tl.dot(s1_tile, inner)
+    acc = acc * tl.load(coeff_ptr)
+    out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
+    out_mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _kron_token_reduce_kernel(
+    l_ptr,  # per-token L_t (M, K): element (m, k) at t*stride_lt + m*stride_lm + k*stride_lk
+    s_ptr,  # shared S (K, J)
+    r_ptr,  # per-token R_t (J, N)
+    ws_ptr,  # fp32 partial sums (splits, M, N)
+    T,
+    tokens_per_split,
+    M,
+    K,
+    J,
+    N,
+    stride_lt,
+    stride_lm,
+    stride_lk,
+    stride_sk,
+    stride_sj,
+    stride_rt,
+    stride_rj,
+    stride_rn,
+    stride_ws,
+    stride_wm,
+    stride_wn,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_start = split * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, t_end - t_start):
+        t = t_start + step  # int64 tensor in both compiled and interpreted runs
+        l_row = l_ptr + t * stride_lt
+        r_row = r_ptr + t * stride_rt
+        for j0 in range(0, J, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            lhs = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                l_tile = tl.load(
+                    l_row + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0,
+                )
+                s_tile = tl.load(
+                    s_ptr + offs_k[:, None] * stride_sk + offs_j[None, :] * stride_sj,
+                    mask=(offs_k[:, None] < K) & (offs_j[None, :] < J),
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32))
+                else:
+                    lhs += tl.dot(l_tile, s_tile)
+            r_tile = tl.load(
+                r_row + offs_j[:, None] * stride_rj + offs_n[None, :] * stride_rn,
+                mask=(offs_j[:, None] < J) & (offs_n[None, :] < N),
+                other=0.0,
+            )
+            lhs = lhs.to(r_tile.dtype)
+            if DOT_FP32:
+                acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32))
+            else:
+                acc += tl.dot(lhs, r_tile)
+    tl.store(
+        ws_ptr + split * stride_ws + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
+        acc,
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
+
+
+def block_for(dim: int, cap: int = 64) -> int:
+    """Tile size for one factor dimension: a power of two in [16, cap] (tl.dot needs >= 16 on GPUs)."""
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype in (torch.bfloat16, torch.float16)
+
+
+class _View:
+    """A 2-D (or per-token 2-D) operand as a base tensor plus element strides."""
+
+    def __init__(self, tensor: torch.Tensor, rows: int, cols: int, stride_r: int, stride_c: int, stride_t: int = 0):
+        self.tensor, self.rows, self.cols = tensor, rows, cols
+        self.stride_r, self.stride_c, self.stride_t = stride_r, stride_c, stride_t
+
+    def t(self) -> _View:
+        return _View(self.tensor, self.cols, self.rows, self.stride_c, self.stride_r, self.stride_t)
+
+
+def _mat(t: torch.Tensor) -> _View:
+    return _View(t, t.shape[0], t.shape[1], t.stride(0), t.stride(1))
+
+
+def _per_token(rows2d: torch.Tensor, n_rows: int, n_cols: int) -> _View:
+    """Token t's row of a (T, n_rows·n_cols) tensor, viewed as an n_rows × n_cols row-major matrix."""
+    return _View(rows2d, n_rows, n_cols, n_cols * rows2d.stride(1), rows2d.stride(1), rows2d.stride(0))
+
+
+def sandwich(m: _View, s1: _View, s2: _View, out: _View, coeff: torch.Tensor, accumulate: bool) -> None:
+    """out_t (+)= coeff · S1 · M_t · S2 for every token t (out is fp32)."""
+    num_tokens = out.tensor.shape[0]
+    p_dim, j_dim, l_dim, q_dim = s1.rows, s1.cols, m.cols, s2.cols
+    assert m.rows == j_dim and s2.rows == l_dim and out.rows == p_dim and out.cols == q_dim
+    if num_tokens == 0:
+        return
+    bp, bj, bl, bq = block_for(p_dim), block_for(j_dim), block_for(l_dim), block_for(q_dim)
+    grid = (num_tokens, triton.cdiv(p_dim, bp), triton.cdiv(q_dim, bq))
+    _kron_sandwich_kernel[grid](
+        m.tensor,
+        s1.tensor,
+        s2.tensor,
+        out.tensor,
+        coeff,
+        p_dim,
+        j_dim,
+        l_dim,
+        q_dim,
+        m.stride_t,
+        m.stride_r,
+        m.stride_c,
+        s1.stride_r,
+        s1.stride_c,
+        s2.stride_r,
+        s2.stride_c,
+        out.stride_t,
+        out.stride_r,
+        out.stride_c,
+        ACCUMULATE=accumulate,
+        DOT_FP32=_dot_fp32(m.tensor.dtype),
+        BLOCK_P=bp,
+        BLOCK_J=bj,
+        BLOCK_L=bl,
+        BLOCK_Q=bq,
+        num_warps=4,
+    )
+
+
+def _num_splits(num_tokens: int, tiles: int) -> int:
+    if INTERPRET:
+        return max(1, min(num_tokens, 3))  # exercise several partial sums in CPU tests
+    return max(1, min(num_tokens, (4 * 132) // max(tiles, 1)))
+
+
+def token_reduce(left: _View, shared: _View, right: _View, num_tokens: int) -> torch.Tensor:
+    """Σ_t (L_t · S) · R_t as an fp32 (L.rows, R.cols) tensor."""
+    m_dim, k_dim, j_dim, n_dim = left.rows, left.cols, shared.cols, right.cols
+    assert shared.rows == k_dim and right.rows == j_dim
+    device = left.tensor.device
+    bm, bk, bj, bn = block_for(m_dim), block_for(k_dim), block_for(j_dim), block_for(n_dim)
+    tiles = triton.cdiv(m_dim, bm) * triton.cdiv(n_dim, bn)
+    splits = _num_splits(num_tokens, tiles)
+    per_split = triton.cdiv(max(num_tokens, 1), splits)
+    splits = triton.cdiv(max(num_tokens, 1), per_split)
+    workspace = new_output((splits, m_dim, n_dim), torch.float32, device)
+    grid = (splits, triton.cdiv(m_dim, bm), triton.cdiv(n_dim, bn))
+    _kron_token_reduce_kernel[grid](
+        left.tensor,
+        shared.tensor,
+        right.tensor,
+        workspace,
+        num_tokens,
+        per_split,
+        m_dim,
+        k_dim,
+        j_dim,
+        n_dim,
+        left.stride_t,
+        left.stride_r,
+        left.stride_c,
+        shared.stride_r,
+        shared.stride_c,
+        right.stride_t,
+        right.stride_r,
+        right.stride_c,
+        workspace.stride(0),
+        workspace.stride(1),
+        workspace.stride(2),
+        DOT_FP32=_dot_fp32(left.tensor.dtype),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_J=bj,
+        BLOCK_N=bn,
+        num_warps=4,
+    )
+    return workspace.sum(0)
+
+
+def kron_mixture_forward(
+    x2d: torch.Tensor, a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], coeffs: torch.Tensor
+) -> torch.Tensor:
+    """Σ_i coeffs[i] (A_i ⊗ B_i) x_t for every row of x2d, as an fp32 (T, N) tensor."""
+    num_tokens = x2d.shape[0]
+    n_out = a_factors[0].shape[0] * b_factors[0].shape[0]
+    out = new_output((num_tokens, n_out), torch.float32, x2d.device)
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        x_t = _per_token(x2d, a2, b2)
+        y_t = _per_token(out, a1, b1)
+        if contraction_order(a.shape, b.shape) == "b_first":  # A · (X · Bᵀ)
+            sandwich(x_t, _mat(a), _mat(b).t(), y_t, coeffs[i], accumulate=i > 0)
+        else:  # Yᵀ = B · (Xᵀ · Aᵀ)
+            sandwich(x_t.t(), _mat(b), _mat(a).t(), y_t.t(), coeffs[i], accumulate=i > 0)
+    return out
+
+
+def kron_mixture_backward_dx(
+    grad_out: torch.Tensor, a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], coeffs: torch.Tensor
+) -> torch.Tensor:
+    """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor."""
+    num_tokens = grad_out.shape[0]
+    k_in = a_factors[0].shape[1] * b_factors[0].shape[1]
+    out = new_output((num_tokens, k_in), torch.float32, grad_out.device)
+    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        g_t = _per_token(grad_out, a1, b1)
+        dx_t = _per_token(out, a2, b2)
+        if a2 * b1 * (a1 + b2) <= a1 * b2 * (b1 + a2):  # dXᵀ = Bᵀ · (Gᵀ · A)
+            sandwich(g_t.t(), _mat(b).t(), _mat(a), dx_t.t(), coeffs[i], accumulate=i > 0)
+        else:  # dX = Aᵀ · (G · B): a1·b2·(b1 + a2) MACs
+            sandwich(g_t, _mat(a).t(), _mat(b), dx_t, coeffs[i], accumulate=i > 0)
+    return out
+
+
+def kron_factor_grads(
+    grad_out: torch.Tensor, xa: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_m: bool, need_r: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(M, R) = (Σ_t G_t B X_tᵀ, Σ_t G_tᵀ A X_t) in fp32, each only if asked for."""
+    num_tokens = grad_out.shape[0]
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    g_t = _per_token(grad_out, a1, b1)
+    x_t = _per_token(xa, a2, b2)
+    m_raw = token_reduce(g_t, _mat(b), x_t.t(), num_tokens) if need_m else None
+    r_raw = token_reduce(g_t.t(), _mat(a), x_t, num_tokens) if need_r else None
+    return m_raw, r_raw

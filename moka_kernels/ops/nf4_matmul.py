@@ -1,0 +1,407 @@
+r"""NF4 dequant-GEMMs over bitsandbytes' packed layout: y = x·dequant(W)ᵀ and dx = dy·dequant(W).
+
+Math. W (N × K) is stored row-major in 4-bit codes, two per byte (even flat index in the high nibble),
+with one scale per ``blocksize`` flat elements (see moka_kernels/nf4.py). Element (n, k):
+
+.. math::
+
+    f = nK + k, \quad w_{nk} = \mathrm{NF4}[(\mathrm{byte}[f/2] \gg 4(1 - f \bmod 2)) \,\&\, 15]
+                              \cdot \mathrm{scale}[f / \mathrm{blocksize}]
+
+    \mathrm{scale}[b] = \mathrm{absmax}[b]
+        \quad\text{or}\quad \mathrm{code}_8[\mathrm{absmax}[b]] \cdot \mathrm{absmax}_2[b / 256] + \mathrm{offset}
+
+Kernels.
+
+* ``_nf4_matmul_kernel``: out[M, N] = x[M, K] · Wᵀ (+ add[M, N]) (+ bias). Each program owns a
+  BLOCK_M × BLOCK_N output tile in fp32 registers and walks K in BLOCK_K steps: the x tile and the packed
+  bytes of the W tile are loaded, the W tile is decoded in registers (a 16-entry table gather, not a select
+  tree) to x's dtype, and fed to ``tl.dot``. ``add`` (the adapter output) and bias join in the epilogue.
+  For few tokens (decoding), the launcher splits K across SPLIT_K programs that ``atomic_add`` into an fp32
+  buffer, so the GPU is filled although M is tiny.
+* ``_nf4_matmul_t_kernel``: dx[M, K] = dy[M, N] · W, reading the same bytes (no transposed copy). Each
+  program owns a BLOCK_M × BLOCK_K tile of dx and walks N.
+
+Both need K % blocksize == 0 (every LLaMA shape; whole bytes per row and one scale per run of columns);
+:func:`supports` tells, and the fused op falls back to dequantize + GEMM otherwise. Both decode exactly what ``dequantize_nf4`` returns (fp32 product, then cast), so they match the
+reference up to the GEMM's summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
+from . import INTERPRET, new_output
+
+__all__ = ["NF4_MATMUL_CONFIGS", "NF4_MATMUL_T_CONFIGS", "nf4_matmul", "nf4_matmul_t", "supports"]
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# GPU configs: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Under the interpreter one small config, so tests
+# cross tile edges on small shapes (the interpreter cannot autotune several configs without a GPU).
+NF4_MATMUL_CONFIGS = (
+    _configs([(32, 32, 32, 4, 1)])
+    if INTERPRET
+    else _configs(
+        [
+            (16, 64, 128, 4, 4),
+            (16, 128, 128, 4, 3),
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+        ]
+    )
+)
+NF4_MATMUL_T_CONFIGS = (
+    NF4_MATMUL_CONFIGS
+    if INTERPRET
+    else _configs(
+        [
+            (16, 64, 128, 4, 4),
+            (16, 128, 128, 4, 3),
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 2),
+            (256, 128, 64, 8, 3),
+        ]
+    )
+)
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key: token counts in power-of-two buckets, so each decode/prefill size tunes once."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+@triton.jit
+def _load_block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, DOUBLE_QUANT):
+    """fp32 scales of the given absmax blocks, undoing double quantization as bitsandbytes does."""
+    if DOUBLE_QUANT:
+        scale_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + scale_code) * nested + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _decode_nf4_rows(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    offs_n,  # (BLOCK_N,) int64 row indices of W
+    k0,  # first column of the tile
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """The fp32 tile W[offs_n, k0 : k0 + BLOCK_K], shape (BLOCK_N, BLOCK_K); zero outside W."""
+    # Load each byte once, split it into (high, low) nibbles and interleave: element 2j is the high one.
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+    mask_b = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
+    byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=mask_b, other=0)
+    nibbles = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))
+    value = tl.load(code_ptr + nibbles.to(tl.int32))  # 16-entry table gather, stays in L1
+    # K % BLOCKSIZE == 0, so each run of GROUP columns of a row shares one scale.
+    GROUP: tl.constexpr = min(BLOCK_K, BLOCKSIZE)
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    group_k = k0 + tl.arange(0, GROUPS).to(tl.int64) * GROUP
+    block = (offs_n[:, None] * K + group_k[None, :]) // BLOCKSIZE
+    mask_s = (offs_n[:, None] < N) & (group_k[None, :] < K)
+    scale = _load_block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask_s, DOUBLE_QUANT)
+    value = tl.reshape(tl.reshape(value, (BLOCK_N, GROUPS, GROUP)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return value
+
+
+@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"], reset_to_zero=["out_ptr"])
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr,  # (M, K) activations
+    out_ptr,  # (M, N) output; fp32 accumulation buffer when SPLIT_K > 1
+    add_ptr,  # (M, N) fp32 tensor added in the epilogue (the adapter output), if HAS_ADD
+    bias_ptr,  # (N,) bias, if HAS_BIAS
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_om,
+    stride_on,
+    stride_am,
+    stride_an,
+    BLOCKSIZE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast operands: the interpreter's bf16 tl.dot is wrong
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_span
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_span, K), BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w = _decode_nf4_rows(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            k0,
+            N,
+            K,
+            BLOCKSIZE,
+            BLOCK_N,
+            BLOCK_K,
+            DOUBLE_QUANT,
+        ).to(x.dtype)  # (BLOCK_N, BLOCK_K), rounded as dequantize_nf4 rounds
+        w = tl.trans(w)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if pid_k == 0:
+        if HAS_ADD:
+            acc += tl.load(
+                add_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, mask=out_mask, other=0.0
+            )
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.autotune(configs=NF4_MATMUL_T_CONFIGS, key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _nf4_matmul_t_kernel(
+    dy_ptr,  # (M, N) upstream gradient
+    dx_ptr,  # (M, K) output
+    add_ptr,  # (M, K) fp32 tensor added in the epilogue (the adapter's dx), if HAS_ADD
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_dxm,
+    stride_dxk,
+    stride_am,
+    stride_ak,
+    BLOCKSIZE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        dy_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_mask, other=0.0)
+        w = _decode_nf4_rows(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            pid_k * BLOCK_K,
+            N,
+            K,
+            BLOCKSIZE,
+            BLOCK_N,
+            BLOCK_K,
+            DOUBLE_QUANT,
+        ).to(dy.dtype)  # (BLOCK_N, BLOCK_K) tile of W
+        if DOT_FP32:
+            acc += tl.dot(dy.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(dy, w)
+    out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=out_mask, other=0.0)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
+
+
+@functools.cache
+def _code_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def _nf4_args(w: NF4Tensor) -> tuple:
+    """Kernel pointer arguments for an NF4Tensor (placeholders where double quantization is off)."""
+    placeholder = w.absmax
+    return (
+        w.packed,
+        w.absmax,
+        w.nested_absmax if w.double_quant else placeholder,
+        w.nested_code if w.double_quant else placeholder,
+        w.offset.reshape(1) if w.double_quant else placeholder,
+        _code_table(w.device),
+    )
+
+
+def supports(w: NF4Tensor) -> bool:
+    """Whether the NF4 kernels take this weight: K a multiple of the blocksize."""
+    return w.shape[1] % w.blocksize == 0
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype in (torch.bfloat16, torch.float16)
+
+
+def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) -> int:
+    """Split K for decode-sized batches (M <= 16) so about two waves of programs fill the GPU."""
+    if m > 16:
+        return 1
+    if INTERPRET:
+        return 2  # exercise the split-K path in CPU tests
+    tiles = triton.cdiv(n, block_n)
+    return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    w: NF4Tensor,
+    add: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = x · dequant(w)ᵀ (+ add) (+ bias). x: (M, K); add: fp32 (M, N); returns (M, N) in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    out = new_output((m, n), x.dtype, x.device) if out is None else out
+    if m == 0:
+        return out
+    split_k = split_k_for(m, n, k)
+    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    add_arg = add if add is not None else target
+    bias_arg = bias if bias is not None else target
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split_k)
+
+    _nf4_matmul_kernel[grid](
+        x,
+        target,
+        add_arg,
+        bias_arg,
+        *_nf4_args(w),
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        x.stride(0),
+        x.stride(1),
+        target.stride(0),
+        target.stride(1),
+        add_arg.stride(0),
+        add_arg.stride(1),
+        BLOCKSIZE=w.blocksize,
+        HAS_ADD=add is not None,
+        HAS_BIAS=bias is not None,
+        DOUBLE_QUANT=w.double_quant,
+        SPLIT_K=split_k,
+        DOT_FP32=_dot_fp32(x.dtype),
+    )
+    if split_k > 1:
+        out.copy_(target)
+    return out
+
+
+def nf4_matmul_t(
+    dy: torch.Tensor, w: NF4Tensor, add: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx = dy · dequant(w) (+ add). dy: (M, N); add: fp32 (M, K); returns (M, K) in dy's dtype."""
+    m, n = dy.shape
+    k = w.shape[1]
+    out = new_output((m, k), dy.dtype, dy.device) if out is None else out
+    if m == 0:
+        return out
+    add_arg = add if add is not None else out
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+    _nf4_matmul_t_kernel[grid](
+        dy,
+        out,
+        add_arg,
+        *_nf4_args(w),
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        dy.stride(0),
+        dy.stride(1),
+        out.stride(0),
+        out.stride(1),
+        add_arg.stride(0),
+        add_arg.stride(1),
+        BLOCKSIZE=w.blocksize,
+        HAS_ADD=add is not None,
+        DOUBLE_QUANT=w.double_quant,
+        DOT_FP32=_dot_fp32(dy.dtype),
+    )
+    return out
+
+
+assert NESTED_BLOCKSIZE == 256  # hard-coded in _decode_nf4_tile
