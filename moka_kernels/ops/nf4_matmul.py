@@ -23,7 +23,8 @@ Kernels.
   program owns a BLOCK_M × BLOCK_K tile of dx and walks N.
 
 Both need K % blocksize == 0 (every LLaMA shape; whole bytes per row and one scale per run of columns);
-:func:`supports` tells, and the fused op falls back to dequantize + GEMM otherwise. Both decode exactly what ``dequantize_nf4`` returns (fp32 product, then cast), so they match the
+:func:`supports` tells, and the fused op falls back to dequantize + GEMM otherwise.
+Both decode exactly what ``dequantize_nf4`` returns (fp32 product, then cast), so they match the
 reference up to the GEMM's summation order.
 """
 
