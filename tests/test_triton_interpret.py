@@ -1,0 +1,193 @@
+"""The Triton kernels, run by the Triton interpreter on CPU (TRITON_INTERPRET=1, set in conftest.py).
+
+Every kernel is checked against the plain-PyTorch reference, for the forward and every gradient, on odd
+shapes, with kernel outputs pre-filled with NaN so that an unwritten tile fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_rel, rel_rms
+from helpers import leaves, make_problem
+
+pytest.importorskip("triton")
+
+import moka_kernels.ops as ops  # noqa: E402
+from moka.config import auto_component_shapes  # noqa: E402
+from moka_kernels import dequantize_nf4, moka_linear, quantize_nf4, select_backend  # noqa: E402
+from moka_kernels.ops.kron_mixture import (  # noqa: E402
+    kron_factor_grads,
+    kron_mixture_backward_dx,
+    kron_mixture_forward,
+)
+from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t  # noqa: E402
+from moka_kernels.reference import contraction_order, kron_component, moka_linear_materialized  # noqa: E402
+
+# Relative RMS error against an fp64 reference of the same inputs; bf16 outputs round at 2^-9.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOL)
+TOKENS = [0, 1, 7, 33]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    assert ops.INTERPRET, "conftest.py must set TRITON_INTERPRET=1 before the kernels are imported"
+    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+
+
+def _check(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, baseline: torch.Tensor | None = None
+) -> None:
+    """Relative RMS error within TOL[dtype]; for long reductions with cancellation, within 2x the error of
+    the PyTorch path run in the same dtype (``baseline``), if that is larger."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN left in the output (an unwritten tile)"
+    if actual.numel() == 0:
+        assert actual.shape == expected.shape
+        return
+    tol = TOL[dtype] if baseline is None else max(TOL[dtype], 2 * rel_rms(baseline, expected))
+    assert_close_rel(actual, expected, tol, what)
+
+
+# -- NF4 dequant-GEMMs ------------------------------------------------------------------------------
+NF4_LAYERS = [(40, 96, 32), (100, 128, 64), (24, 64, 64)]  # (N, K, blocksize): N, K cross 32-wide tiles
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n_out", "k_in", "blocksize"), NF4_LAYERS, ids=str)
+def test_nf4_matmul_forward_and_transposed(n_out, k_in, blocksize, dtype, double_quant):
+    w = quantize_nf4((torch.randn(n_out, k_in) * 0.1).to(dtype), blocksize, double_quant)
+    dense = dequantize_nf4(w, dtype).double()
+    bias = torch.randn(n_out).to(dtype)
+    for tokens in TOKENS:  # tokens <= 16 take the split-K path
+        x = torch.randn(tokens, k_in).to(dtype)
+        add = torch.randn(tokens, n_out)
+        out = nf4_matmul(x, w, add=add, bias=bias)
+        _check(out, x.double() @ dense.T + add.double() + bias.double(), dtype, f"nf4_matmul T={tokens}")
+        _check(nf4_matmul(x, w), x.double() @ dense.T, dtype, f"nf4_matmul plain T={tokens}")
+        dy = torch.randn(tokens, n_out).to(dtype)
+        add_t = torch.randn(tokens, k_in)
+        _check(nf4_matmul_t(dy, w, add=add_t), dy.double() @ dense + add_t.double(), dtype, f"nf4_matmul_t T={tokens}")
+
+
+# -- Kronecker mixture ------------------------------------------------------------------------------
+MIXTURES = {
+    "24x36-r1": (24, 36, [(4, 6, 6, 6)]),
+    "24x36-r3-mixed": (24, 36, [(2, 9, 12, 4), (8, 2, 3, 18), (24, 3, 1, 12)]),
+    "36x24-r5-auto": (36, 24, auto_component_shapes(36, 24, 5)),
+    "48x80-r4-wide": (48, 80, [(2, 4, 24, 20), (16, 40, 3, 2), (48, 80, 1, 1)[:2] + (1, 1), (6, 5, 8, 16)]),
+}
+
+
+def test_mixtures_cover_both_contraction_orders():
+    orders = {contraction_order(c[:2], c[2:]) for _, _, comps in MIXTURES.values() for c in comps}
+    assert orders == {"a_first", "b_first"}
+
+
+def _factors(shapes, dtype):
+    a = [(torch.randn(a1, a2) / a2**0.5).to(dtype) for a1, a2, _, _ in shapes]
+    b = [(torch.randn(b1, b2) / b2**0.5).to(dtype) for _, _, b1, b2 in shapes]
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(MIXTURES), ids=list(MIXTURES))
+def test_kron_mixture_kernels(case, dtype):
+    n_out, k_in, shapes = MIXTURES[case]
+    a_f, b_f = _factors(shapes, dtype)
+    coeffs = torch.rand(len(shapes)) + 0.5
+    a64, b64 = [a.double() for a in a_f], [b.double() for b in b_f]
+    for tokens in TOKENS:
+        x = torch.randn(tokens, k_in).to(dtype)
+        g = torch.randn(tokens, n_out).to(dtype)
+        expected = sum(c * kron_component(x.double(), a, b) for c, a, b in zip(coeffs.double(), a64, b64, strict=True))
+        _check(kron_mixture_forward(x, a_f, b_f, coeffs), expected, dtype, f"forward T={tokens}")
+        expected_dx = sum(c * g.double() @ torch.kron(a, b) for c, a, b in zip(coeffs.double(), a64, b64, strict=True))
+        _check(kron_mixture_backward_dx(g, a_f, b_f, coeffs), expected_dx, dtype, f"dx T={tokens}")
+        for i, (a, b) in enumerate(zip(a_f, b_f, strict=True)):
+            (a1, a2), (b1, b2) = a.shape, b.shape
+            g3, x3 = g.double().reshape(tokens, a1, b1), x.double().reshape(tokens, a2, b2)
+            m_ref = torch.einsum("tuq,qv,tpv->up", g3, b64[i], x3)
+            r_ref = torch.einsum("tuq,up,tpv->qv", g3, a64[i], x3)
+            m_raw, r_raw = kron_factor_grads(g, x, a, b, True, True)
+            if tokens == 0:
+                assert torch.count_nonzero(m_raw) == 0 and torch.count_nonzero(r_raw) == 0
+                continue
+            # The PyTorch path's own formulas in the same dtype (intermediates rounded likewise).
+            g3d, x3d = g.reshape(tokens, a1, b1), x.reshape(tokens, a2, b2)
+            m_base = torch.tensordot(g3d @ b, x3d, dims=([0, 2], [0, 2]))
+            r_base = torch.tensordot(torch.tensordot(g3d, a, dims=([1], [0])), x3d, dims=([0, 2], [0, 1]))
+            _check(m_raw, m_ref, dtype, f"M[{i}] T={tokens}", baseline=m_base)
+            _check(r_raw, r_ref, dtype, f"R[{i}] T={tokens}", baseline=r_base)
+
+
+# -- the fused op through the public API ------------------------------------------------------------
+FUSED = [
+    ("dense", 24, 36, auto_component_shapes(24, 36, 2)),
+    ("nf4", 40, 96, [(8, 12, 5, 8), (2, 32, 20, 3), (40, 2, 1, 48)]),
+    ("nf4-unaligned-K", 24, 36, auto_component_shapes(24, 36, 1)),  # K % blocksize != 0: dequantize fallback
+    ("nf4", 48, 64, auto_component_shapes(48, 64, 5)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("kind", "n_out", "k_in", "shapes"), FUSED, ids=[f[0] + f"-{f[1]}x{f[2]}" for f in FUSED])
+def test_fused_op_matches_reference(kind, n_out, k_in, shapes, dtype, monkeypatch):
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    for tokens, gate, bias, dropout_like in [(0, True, True, False), (1, True, False, False), (7, False, True, True),
+                                             (33, True, True, False)]:
+        x, w_dense, a_f, b_f, g, b = make_problem(n_out, k_in, shapes, dtype, lead=(tokens,), gate=gate, bias=bias)
+        weight = quantize_nf4(w_dense.float(), blocksize=32) if kind.startswith("nf4") else w_dense
+        assert select_backend(x) == "triton"
+        x_adapter = torch.randn_like(x).requires_grad_(True) if dropout_like else None
+        out = moka_linear(x, weight, a_f, b_f, g, b, 0.7, adapter_input=x_adapter)
+        dense64 = dequantize_nf4(weight, torch.float64) if kind.startswith("nf4") else w_dense.double()
+        inputs = [t for t in leaves(x, a_f, b_f, g, b)] + ([x_adapter] if dropout_like else [])
+        ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+        r = len(a_f)
+        rx, ra, rb = ref_inputs[0], ref_inputs[1 : 1 + r], ref_inputs[1 + r : 1 + 2 * r]
+        rest = ref_inputs[1 + 2 * r :]
+        rg = rest.pop(0) if gate else None
+        rbias = rest.pop(0) if bias else None
+        rxa = rest.pop(0) if dropout_like else None
+        ref = moka_linear_materialized(rx, dense64, ra, rb, rg, rbias, 0.7)
+        if dropout_like:  # adapter sees x_a, the base sees x
+            ref = ref - moka_linear_materialized(rx, dense64 * 0, ra, rb, rg, None, 0.7)
+            ref = ref + moka_linear_materialized(rxa, dense64 * 0, ra, rb, rg, None, 0.7)
+        _check(out, ref, dtype, f"forward T={tokens}")
+        grad_out = torch.randn_like(ref)
+        ours = torch.autograd.grad(out, inputs, grad_out.to(dtype), allow_unused=True)
+        theirs = torch.autograd.grad(ref, ref_inputs, grad_out, allow_unused=True)
+        for i, (g_ours, g_ref) in enumerate(zip(ours, theirs, strict=True)):
+            g_ref = torch.zeros_like(inputs[i], dtype=torch.float64) if g_ref is None else g_ref
+            if tokens == 0 and g_ref.numel() and torch.count_nonzero(g_ref) == 0:
+                assert torch.count_nonzero(g_ours) == 0
+                continue
+            _check(g_ours, g_ref, dtype if g_ours.dtype != torch.float32 else torch.float32, f"grad {i} T={tokens}")
+
+
+# -- dispatch ---------------------------------------------------------------------------------------
+def test_auto_backend_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv("MOKA_BACKEND", raising=False)
+    assert select_backend(torch.zeros(1)) == "torch"
+
+
+def test_without_triton_auto_falls_back_and_forcing_explains(monkeypatch):
+    import moka_kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
+    monkeypatch.setenv("MOKA_BACKEND", "auto")
+    assert select_backend(torch.zeros(1)) == "torch"
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    with pytest.raises(ValueError, match="triton is not installed"):
+        select_backend(torch.zeros(1))
+
+
+def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    import moka_kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        select_backend(torch.zeros(1))
