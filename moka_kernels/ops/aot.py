@@ -1,0 +1,181 @@
+"""Ahead-of-time compilation of every kernel and autotune config for sm_80 and sm_90, without a GPU.
+
+``triton.compile`` with an explicit ``GPUTarget`` runs the whole GPU pipeline (TTIR → TTGIR → LLVM → PTX →
+cubin) on a CPU machine, so GPU-only errors (``tl.dot`` with K < 16, layout or shared-memory overflows)
+show up here. Each result records the compiled kernel's shared memory, checked against the target's limit.
+
+Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions)::
+
+    python -m moka_kernels.ops.aot            # a table
+    python -m moka_kernels.ops.aot --json     # JSON lines, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+# Shared memory per block that a kernel may use, in bytes (CUDA occupancy limits per architecture).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class Variant:
+    kernel: str
+    pointer_types: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class Result:
+    kernel: str
+    capability: int
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    limit_bytes: int
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.shared_bytes <= self.limit_bytes
+
+
+def _kernels():
+    from . import kron_mixture, nf4_matmul
+
+    return {
+        "_nf4_matmul_kernel": nf4_matmul._nf4_matmul_kernel.fn,
+        "_nf4_matmul_t_kernel": nf4_matmul._nf4_matmul_t_kernel.fn,
+        "_kron_sandwich_kernel": kron_mixture._kron_sandwich_kernel,
+        "_kron_token_reduce_kernel": kron_mixture._kron_token_reduce_kernel,
+    }
+
+
+def variants() -> list[Variant]:
+    """Every autotune config of the NF4 GEMMs, and the tile shapes the Kronecker launchers can pick."""
+    from .nf4_matmul import NF4_MATMUL_CONFIGS, NF4_MATMUL_T_CONFIGS
+
+    nf4_pointers = {
+        "packed_ptr": "*u8",
+        "absmax_ptr": "*u8",
+        "nested_absmax_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "offset_ptr": "*fp32",
+        "code_ptr": "*fp32",
+    }
+    out: list[Variant] = []
+    for dtype in ("bf16", "fp16"):
+        fwd_ptrs = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "add_ptr": "*fp32", "bias_ptr": f"*{dtype}"}
+        for cfg in NF4_MATMUL_CONFIGS:
+            split_ks = (1, 4) if cfg.kwargs["BLOCK_M"] <= 16 else (1,)
+            for split_k in split_ks:
+                ptrs = dict(fwd_ptrs, **nf4_pointers)
+                if split_k > 1:
+                    ptrs["out_ptr"] = "*fp32"
+                flags = dict(BLOCKSIZE=64, HAS_ADD=True, HAS_BIAS=True, DOUBLE_QUANT=True, SPLIT_K=split_k)
+                out.append(
+                    Variant(
+                        "_nf4_matmul_kernel",
+                        ptrs,
+                        dict(flags, DOT_FP32=False, **cfg.kwargs),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
+        for cfg in NF4_MATMUL_T_CONFIGS:
+            ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
+            flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False)
+            out.append(Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages))
+        blocks = [(16, 16, 16, 16), (64, 64, 64, 64), (64, 16, 32, 64), (16, 64, 64, 32)]
+        for bp, bj, bl, bq in blocks:
+            ptrs = {
+                "m_ptr": f"*{dtype}",
+                "s1_ptr": f"*{dtype}",
+                "s2_ptr": f"*{dtype}",
+                "out_ptr": "*fp32",
+                "coeff_ptr": "*fp32",
+            }
+            flags = dict(ACCUMULATE=True, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
+            out.append(Variant("_kron_sandwich_kernel", ptrs, flags, 4, 3))
+            ptrs = {"l_ptr": f"*{dtype}", "s_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "ws_ptr": "*fp32"}
+            flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
+            out.append(Variant("_kron_token_reduce_kernel", ptrs, flags, 4, 3))
+    return out
+
+
+def compile_variant(variant: Variant, capability: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = _kernels()[variant.kernel]
+    constexprs = {k: v for k, v in variant.constexprs.items() if k in fn.arg_names}
+    signature = {
+        name: variant.pointer_types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names
+    }
+    start = time.perf_counter()
+    shared, error = 0, None
+    try:
+        compiled = triton.compile(
+            triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+        )
+        shared = int(compiled.metadata.shared)
+        if "cubin" not in compiled.asm:
+            error = "no cubin produced"
+    except Exception as exc:  # report every failing variant, not just the first
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return Result(
+        variant.kernel,
+        capability,
+        constexprs,
+        variant.num_warps,
+        variant.num_stages,
+        shared,
+        SHARED_MEMORY_LIMIT[capability],
+        round(time.perf_counter() - start, 2),
+        error,
+    )
+
+
+def _compile_pair(args: tuple[Variant, int]) -> Result:
+    return compile_variant(*args)
+
+
+def compile_all(capabilities: tuple[int, ...] = (80, 90), workers: int | None = None) -> list[Result]:
+    jobs = [(v, cc) for v in variants() for cc in capabilities]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_pair, jobs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
+    parser.add_argument("--capability", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT))
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("aot: unset TRITON_INTERPRET; the interpreter replaces the kernels being compiled", file=sys.stderr)
+        return 2
+    results = compile_all(tuple(args.capability or SHARED_MEMORY_LIMIT))
+    for r in results:
+        if args.json:
+            print(json.dumps(dict(asdict(r), ok=r.ok)))
+        else:
+            status = "ok" if r.ok else f"FAIL {r.error or 'shared memory over limit'}"
+            print(f"sm_{r.capability} {r.kernel:28s} {r.shared_bytes / 1024:7.1f} KB  {status}  {r.constexprs}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""GPU tests at LLaMA-7B/8B shapes (marked ``gpu``; deselected by default, run by benchmarks/gpu_suite.sh).
+
+The Triton path in bf16/fp16 is compared with an fp32 reference of the same inputs, forward and every
+gradient; its error must be within 2x that of the PyTorch path run in the same dtype (or a floor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import rel_rms
+
+import moka_kernels.ops as ops
+from moka.config import auto_component_shapes
+from moka_kernels import dequantize_nf4, moka_linear, quantize_nf4
+from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _real_gpu():
+    assert torch.cuda.is_available(), "the gpu-marked tests need a CUDA device"
+    assert not ops.INTERPRET, "run the GPU tests with TRITON_INTERPRET=0 (conftest defaults it to 1)"
+
+
+CUDA = torch.device("cuda")
+FLOOR = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+LAYERS = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096)]
+
+
+def _problem(n_out, k_in, dtype, tokens, r=5):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shapes = auto_component_shapes(n_out, k_in, r)
+    x = torch.randn(tokens, k_in, generator=g).to(CUDA, dtype)
+    w = (torch.randn(n_out, k_in, generator=g) / k_in**0.5).to(CUDA)
+    a = [(torch.randn(a1, a2, generator=g) / a2**0.5).to(CUDA, dtype) for a1, a2, _, _ in shapes]
+    b = [(torch.randn(b1, b2, generator=g) / b2**0.5 * 0.5).to(CUDA, dtype) for _, _, b1, b2 in shapes]
+    gate = torch.randn(len(shapes), generator=g).to(CUDA)
+    bias = (torch.randn(n_out, generator=g) * 0.1).to(CUDA, dtype)
+    return x, w, a, b, gate, bias
+
+
+def _run(backend, x, weight, a, b, gate, bias, grad_out, monkeypatch):
+    monkeypatch.setenv("MOKA_BACKEND", backend)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, *a, *b, gate, bias)]
+    r = len(a)
+    out = moka_linear(leaves[0], weight, leaves[1 : 1 + r], leaves[1 + r : 1 + 2 * r], leaves[-2], leaves[-1], 2.0)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("tokens", [1, 16, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n_out", "k_in"), LAYERS, ids=str)
+def test_triton_matches_reference_at_llama_shapes(n_out, k_in, dtype, tokens, nf4, monkeypatch):
+    x, w, a, b, gate, bias = _problem(n_out, k_in, dtype, tokens)
+    weight = quantize_nf4(w.to(dtype)) if nf4 else w.to(dtype)
+    weight32 = replace(weight, dtype=torch.float32) if nf4 else w.float()
+    grad_out = torch.randn(tokens, n_out, device=CUDA).to(dtype)
+    truth = _run(
+        "torch",
+        x.float(),
+        weight32,
+        [t.float() for t in a],
+        [t.float() for t in b],
+        gate,
+        bias.float(),
+        grad_out.float(),
+        monkeypatch,
+    )
+    ours = _run("triton", x, weight, a, b, gate, bias, grad_out, monkeypatch)
+    baseline = _run("torch", x, weight, a, b, gate, bias, grad_out, monkeypatch)
+    names = ["out", "x"] + [f"A{i}" for i in range(len(a))] + [f"B{i}" for i in range(len(b))] + ["gate", "bias"]
+    for name, o, t, base in zip(names, ours, truth, baseline, strict=True):
+        assert torch.isfinite(o).all(), name
+        tol = max(FLOOR[dtype], 2 * rel_rms(base, t))
+        err = rel_rms(o, t)
+        assert err <= tol, f"{name}: rel RMS {err:.3g} > {tol:.3g} (torch path in {dtype}: {rel_rms(base, t):.3g})"
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 16, 300])
+def test_nf4_kernels_match_dequantize(tokens):
+    w = quantize_nf4((torch.randn(4096, 4096) * 0.02).to(CUDA, torch.bfloat16))
+    dense = dequantize_nf4(w).float()
+    x = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
+    assert rel_rms(nf4_matmul(x, w), x.float() @ dense.T) < 1e-2
+    dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
+    assert rel_rms(nf4_matmul_t(dy, w), dy.float() @ dense) < 1e-2
