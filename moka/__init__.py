@@ -1,13 +1,24 @@
 """moka: Mixture of Kronecker Adapters (MoKA) for frozen dense or NF4 linear layers.
 
-User-facing API: :class:`MoKAConfig`, :class:`MoKALinear`, :class:`NF4Linear`. The functional ops
-live in :mod:`moka_kernels`.
+User-facing API: :class:`MoKAConfig`, :class:`MoKALinear`, :class:`NF4Linear`; model patching with
+:func:`apply_moka`, :func:`remove_moka`, :func:`merge_moka`, :func:`save_adapter`, :func:`load_adapter`;
+the fine-tune CLI in :mod:`moka.finetune`. The functional ops live in :mod:`moka_kernels`.
 """
 
 from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
 
 from .config import LLAMA_TARGET_MODULES, MoKAConfig, auto_component_shapes
 from .layer import MoKALinear, NF4Linear
+from .model import (
+    MoKASummary,
+    adapter_state_dict,
+    apply_moka,
+    load_adapter,
+    merge_moka,
+    moka_layers,
+    remove_moka,
+    save_adapter,
+)
 
 __version__ = "0.1.0"
 
@@ -15,10 +26,18 @@ __all__ = [
     "LLAMA_TARGET_MODULES",
     "MoKAConfig",
     "MoKALinear",
+    "MoKASummary",
     "NF4Linear",
     "NF4Tensor",
+    "adapter_state_dict",
+    "apply_moka",
     "auto_component_shapes",
     "dequantize_nf4",
+    "load_adapter",
+    "merge_moka",
+    "moka_layers",
     "moka_linear",
     "quantize_nf4",
+    "remove_moka",
+    "save_adapter",
 ]

@@ -154,6 +154,15 @@ class MoKALinear(nn.Module):
         if self.gate_logits is not None:
             self.gate_logits.zero_()
 
+    def reset_requires_grad(self) -> None:
+        """Make the adapter trainable again (MoKA_s identities stay frozen)."""
+        for a in self.a_factors:
+            a.requires_grad_(self.variant == "moka")
+        for b in self.b_factors:
+            b.requires_grad_(True)
+        if self.gate_logits is not None:
+            self.gate_logits.requires_grad_(True)
+
     # -- the base ------------------------------------------------------------------------------
     @property
     def is_4bit(self) -> bool:

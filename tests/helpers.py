@@ -39,3 +39,37 @@ def leaves(x, a_factors, b_factors, gate_logits, bias):
 
 def grads_of(out: torch.Tensor, tensors, grad_out: torch.Tensor):
     return torch.autograd.grad(out, tensors, grad_out, allow_unused=False)
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
+    """A small random LlamaForCausalLM (GQA: 4 heads, 2 KV heads), built in code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
+    """Non-zero values in every trainable adapter tensor, so ΔW != 0."""
+    from moka import moka_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moka_layers(model).values():
+            for p in [*layer.a_factors, *layer.b_factors] + (
+                [layer.gate_logits] if layer.gate_logits is not None else []
+            ):
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -1,0 +1,121 @@
+"""JSONL data for fine-tuning: reading with line-numbered errors, prompt formatting, tokenization, collation.
+
+Two record forms, one per file:
+
+* instruction form ``{"instruction": ..., "input": ... (optional), "output": ...}`` (the Alpaca convention);
+  the loss is on the response only;
+* plain LM form ``{"text": ...}``; the loss is on every token.
+
+Prompts use the tokenizer's chat template when it has one, else the Alpaca template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DataCollator", "format_prompt", "read_jsonl", "record_form", "tokenize_records"]
+
+IGNORE_INDEX = -100
+ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
+
+
+def record_form(record: dict) -> str:
+    keys = set(record)
+    if "text" in keys and keys <= {"text"}:
+        return "text"
+    if {"instruction", "output"} <= keys and keys <= {"instruction", "input", "output"}:
+        return "instruction"
+    return "unknown"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file; raises ValueError naming the file and line for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    records: list[dict] = []
+    form = None
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or record_form(record) == "unknown":
+                got = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{path}:{lineno}: expected an object with keys instruction/output (optional input) or text, "
+                    f"got {got}"
+                )
+            if not all(isinstance(v, str) for v in record.values()):
+                raise ValueError(f"{path}:{lineno}: expected string values")
+            this_form = record_form(record)
+            if form is not None and this_form != form:
+                raise ValueError(f"{path}:{lineno}: mixes {this_form} records into a file of {form} records")
+            form = this_form
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def format_prompt(tokenizer, instruction: str, input_text: str = "") -> str:
+    """The prompt up to where the response starts."""
+    user = instruction if not input_text else f"{instruction}\n\n{input_text}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    if input_text:
+        return f"{ALPACA_PROMPT}### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
+    return f"{ALPACA_PROMPT}### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int) -> list[dict[str, list[int]]]:
+    """input_ids and labels per record; instruction prompts get label IGNORE_INDEX (response-only loss)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for record in records:
+        if record_form(record) == "text":
+            ids = (_ids(tokenizer, record["text"], special=True) + eos)[:max_length]
+            labels = list(ids)
+        else:
+            prompt = format_prompt(tokenizer, record["instruction"], record.get("input", ""))
+            prompt_ids = _ids(tokenizer, prompt, special=not has_template)
+            response_ids = _ids(tokenizer, record["output"], special=False) + eos
+            ids = (prompt_ids + response_ids)[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise ValueError(f"max_length: {max_length} tokens cut every response away; raise --max-length")
+    return out
+
+
+@dataclass
+class DataCollator:
+    """Right-pads a batch: pad token in input_ids, IGNORE_INDEX in labels, 0 in attention_mask."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "labels": [], "attention_mask": []}
+        for f in features:
+            pad = length - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * pad)
+            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

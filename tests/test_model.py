@@ -1,0 +1,198 @@
+"""apply_moka / remove_moka / merge_moka / save_adapter / load_adapter on tiny random LLaMA models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import randomize_adapters, tiny_llama
+from torch import nn
+
+from moka import (
+    MoKAConfig,
+    MoKALinear,
+    adapter_state_dict,
+    apply_moka,
+    load_adapter,
+    merge_moka,
+    moka_layers,
+    remove_moka,
+    save_adapter,
+)
+
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_patch_is_exact_at_init_and_freezes_the_rest():
+    model = tiny_llama()
+    reference = model(IDS).logits
+    summary = apply_moka(model, MoKAConfig(num_components=3))
+    assert summary.layers_patched == 2 * 7
+    assert torch.equal(model(IDS).logits, reference)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".a_factors." in n or ".b_factors." in n or n.endswith("gate_logits") for n in trainable)
+    assert summary.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "14 layers patched" in str(summary)
+
+
+def test_regex_and_names_select_layers():
+    model = tiny_llama()
+    summary = apply_moka(model, MoKAConfig(target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj"))
+    assert sorted(moka_layers(model)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert summary.layers_patched == 2
+
+
+def test_remove_restores_layers_and_flags():
+    model = tiny_llama()
+    reference = model(IDS).logits
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_moka(model)
+    randomize_adapters(model)
+    assert not torch.allclose(model(IDS).logits, reference)
+    remove_moka(model)
+    assert not moka_layers(model)
+    assert torch.equal(model(IDS).logits, reference)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_merge_computes_the_same_function():
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=4))
+    randomize_adapters(model)
+    patched = model(IDS).logits
+    merge_moka(model)
+    assert not moka_layers(model)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(model(IDS).logits, patched, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=3, variant="moka", gate=True))
+    randomize_adapters(model)
+    logits = model(IDS).logits
+    save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no pickle
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["config"]["num_components"] == 3 and len(meta["layers"]) == 14
+
+    fresh = tiny_llama()  # same base weights (same seed), not patched yet
+    load_adapter(fresh, tmp_path / "adapter")
+    saved, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert torch.equal(fresh(IDS).logits, logits)
+
+
+def test_load_adapter_from_another_shape_fails_clearly_and_changes_nothing(tmp_path):
+    small = tiny_llama(hidden=64)
+    apply_moka(small)
+    save_adapter(small, tmp_path / "a")
+    other = tiny_llama(hidden=48)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapter(other, tmp_path / "a")
+    assert not moka_layers(other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_target_modules_matching_nothing_fails_and_changes_nothing():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"matched no linear layer.*q_proj"):
+        apply_moka(model, MoKAConfig(target_modules=["qkv"]))
+    assert not moka_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_apply_twice_and_missing_adapter_dir_are_rejected(tmp_path):
+    model = tiny_llama()
+    apply_moka(model)
+    with pytest.raises(ValueError, match="already has MoKA layers"):
+        apply_moka(model)
+    with pytest.raises(FileNotFoundError, match="expected a MoKA adapter dir"):
+        load_adapter(model, tmp_path / "nothing")
+
+
+def test_training_steps_reduce_the_loss():
+    model = tiny_llama()
+    apply_moka(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        apply_moka(model)
+        randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_generate_matches_the_base_at_init():
+    model = tiny_llama()
+    base_tokens = model.generate(IDS[:1], max_new_tokens=6, do_sample=False)
+    apply_moka(model)
+    assert torch.equal(model.generate(IDS[:1], max_new_tokens=6, do_sample=False), base_tokens)
+
+
+def test_4bit_base_through_bitsandbytes_config(tmp_path):
+    """transformers' BitsAndBytesConfig NF4 + double quant on CPU, with the CPU repack kept away."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # hidden 128, intermediate 192: every K is a multiple of 64. (For other K, bitsandbytes' own AVX512 CPU
+    # dequantization indexes blocks per row and is wrong; see docs/design.md §4.)
+    tiny_llama(hidden=128).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    for m in model.modules():  # bitsandbytes would repack 4-bit bytes in place in eval/no-grad forwards
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model.eval()
+    with torch.no_grad():
+        reference = model(IDS).logits
+    summary = apply_moka(model)
+    assert summary.layers_patched == 14
+    assert all(m.is_4bit for m in moka_layers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-5)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(5):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
+    model.eval()
+    assert model.generate(IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
+    assert not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if hasattr(m, "support_avx512bf16_for_cpu")
+    )
+    assert isinstance(next(iter(moka_layers(model).values())), MoKALinear)
