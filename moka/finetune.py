@@ -394,9 +394,10 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
             result["accuracy_after"], preds = exact_match_accuracy(
                 model, tokenizer, eval_records, args.eval_max_new_tokens
             )
+            stride = max(1, len(eval_records) // 6)  # a spread of examples, not just the first few
             result["examples"] = [
                 {"input": r.get("input", ""), "expected": r["output"], "predicted": p.strip()}
-                for r, p in list(zip(eval_records, preds, strict=True))[:5]
+                for r, p in list(zip(eval_records, preds, strict=True))[::stride][:6]
             ]
         plot_losses(recorder, adapter_dir / "loss_curve.png", f"MoKA on {data_name}")
         result["adapter_dir"] = str(adapter_dir)
