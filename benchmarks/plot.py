@@ -1,0 +1,157 @@
+"""Render saved benchmark results: markdown tables and PNG plots. Reads JSON only; never measures.
+
+    python -m benchmarks.plot benchmarks/results/layers-cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["render", "cpu_target_check", "label"]
+
+# H100/H200-class peaks (REFERENCE.md §6, measured on an H200) for the GPU rows' roofline column.
+PEAK_FLOPS = 790e12
+PEAK_BYTES = 4.3e12
+
+
+def label(row: dict) -> str:
+    return f"{row['provider']}[{row['base']}]"
+
+
+def _index(rows):
+    return {(r["n_out"], r["k_in"], r["tokens"], label(r), r["mode"]): r for r in rows}
+
+
+def roofline_ms(row: dict) -> float:
+    """Lower bound of a GPU row: max(FLOPs / peak, bytes / bandwidth); NF4 weights at 0.516 B, bf16 activations."""
+    n, k, t = row["n_out"], row["k_in"], row["tokens"]
+    passes = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[row["mode"]]
+    macs = passes * t * n * k
+    adapter = row.get("adapter_macs_per_token", 0) * t
+    train = row.get("adapter_train_macs_per_token", 0) * t
+    macs += {"fwd": adapter, "bwd": train - adapter, "fwd+bwd": train}[row["mode"]]
+    weight_bytes = (0.516 if row["base"] == "nf4" else 2.0) * n * k
+    io = 2 * t * (n + k)
+    return max(2 * macs / PEAK_FLOPS, passes * (weight_bytes + io) / PEAK_BYTES) * 1e3
+
+
+def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int = 512) -> dict | None:
+    """The benchmarks issue's CPU targets on the fp32 2048², T = 512 row, or None when it is absent."""
+    idx = _index(rows)
+    try:
+        moka = idx[(n, k, tokens, "moka_torch[dense]", "fwd+bwd")]
+        lokr = idx[(n, k, tokens, "lokr_materialized[dense]", "fwd+bwd")]
+        base = idx[(n, k, tokens, "dense_linear[dense]", "fwd+bwd")]
+    except KeyError:
+        return None
+    share = moka["adapter_train_macs_per_token"] / (2 * n * k)  # adapter fwd+bwd FLOPs / base fwd+dX FLOPs
+    overhead = moka["ms"] / base["ms"] - 1
+    return {
+        "speedup_vs_lokr": lokr["ms"] / moka["ms"],
+        "speedup_target": 2.5,
+        "overhead_vs_base": overhead,
+        "adapter_flop_share": share,
+        "overhead_over_share": overhead / share,
+        "overhead_target": 1.5,
+        "moka_ms": moka["ms"],
+        "lokr_ms": lokr["ms"],
+        "base_ms": base["ms"],
+    }
+
+
+def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
+    by_layer = defaultdict(list)
+    for r in rows:
+        if r["mode"] == mode:
+            by_layer[(r["n_out"], r["k_in"])].append(r)
+    out = []
+    for (n, k), layer_rows in by_layer.items():
+        tokens = sorted({r["tokens"] for r in layer_rows})
+        labels = list(dict.fromkeys(label(r) for r in layer_rows))
+        cell = {(label(r), r["tokens"]): r for r in layer_rows}
+        out.append(f"\n**{n}×{k}, {mode}** (ms; ratio to `dense_linear[dense]`{'; % of roofline' if gpu else ''})\n")
+        out.append("| provider | trainable | saved for bwd (KB) | " + " | ".join(f"T={t}" for t in tokens) + " |")
+        out.append("|---|---|---|" + "---|" * len(tokens))
+        for lab in labels:
+            first = next(r for r in layer_rows if label(r) == lab)
+            cells = []
+            for t in tokens:
+                r = cell.get((lab, t))
+                base = cell.get(("dense_linear[dense]", t))
+                if r is None:
+                    cells.append("–")
+                    continue
+                text = f"{r['ms']:.3f}"
+                if base is not None:
+                    text += f" ({r['ms'] / base['ms']:.2f}×)"
+                if gpu:
+                    text += f" {100 * roofline_ms(r) / r['ms']:.0f}%"
+                cells.append(text)
+            saved = first["saved_bytes"] / 1024
+            out.append(f"| {lab} | {first['trainable']:,} | {saved:,.0f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def render(path: Path) -> Path:
+    """Write ``<stem>.md`` and ``<stem>-*.png`` next to the JSON file; returns the markdown path."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    conds, rows = data["conditions"], data["rows"]
+    gpu = "cpu" not in conds["device"]
+    lines = [f"# Layer benchmarks: {path.stem}", "", "Conditions: " + ", ".join(f"{k}={v}" for k, v in conds.items())]
+    check = cpu_target_check(rows)
+    if check is not None:
+        lines += [
+            "",
+            "CPU targets (fp32, 2048×2048, T = 512, fwd+bwd):",
+            f"- MoKA (PyTorch path) vs LoKr-style materialization: {check['speedup_vs_lokr']:.2f}× faster "
+            f"(target ≥ {check['speedup_target']}×): {'met' if check['speedup_vs_lokr'] >= 2.5 else 'MISSED'}",
+            f"- MoKA time over the base alone: +{100 * check['overhead_vs_base']:.1f}% against an adapter FLOP "
+            f"share of {100 * check['adapter_flop_share']:.1f}% = {check['overhead_over_share']:.2f}× the share "
+            f"(target ≤ {check['overhead_target']}×): {'met' if check['overhead_over_share'] <= 1.5 else 'MISSED'}",
+        ]
+    for mode in ("fwd", "fwd+bwd", "bwd"):
+        lines += _table(rows, mode, gpu)
+    notes = {label(r): r["note"] for r in rows if r["note"]}
+    lines += ["", "Provider notes:"] + [f"- `{k}`: {v}" for k, v in notes.items()]
+    md = path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    _plots(path, rows)
+    return md
+
+
+def _plots(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys((r["n_out"], r["k_in"]) for r in rows))
+    for mode in ("fwd", "fwd+bwd"):
+        fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 7.5), squeeze=False)
+        for col, (n, k) in enumerate(layers):
+            layer_rows = [r for r in rows if (r["n_out"], r["k_in"]) == (n, k) and r["mode"] == mode]
+            base = {r["tokens"]: r["ms"] for r in layer_rows if label(r) == "dense_linear[dense]"}
+            for lab in dict.fromkeys(label(r) for r in layer_rows):
+                series = sorted((r["tokens"], r["ms"]) for r in layer_rows if label(r) == lab)
+                t, ms = zip(*series, strict=True)
+                style = "-" if lab.startswith("moka") else "--"
+                axes[0][col].plot(t, ms, style, marker="o", label=lab)
+                if base:
+                    axes[1][col].plot(t, [m / base[x] for x, m in zip(t, ms, strict=True)], style, marker="o", label=lab)
+            axes[0][col].set(title=f"{n}×{k} {mode}", xscale="log", yscale="log", xlabel="tokens", ylabel="ms")
+            axes[1][col].set(xscale="log", yscale="log", xlabel="tokens", ylabel="time / dense_linear")
+            for ax in axes[:, col]:
+                ax.grid(alpha=0.3, which="both")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        fig.tight_layout()
+        fig.savefig(path.with_name(f"{path.stem}-{mode.replace('+', '')}.png"), dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:] or [str(p) for p in sorted((Path(__file__).parent / "results").glob("*.json"))]:
+        print(render(Path(arg)))

@@ -1,0 +1,197 @@
+"""Layer-level providers: every way a user could run one adapted (or plain) linear layer.
+
+A provider builds, for one layer shape (N out, K in), token count T, device and dtype, a :class:`Case`: a
+``forward()`` closure, the trainable tensors, and the FLOPs of its adapter. The runner times
+``fwd`` (no autograd), ``fwd+bwd`` and ``bwd`` (replaying ``backward`` on one retained graph), and counts
+the bytes autograd saves for backward.
+
+Providers (all on the same W0, x and dy):
+
+* base alone: ``dense_linear`` (F.linear), ``bnb_nf4`` (bitsandbytes ``matmul_4bit``), ``ours_nf4``
+  (our NF4 GEMM: Triton kernels on CUDA, dequantize + GEMM on CPU);
+* adapters: ``moka_torch`` / ``moka_triton`` (ours, NF4 or dense base), ``lokr_materialized`` (PEFT LoKr's
+  way: ΔW = Σ α_i kron(A_i, B_i) every step, then a full-size F.linear on a dense base), ``lora_r16``,
+  ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at MoKA's trainable-parameter count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moka.config import auto_component_shapes
+from moka_kernels import dequantize_nf4, moka_linear, quantize_nf4
+from moka_kernels.reference import contraction_order, materialized_delta_weight
+
+__all__ = ["PROVIDERS", "Case", "adapter_macs", "adapter_train_macs", "build_case", "moka_shapes"]
+
+
+@dataclass
+class Case:
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor] = field(default_factory=list)
+    adapter_macs_per_token: int = 0
+    adapter_train_macs_per_token: int = 0  # forward + backward
+    trainable: int = 0
+    backend: str | None = None  # MOKA_BACKEND while this case runs
+    note: str = ""
+    frozen: list[torch.Tensor] = field(default_factory=list)  # persistent tensors, not counted as saved
+
+
+def moka_shapes(n_out: int, k_in: int, r: int) -> list[tuple[int, int, int, int]]:
+    return auto_component_shapes(n_out, k_in, r)
+
+
+def adapter_train_macs(shapes) -> int:
+    """Per-token MACs of the adapter's forward plus backward (dX, dA, dB) as the PyTorch path computes them."""
+    total = adapter_macs(shapes)
+    for a1, a2, b1, b2 in shapes:
+        p_macs, q_macs = a1 * a2 * b1, a1 * b1 * b2
+        total += p_macs + q_macs + min(a2 * b1 * b2, a1 * a2 * b2) + a1 * a2 * b2 + a2 * b1 * b2
+    return total
+
+
+def adapter_macs(shapes) -> int:
+    """Per-token MACs of the adapter forward, cheaper contraction order per component."""
+    total = 0
+    for a1, a2, b1, b2 in shapes:
+        total += a2 * b1 * (b2 + a1) if contraction_order((a1, a2), (b1, b2)) == "b_first" else a1 * b2 * (a2 + b1)
+    return total
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_lora(base: nn.Module, rank: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=rank, lora_alpha=2 * rank), _Holder(base))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # PEFT zero-initializes lora_B; give it values so no kernel can shortcut zeros
+        for p in params:
+            p.normal_(0, 0.02)
+    return model, params
+
+
+def _linear4bit(w_nf4, dtype):
+    from moka.bnb_compat import linear4bit_from_nf4
+
+    return linear4bit_from_nf4(w_nf4, None, dtype)
+
+
+def build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int = 4, base: str = "nf4") -> Case:
+    """One provider on one layer; ``base`` is "nf4" or "dense" for the providers that take either."""
+    case = _build_case(provider, n_out, k_in, device, dtype, r, base)
+    if isinstance(case.forward, nn.Module):
+        case.frozen += [t for t in case.forward.parameters() if not t.requires_grad] + list(case.forward.buffers())
+    return case
+
+
+def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, base: str) -> Case:
+    gen = torch.Generator().manual_seed(0)
+    w_dense = (torch.randn(n_out, k_in, generator=gen) / math.sqrt(k_in)).to(device, dtype)
+    shapes = moka_shapes(n_out, k_in, r)
+    moka_params = sum(a1 * a2 + b1 * b2 for a1, a2, b1, b2 in shapes) + len(shapes)
+    persistent: list[torch.Tensor] = [w_dense]  # the frozen weights every call reuses
+
+    def nf4(w):
+        q = quantize_nf4(w)
+        persistent.extend(t for t in (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset) if t is not None)
+        return q
+
+    def factors():
+        a = [(torch.randn(a1, a2, generator=gen) / math.sqrt(a2)).to(device, dtype) for a1, a2, _, _ in shapes]
+        b = [(torch.randn(b1, b2, generator=gen) * 0.02).to(device, dtype) for _, _, b1, b2 in shapes]
+        g = torch.zeros(len(shapes), device=device)
+        return [t.requires_grad_(True) for t in (*a, *b, g)]
+
+    if provider == "dense_linear":
+        return Case(lambda x: F.linear(x, w_dense), frozen=persistent)
+    if provider == "bnb_nf4":
+        import bitsandbytes as bnb
+
+        layer = _linear4bit(nf4(w_dense), dtype)
+        state = layer.weight.quant_state
+        return Case(lambda x: bnb.matmul_4bit(x, layer.weight.t(), quant_state=state), frozen=persistent)
+    if provider == "ours_nf4":
+        w_nf4 = nf4(w_dense)
+        if device.type == "cuda":
+            from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
+
+            class _NF4Base(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x):
+                    return nf4_matmul(x, w_nf4)
+
+                @staticmethod
+                def backward(ctx, dy):
+                    return nf4_matmul_t(dy.contiguous(), w_nf4)
+
+            return Case(_NF4Base.apply, note="Triton nf4_matmul / nf4_matmul_t", frozen=persistent)
+        return Case(
+            lambda x: F.linear(x, dequantize_nf4(w_nf4, x.dtype)), note="dequantize + GEMM (CPU)", frozen=persistent
+        )
+    if provider in ("moka_torch", "moka_triton"):
+        weight = nf4(w_dense) if base == "nf4" else w_dense
+        params = factors()
+        a, b, g = params[:r], params[r : 2 * r], params[2 * r]
+        return Case(
+            lambda x: moka_linear(x, weight, a, b, g),
+            params,
+            adapter_macs(shapes),
+            adapter_train_macs(shapes),
+            moka_params,
+            backend=provider.removeprefix("moka_"),
+            note=f"{base} base, r={len(shapes)}: " + ", ".join(f"{a1}x{a2}⊗{b1}x{b2}" for a1, a2, b1, b2 in shapes),
+            frozen=persistent,
+        )
+    if provider == "lokr_materialized":
+        params = factors()
+        a, b, g = params[:r], params[r : 2 * r], params[2 * r]
+        return Case(
+            lambda x: F.linear(x, w_dense + materialized_delta_weight(a, b, g).to(dtype)),
+            params,
+            0,  # not per token: forming ΔW costs r·N·K MACs per step, and its gradient as much again
+            0,
+            moka_params,
+            note="dense base; ΔW = Σ α kron(A, B) formed every step",
+            frozen=persistent,
+        )
+    if provider.startswith("lora_"):
+        rank = max(1, round(moka_params / (n_out + k_in))) if provider == "lora_equal" else int(provider[6:])
+        layer = nn.Linear(k_in, n_out, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w_dense)
+        if base == "nf4":  # QLoRA: PEFT LoRA on a bitsandbytes NF4 layer
+            layer = _linear4bit(nf4(w_dense), dtype)
+            layer.support_avx512bf16_for_cpu = False
+        model, params = _peft_lora(layer, rank)
+        model.to(device)
+        note = f"PEFT LoRA r={rank} on a {'bitsandbytes NF4' if base == 'nf4' else 'dense'} base"
+        macs = rank * (n_out + k_in)
+        return Case(model, params, macs, 3 * macs, macs, note=note, frozen=persistent)
+    raise ValueError(f"provider: unknown {provider!r}; expected one of {PROVIDERS}")
+
+
+PROVIDERS = (
+    "dense_linear",
+    "bnb_nf4",
+    "ours_nf4",
+    "moka_torch",
+    "moka_triton",
+    "lokr_materialized",
+    "lora_equal",
+    "lora_r16",
+    "lora_r32",
+)

@@ -1,0 +1,215 @@
+"""Layer benchmarks, side by side in one process: ``python -m benchmarks.run``.
+
+Measures every provider of :mod:`benchmarks.providers` on each layer shape and token count in ``fwd``,
+``bwd`` and ``fwd+bwd``, plus the bytes autograd saves for backward (and peak memory on CUDA), and writes
+``<out>/<tag>.json`` and ``.csv`` with the conditions (device, versions, git sha, date). Then it renders
+markdown tables and PNG plots from the saved file (:mod:`benchmarks.plot` reads results only).
+
+    python -m benchmarks.run                       # CPU: fp32, 2048² target row + SmolLM2 projections
+    python -m benchmarks.run --device cuda         # GPU: bf16, LLaMA-7B/8B projections
+    python -m benchmarks.run --smoke --out /tmp/b  # tiny, seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .providers import build_case
+
+RESULTS = Path(__file__).parent / "results"
+
+# (N out, K in) per layer set; the first CPU layer is the issue's CPU target row.
+LAYERS = {
+    "cpu": [(2048, 2048), (576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "cuda": [(4096, 4096), (1024, 4096), (11008, 4096), (14336, 4096), (4096, 14336), (576, 1536)],
+    "smoke": [(48, 64)],
+}
+TOKENS = {"cpu": [1, 16, 128, 512], "cuda": [1, 16, 128, 512, 2048, 4096], "smoke": [1, 16]}
+# provider, base
+CPU_PROVIDERS = [
+    ("dense_linear", "dense"),
+    ("bnb_nf4", "nf4"),
+    ("ours_nf4", "nf4"),
+    ("moka_torch", "dense"),
+    ("moka_torch", "nf4"),
+    ("lokr_materialized", "dense"),
+    ("lora_equal", "dense"),
+    ("lora_r16", "dense"),
+    ("lora_r32", "dense"),
+    ("lora_r16", "nf4"),
+    ("lora_r32", "nf4"),
+]
+CUDA_PROVIDERS = [*CPU_PROVIDERS, ("moka_triton", "nf4"), ("moka_triton", "dense")]
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) -> dict:
+    def version(name):
+        try:
+            return __import__(name).__version__
+        except ImportError:
+            return None
+
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "bitsandbytes": version("bitsandbytes"),
+        "peft": version("peft"),
+        "cuda": torch.version.cuda,
+        "git_sha": sha,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "timer": "triton.testing.do_bench median" if device.type == "cuda" else
+        f"torch.utils.benchmark blocked_autorange median, min_run_time={min_run_time}s",
+    }
+
+
+def make_timer(device: torch.device, min_run_time: float):
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    from torch.utils import benchmark
+
+    def measure(fn):
+        return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+    return measure
+
+
+def saved_bytes(case, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward beyond tensors that persist anyway (x, weights, parameters)."""
+    persistent = {t.untyped_storage().data_ptr() for t in [x, *case.params, *case.frozen] if t is not None}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in persistent:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        case.forward(x)
+    return sum(seen.values())
+
+
+def bench_one(case, x, dy, mode: str, measure) -> float:
+    if mode == "fwd":
+        with torch.no_grad():
+            return measure(lambda: case.forward(x))
+    xg = x.detach().requires_grad_(True)
+    if mode == "fwd+bwd":
+        return measure(lambda: case.forward(xg).backward(dy))
+    out = case.forward(xg)  # bwd: replay backward on one retained graph
+    return measure(lambda: out.backward(dy, retain_graph=True))
+
+
+def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, k_in, generator=gen).to(device, dtype)
+    dy = torch.randn(tokens, n_out, generator=gen).to(device, dtype)
+    case = build_case(provider, n_out, k_in, device, dtype, r=r, base=base)
+    previous = os.environ.get("MOKA_BACKEND")
+    if case.backend:
+        os.environ["MOKA_BACKEND"] = case.backend
+    try:
+        rows = []
+        saved = saved_bytes(case, x.detach().requires_grad_(True))
+        for mode in MODES:
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+            ms = bench_one(case, x, dy, mode, measure)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() - base_mem
+            rows.append({
+                "provider": provider, "base": base, "n_out": n_out, "k_in": k_in, "tokens": tokens, "mode": mode,
+                "ms": ms, "trainable": case.trainable, "adapter_macs_per_token": case.adapter_macs_per_token,
+                "adapter_train_macs_per_token": case.adapter_train_macs_per_token,
+                "saved_bytes": saved, "peak_bytes": peak, "note": case.note,
+            })
+            for p in case.params:
+                p.grad = None
+        return rows
+    finally:
+        if previous is None:
+            os.environ.pop("MOKA_BACKEND", None)
+        else:
+            os.environ["MOKA_BACKEND"] = previous
+
+
+def write_results(path: Path, conds: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+    tmp.replace(path.with_suffix(".json"))
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="MoKA layer benchmarks (measures, then renders)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--tag", help="file stem (default: layers-<device>[-smoke])")
+    parser.add_argument("--components", type=int, default=4, help="MoKA components r")
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="CPU seconds per measurement")
+    parser.add_argument("--providers", help="comma-separated subset, e.g. moka_torch,lokr_materialized")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.run: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    key = "smoke" if args.smoke else args.device
+    providers = CUDA_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS
+    if args.providers:
+        wanted = set(args.providers.split(","))
+        providers = [p for p in providers if p[0] in wanted]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        providers = [p for p in providers if not (p[0] == "bnb_nf4" or (p[0].startswith("lora") and p[1] == "nf4"))]
+    measure = make_timer(device, 0.05 if args.smoke else args.min_run_time)
+    conds = conditions(device, dtype, args.min_run_time)
+    conds.update(components=args.components, smoke=args.smoke)
+    rows: list[dict] = []
+    for n_out, k_in in LAYERS[key]:
+        for tokens in TOKENS[key]:
+            for provider, base in providers:
+                layer_rows = run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, args.components)
+                rows += layer_rows
+                times = "  ".join(f"{r['mode']} {r['ms']:8.3f}" for r in layer_rows)
+                print(f"{n_out:>5}x{k_in:<5} T={tokens:<5} {provider + '[' + base + ']':24s} {times} ms", flush=True)
+    path = args.out / (args.tag or f"layers-{key}")
+    write_results(path, conds, rows)
+    from .plot import render
+
+    render(path.with_suffix(".json"))
+    print(f"wrote {path.with_suffix('.json')}, .csv, .md and plots", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
