@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: GPU-marked tests at LLaMA shapes (bf16 and fp16) and the kernel microbenchmarks.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR      (needs a CUDA GPU; no network; bitsandbytes optional)
-# Writes OUT_DIR/env.json, gpu_tests.xml, gpu_tests.log, kernel_bench.json, aot.jsonl. Aim: < 8 min on one H100/H200.
+# Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png. Aim: < 8 min on one H100/H200.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
@@ -16,5 +16,5 @@ PY
 status=0
 timeout 300 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
   2>&1 | tee "$out/gpu_tests.log" || status=1
-timeout 240 python -m benchmarks.kernel_bench --out "$out/kernel_bench.json" 2>&1 | tee "$out/kernel_bench.log" || status=1
+timeout 240 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
 exit $status

@@ -1,6 +1,6 @@
 """Render saved benchmark results: markdown tables and PNG plots. Reads JSON only; never measures.
 
-    python -m benchmarks.plot benchmarks/results/layers-cpu.json
+python -m benchmarks.plot benchmarks/results/layers-cpu.json
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["render", "cpu_target_check", "label"]
+__all__ = ["cpu_target_check", "label", "render"]
 
 # H100/H200-class peaks (REFERENCE.md §6, measured on an H200) for the GPU rows' roofline column.
 PEAK_FLOPS = 790e12
@@ -51,6 +51,9 @@ def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int
     overhead = moka["ms"] / base["ms"] - 1
     return {
         "speedup_vs_lokr": lokr["ms"] / moka["ms"],
+        # the same, counting only what each adds to the frozen base's fwd + dX
+        "adapter_speedup_vs_lokr": (lokr["ms"] - base["ms"]) / max(moka["ms"] - base["ms"], 1e-9),
+        "lokr_over_base": lokr["ms"] / base["ms"],
         "speedup_target": 2.5,
         "overhead_vs_base": overhead,
         "adapter_flop_share": share,
@@ -108,7 +111,10 @@ def render(path: Path) -> Path:
             "",
             "CPU targets (fp32, 2048×2048, T = 512, fwd+bwd):",
             f"- MoKA (PyTorch path) vs LoKr-style materialization: {check['speedup_vs_lokr']:.2f}× faster "
-            f"(target ≥ {check['speedup_target']}×): {'met' if check['speedup_vs_lokr'] >= 2.5 else 'MISSED'}",
+            f"(target ≥ {check['speedup_target']}×): {'met' if check['speedup_vs_lokr'] >= 2.5 else 'MISSED'}. "
+            f"LoKr-style takes {check['lokr_over_base']:.2f}× the base alone, so no layer that includes the base "
+            f"can be 2.5× faster than it here; counting only the time each adds to the base, MoKA's adapter is "
+            f"{check['adapter_speedup_vs_lokr']:.2f}× faster than LoKr's.",
             f"- MoKA time over the base alone: +{100 * check['overhead_vs_base']:.1f}% against an adapter FLOP "
             f"share of {100 * check['adapter_flop_share']:.1f}% = {check['overhead_over_share']:.2f}× the share "
             f"(target ≤ {check['overhead_target']}×): {'met' if check['overhead_over_share'] <= 1.5 else 'MISSED'}",
@@ -141,7 +147,9 @@ def _plots(path: Path, rows: list[dict]) -> None:
                 style = "-" if lab.startswith("moka") else "--"
                 axes[0][col].plot(t, ms, style, marker="o", label=lab)
                 if base:
-                    axes[1][col].plot(t, [m / base[x] for x, m in zip(t, ms, strict=True)], style, marker="o", label=lab)
+                    axes[1][col].plot(
+                        t, [m / base[x] for x, m in zip(t, ms, strict=True)], style, marker="o", label=lab
+                    )
             axes[0][col].set(title=f"{n}×{k} {mode}", xscale="log", yscale="log", xlabel="tokens", ylabel="ms")
             axes[1][col].set(xscale="log", yscale="log", xlabel="tokens", ylabel="time / dense_linear")
             for ax in axes[:, col]:

@@ -21,7 +21,13 @@ Backward, with G = dy.view(a1, b1) per token and c_i = s·α_i:
 * dα_i = s · Σ_t ⟨G_t, A X_t Bᵀ⟩ = s · ⟨A_i, M_i⟩ = s · ⟨B_i, R_i⟩
 * dg = α ⊙ (dα − ⟨α, dα⟩)           (softmax backward)
 
-Every contraction is batched over all T tokens into one GEMM, never T small ones.
+Backward follows each component's cheaper order, so its intermediates are the small ones:
+
+* ``a_first``: Q = G B, dX = Aᵀ Q, M = Σ_t Q_t X_tᵀ, V = A X (recomputed), R = Σ_t G_tᵀ V_t;
+* ``b_first``: P = Aᵀ G, dX = P B, R = Σ_t P_tᵀ X_t, U = X Bᵀ (recomputed), M = Σ_t G_t U_tᵀ;
+
+about 2.5× the forward's MACs. Right-multiplications are one GEMM over all T·rows; left-multiplications
+are one batched GEMM with the factor broadcast; the token reductions R are one GEMM over (t, row) pairs.
 """
 
 from __future__ import annotations
@@ -71,19 +77,27 @@ def contraction_order(a_shape: Sequence[int], b_shape: Sequence[int]) -> str:
 
 
 def _left(m: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-    """(T, p, q) -> (T, m, q): M @ X_t for every token, as one GEMM over T·q columns."""
-    return torch.tensordot(x3, m, dims=([1], [1])).transpose(1, 2)
+    """(T, p, q) -> (T, m, q): M @ X_t for every token; one batched GEMM with M broadcast, no copies."""
+    return torch.matmul(m, x3)
 
 
 def kron_component(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(A ⊗ B) x for every row of ``x2d`` (T, a2·b2) -> (T, a1·b1), without forming A ⊗ B."""
+    out = x2d.new_zeros(x2d.shape[0], a.shape[0] * b.shape[0])
+    _accumulate_kron(out, x2d, a, b)
+    return out
+
+
+def _accumulate_kron(out: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += (A ⊗ B) x per row, in place: the last GEMM accumulates into ``out`` (no T × N temporary)."""
     num_tokens = x2d.shape[0]
-    x3 = x2d.reshape(num_tokens, a.shape[1], b.shape[1])
-    if contraction_order(a.shape, b.shape) == "b_first":
-        y3 = _left(a, x3 @ b.T)
-    else:
-        y3 = _left(a, x3) @ b.T
-    return y3.reshape(num_tokens, a.shape[0] * b.shape[0])
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    x3 = x2d.reshape(num_tokens, a2, b2)
+    if contraction_order(a.shape, b.shape) == "b_first":  # U = X·Bᵀ, then out_t += A·U_t
+        out3 = out.view(num_tokens, a1, b1)
+        torch.baddbmm(out3, a.expand(num_tokens, a1, a2), x3 @ b.T, out=out3)
+    else:  # V = A·X, then out_t += V_t·Bᵀ as one GEMM over T·a1 rows
+        out.view(num_tokens * a1, b1).addmm_(_left(a, x3).reshape(num_tokens * a1, b2), b.T)
 
 
 def materialized_delta_weight(
@@ -159,7 +173,7 @@ def moka_forward_torch(
     coeffs = (alpha * scale).to(x2d.dtype)
     out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
-        out += kron_component(xa, a, b) * coeffs[i]
+        _accumulate_kron(out, xa, a * coeffs[i], b)  # c_i folded into the small factor
     return out
 
 
@@ -194,25 +208,31 @@ def moka_backward_torch(
         need_a, need_b = needs.a[i], needs.b[i]
         g3 = grad_out.reshape(num_tokens, a1, b1)
         x3 = xa.reshape(num_tokens, a2, b2)
-        # P = Aᵀ G (T, a2, b1) feeds dB and dX; Q = G B (T, a1, b2) feeds dA and dX.
-        p = _left(a.T, g3) if need_b else None
-        q = g3 @ b if need_a else None
-        if need_adapter_x:
-            cost_via_p = (0 if p is not None else a1 * a2 * b1) + a2 * b1 * b2
-            cost_via_q = (0 if q is not None else a1 * b1 * b2) + a1 * a2 * b2
-            if cost_via_p <= cost_via_q:
-                p = _left(a.T, g3) if p is None else p
-                dx3 = p @ b
-            else:
-                q = g3 @ b if q is None else q
-                dx3 = _left(a.T, q)
-            target = grad_xa if separate else grad_x
-            target += dx3.reshape(num_tokens, a2 * b2) * coeffs[i]
-        m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2])) if need_a else None  # Σ_t G B Xᵀ
-        r_raw = torch.tensordot(p, x3, dims=([0, 1], [0, 1])) if need_b else None  # Σ_t (AᵀG)ᵀ X
+        # Follow the component's cheaper contraction order, so every intermediate is the small one.
+        m_raw = r_raw = None
+        if contraction_order(a.shape, b.shape) == "a_first":
+            # Q = G·B and V = A·X are (T, a1, b2).
+            q = g3 @ b if (need_a or need_adapter_x or (needs.gate and not need_b)) else None
+            if need_adapter_x:
+                dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
+                torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
+            if q is not None and (need_a or needs.gate):
+                m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2]))  # Σ_t Q_t X_tᵀ
+            if need_b:
+                v = _left(a, x3)
+                r_raw = g3.reshape(-1, b1).T @ v.reshape(-1, b2)  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
+        else:
+            # P = Aᵀ·G and U = X·Bᵀ are (T, a2, b1).
+            p = _left(a.T, g3) if (need_b or need_adapter_x or (needs.gate and not need_a)) else None
+            if need_adapter_x:
+                dx_target = (grad_xa if separate else grad_x).view(num_tokens * a2, b2)
+                dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
+            if p is not None and (need_b or needs.gate):
+                r_raw = p.reshape(-1, b1).T @ x3.reshape(-1, b2)  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
+            if need_a:
+                u = x3 @ b.T
+                m_raw = torch.tensordot(g3, u, dims=([0, 2], [0, 2]))  # Σ_t G_t U_tᵀ
         if needs.gate:
-            if m_raw is None and r_raw is None:
-                r_raw = torch.tensordot(_left(a.T, g3), x3, dims=([0, 1], [0, 1]))
             factor, raw = (a, m_raw) if m_raw is not None else (b, r_raw)
             grad_alpha[i] = scale * (factor.to(alpha.dtype) * raw.to(alpha.dtype)).sum()
         if need_a:

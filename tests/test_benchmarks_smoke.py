@@ -1,27 +1,84 @@
-"""The benchmark scripts keep working: a tiny CPU run (timings are not checked here; speed lives in benchmarks)."""
+"""The benchmark scripts keep working: tiny CPU runs (timings are not checked; speed lives in benchmarks/)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from benchmarks import kernel_bench
+import torch
+
+from benchmarks import plot, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernel_bench_smoke_writes_rows_with_conditions(tmp_path, monkeypatch):
+def test_layer_runner_smoke_writes_results_and_renders(tmp_path, monkeypatch):
     monkeypatch.delenv("MOKA_BACKEND", raising=False)
-    out = tmp_path / "kb.json"
-    assert kernel_bench.main(["--device", "cpu", "--smoke", "--out", str(out)]) == 0
-    data = json.loads(out.read_text())
-    assert {"device", "torch", "git_sha", "date"} <= set(data["conditions"])
-    providers = {r["provider"] for r in data["rows"]}
-    assert {"dense_linear", "moka_nf4", "moka_nf4_train", "lokr_materialized_dense_train"} <= providers
+    assert run.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layers-smoke.json").read_text())
+    assert {"device", "torch", "git_sha", "date", "timer"} <= set(data["conditions"])
+    labels = {plot.label(r) for r in data["rows"]}
+    assert {"dense_linear[dense]", "moka_torch[nf4]", "lokr_materialized[dense]", "lora_equal[dense]"} <= labels
+    assert {r["mode"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
     assert all(r["ms"] > 0 for r in data["rows"])
+    moka = next(r for r in data["rows"] if plot.label(r) == "moka_torch[dense]")
+    assert moka["trainable"] > 0 and moka["adapter_train_macs_per_token"] > moka["adapter_macs_per_token"] > 0
+    assert (tmp_path / "layers-smoke.md").read_text().startswith("# Layer benchmarks")
+    assert (tmp_path / "layers-smoke-fwdbwd.png").stat().st_size > 1000
+    assert (tmp_path / "layers-smoke.csv").read_text().startswith("provider,")
 
 
-def test_kernel_bench_without_gpu_fails_with_one_line(capsys):
-    import torch
+def test_cpu_target_check_reads_the_target_row():
+    rows = []
+    for label, ms in [("dense_linear", 40.0), ("moka_torch", 50.0), ("lokr_materialized", 100.0)]:
+        rows.append(
+            {
+                "provider": label,
+                "base": "dense",
+                "n_out": 2048,
+                "k_in": 2048,
+                "tokens": 512,
+                "mode": "fwd+bwd",
+                "ms": ms,
+                "adapter_train_macs_per_token": 2048 * 2048 * 2 // 5,
+            }
+        )
+    check = plot.cpu_target_check(rows)
+    assert check["speedup_vs_lokr"] == 2.0 and abs(check["adapter_flop_share"] - 0.2) < 1e-6
+    assert abs(check["overhead_over_share"] - 1.25) < 1e-6 and check["adapter_speedup_vs_lokr"] == 6.0
 
+
+def test_pytest_benchmark_file_runs_in_smoke_mode():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOKA_BACKEND")}
+    env.update(MOKA_BENCH_SMOKE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/",
+            "--benchmark-disable",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
+
+
+def test_runner_without_gpu_fails_with_one_line(capsys):
     if torch.cuda.is_available():
         return
-    assert kernel_bench.main(["--out", "/nonexistent/x.json"]) == 2
+    assert run.main(["--device", "cuda", "--out", "/nonexistent"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
