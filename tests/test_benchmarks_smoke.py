@@ -82,3 +82,17 @@ def test_runner_without_gpu_fails_with_one_line(capsys):
         return
     assert run.main(["--device", "cuda", "--out", "/nonexistent"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_e2e_smoke_runs_every_tiny_method(tmp_path):
+    from benchmarks import e2e
+
+    assert e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e-cpu-smoke.json").read_text())
+    methods = {r["method"]: r for r in data["rows"]}
+    assert set(methods) == set(e2e.METHODS["tiny"])
+    for name, row in methods.items():
+        assert "error" not in row, (name, row.get("error"))
+        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0
+    assert methods["frozen_base"]["trainable"] == 0 and methods["moka"]["trainable"] > 0
+    assert "| tiny |" in (tmp_path / "e2e-cpu-smoke.md").read_text()

@@ -1,0 +1,251 @@
+"""End-to-end training-step benchmarks: MoKA against PEFT QLoRA/LoRA/LoKr and the frozen base.
+
+Each method runs in its own process (so peak RSS / peak CUDA memory is its own): a few AdamW steps on fixed
+random tokens, timing the median step after one warm-up step.
+
+    python -m benchmarks.e2e                        # tiny LLaMA (fp32) and SmolLM2-135M (NF4) on CPU
+    python -m benchmarks.e2e --models tiny --smoke  # seconds; CI
+    python -m benchmarks.e2e --models /path/to/llama --device cuda   # a real model on a GPU
+
+Methods: ``moka`` (ours; r = 5 automatic components on all 7 projections), ``lora_r16`` / ``lora_r32``
+(PEFT LoRA on the same base: QLoRA when the base is 4-bit), ``lokr`` (PEFT LoKr; it cannot run on a
+4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward still runs through
+every layer to the inputs, the floor any adapter pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "tiny": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr"],
+    "smollm2": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr_4bit", "lokr_bf16"],
+}
+
+
+def build_model(model: str, method: str, device: torch.device):
+    """(model, base description). Every method on one model key shares the same weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    four_bit = model != "tiny" and method != "lokr_bf16"
+    if model == "tiny":
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=8000,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(config).to(device), "tiny LLaMA, fp32 dense"
+    path = model
+    if model == "smollm2":
+        from moka.embedded import embedded_model_dir
+
+        path = str(embedded_model_dir())
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not four_bit:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device), "bf16 dense"
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    m = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=compute,
+        device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
+    )
+    for module in m.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return m, f"NF4 (double quant), {str(compute).removeprefix('torch.')} compute"
+
+
+def attach(model, method: str):
+    """Attach the method's adapter; returns the trainable parameters."""
+    if method == "frozen_base":
+        model.requires_grad_(False)
+        return []
+    if method == "moka":
+        from moka import MoKAConfig, apply_moka
+
+        apply_moka(model, MoKAConfig())
+    else:
+        from peft import LoKrConfig, LoraConfig, get_peft_model
+
+        if method.startswith("lora"):
+            rank = int(method.split("_r")[1])
+            config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+        else:  # PEFT LoKr with its default factorization, r = 8
+            config = LoKrConfig(r=8, target_modules=TARGETS)
+        model = get_peft_model(model, config)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def measure_one(model_key: str, method: str, steps: int, batch: int, seq: int, device: torch.device) -> dict:
+    model, base = build_model(model_key, method, device)
+    result = {"model": model_key, "method": method, "base": base, "batch": batch, "seq": seq}
+    try:
+        attached = attach(model, method)
+    except Exception as err:  # e.g. PEFT LoKr on a 4-bit base
+        return {**result, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    model, params = (model, attached) if method == "frozen_base" else attached
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+    times, losses = [], []
+    try:
+        for _ in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if optimizer is None:  # no adapter: still backpropagate through every layer to the inputs
+                embeds = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+                loss.backward()
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            losses.append(loss.item())
+    except Exception as err:
+        return {**result, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    step = statistics.median(times[1:])
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        **result,
+        "trainable": sum(p.numel() for p in params),
+        "step_seconds": step,
+        "tokens_per_second": batch * seq / step,
+        "peak_memory_mb": peak / 2**20,
+        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def _child(args) -> int:
+    device = torch.device(args.device)
+    row = measure_one(args.one_model, args.one, args.steps, args.batch, args.seq, device)
+    print("E2E_RESULT " + json.dumps(row), flush=True)
+    return 0
+
+
+def render(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    lines = [
+        f"# End-to-end training steps: {path.stem}",
+        "",
+        "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
+        "",
+    ]
+    lines += [
+        "| model | base | method | trainable | step (s) | tokens/s | peak memory (MB) | loss first→last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['base']} | {r['method']} | – | fails: {r['error']} | – | – | – |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['base']} | {r['method']} | {r['trainable']:,} | {r['step_seconds']:.3f} | "
+            f"{r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |"
+        )
+    md = path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="end-to-end training-step benchmarks")
+    parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2, or model dirs (comma-separated)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--smoke", action="store_true", help="tiny model only, 1 step, short sequences")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        return _child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.e2e: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.smoke:
+        args.models, args.steps, args.seq = "tiny", 1, 16
+    from .run import conditions
+
+    conds = conditions(torch.device(args.device), torch.float32, 0.0)
+    conds.pop("timer")
+    conds.update(batch=args.batch, seq=args.seq, steps=args.steps, timer="median step after one warm-up step")
+    rows = []
+    for model_key in args.models.split(","):
+        for method in METHODS.get(model_key, METHODS["smollm2"]):
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.e2e",
+                "--one",
+                method,
+                "--one-model",
+                model_key,
+                "--device",
+                args.device,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ]
+            env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
+            row = (
+                json.loads(found[-1][len("E2E_RESULT ") :])
+                if found
+                else {
+                    "model": model_key,
+                    "method": method,
+                    "base": "?",
+                    "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
+                }
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"e2e-{args.device}{'-smoke' if args.smoke else ''}.json"
+    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+    print(f"wrote {path} and {render(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
