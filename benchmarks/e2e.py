@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="end-to-end training-step benchmarks")
     parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2, or model dirs (comma-separated)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    parser.add_argument("--steps", type=int, help="measured steps after one warm-up step (default: 10 tiny, 3 else)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--smoke", action="store_true", help="tiny model only, 1 step, short sequences")
@@ -204,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
     conds = conditions(torch.device(args.device), torch.float32, 0.0)
     conds.pop("timer")
-    conds.update(batch=args.batch, seq=args.seq, steps=args.steps, timer="median step after one warm-up step")
+    conds.update(batch=args.batch, seq=args.seq, timer="median step after one warm-up step")
     rows = []
     for model_key in args.models.split(","):
         for method in METHODS.get(model_key, METHODS["smollm2"]):
+            steps = args.steps or (10 if model_key == "tiny" else 3)
             cmd = [
                 sys.executable,
                 "-m",
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--device",
                 args.device,
                 "--steps",
-                str(args.steps),
+                str(steps),
                 "--batch",
                 str(args.batch),
                 "--seq",
@@ -238,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
                     "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
                 }
             )
+            row["steps"] = steps
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"e2e-{args.device}{'-smoke' if args.smoke else ''}.json"
+    if path.exists():  # keep the rows of models not re-run now; conditions are per row's run
+        rerun = {r["model"] for r in rows}
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in rerun]
+        rows = kept + rows
     path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
     print(f"wrote {path} and {render(path)}")
     return 0

@@ -76,10 +76,14 @@ def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
         labels = list(dict.fromkeys(label(r) for r in layer_rows))
         cell = {(label(r), r["tokens"]): r for r in layer_rows}
         out.append(f"\n**{n}×{k}, {mode}** (ms; ratio to `dense_linear[dense]`{'; % of roofline' if gpu else ''})\n")
-        out.append("| provider | trainable | saved for bwd (KB) | " + " | ".join(f"T={t}" for t in tokens) + " |")
+        out.append(
+            f"| provider | trainable | saved for bwd at T={tokens[-1]} (KB) | "
+            + " | ".join(f"T={t}" for t in tokens)
+            + " |"
+        )
         out.append("|---|---|---|" + "---|" * len(tokens))
         for lab in labels:
-            first = next(r for r in layer_rows if label(r) == lab)
+            first = max((r for r in layer_rows if label(r) == lab), key=lambda r: r["tokens"])
             cells = []
             for t in tokens:
                 r = cell.get((lab, t))
@@ -136,6 +140,7 @@ def _plots(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys((r["n_out"], r["k_in"]) for r in rows))
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors)  # > 10 providers: distinct colours
     for mode in ("fwd", "fwd+bwd"):
         fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 7.5), squeeze=False)
         for col, (n, k) in enumerate(layers):
