@@ -82,8 +82,17 @@ def _left(m: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
 
 
 def kron_component(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(A ⊗ B) x for every row of ``x2d`` (T, a2·b2) -> (T, a1·b1), without forming A ⊗ B."""
-    out = x2d.new_zeros(x2d.shape[0], a.shape[0] * b.shape[0])
+    """(A ⊗ B) x for every row of ``x2d`` (T, a2·b2) -> (T, a1·b1), without forming A ⊗ B.
+
+    Differentiable by autograd when its inputs require grad (out-of-place ops then; in-place otherwise).
+    """
+    num_tokens = x2d.shape[0]
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    if torch.is_grad_enabled() and (x2d.requires_grad or a.requires_grad or b.requires_grad):
+        x3 = x2d.reshape(num_tokens, a2, b2)
+        y3 = _left(a, x3 @ b.T) if contraction_order(a.shape, b.shape) == "b_first" else _left(a, x3) @ b.T
+        return y3.reshape(num_tokens, a1 * b1)
+    out = x2d.new_zeros(num_tokens, a1 * b1)
     _accumulate_kron(out, x2d, a, b)
     return out
 

@@ -187,3 +187,12 @@ def test_gradcheck_gate_only_with_frozen_factors():
     frozen_b = [b.detach() for b in b_f]
     assert torch.autograd.gradcheck(lambda x, g: moka_linear(x, weight, frozen_a, frozen_b, g, None, 0.9), (x, g))
     assert torch.autograd.gradcheck(lambda g: moka_linear(x.detach(), weight, frozen_a, frozen_b, g), (g,))
+
+
+def test_kron_component_is_differentiable_when_asked():
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kron_component, (x, a, b))
+    with torch.no_grad():
+        torch.testing.assert_close(kron_component(x, a, b), x @ torch.kron(a, b).T)
