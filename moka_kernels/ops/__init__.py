@@ -22,7 +22,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this: kernel outputs then start as NaN instead of uninitialized, so an unwritten tile fails.
 POISON_OUTPUTS = False
 
-__all__ = ["INTERPRET", "POISON_OUTPUTS", "TRITON_AVAILABLE", "new_output"]
+__all__ = ["INTERPRET", "POISON_OUTPUTS", "TRITON_AVAILABLE", "dot_in_fp32", "new_output"]
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether kernels take their ``DOT_FP32`` branch: an IEEE fp32 ``tl.dot`` for fp32 inputs (torch's
+    default precision, not TF32) and, under the interpreter, for half types (its bf16 dot is wrong)."""
+    return dtype == torch.float32 or (INTERPRET and dtype in (torch.bfloat16, torch.float16))
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -110,6 +110,12 @@ def variants() -> list[Variant]:
             ptrs = {"l_ptr": f"*{dtype}", "s_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "ws_ptr": "*fp32"}
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
             out.append(Variant("_kron_token_reduce_kernel", ptrs, flags, 4, 3))
+    # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
+    for kernel in ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel", "_kron_sandwich_kernel", "_kron_token_reduce_kernel"):
+        first = next(v for v in out if v.kernel == kernel)
+        pointers = {k: ("*fp32" if t in ("*bf16", "*fp16") else t) for k, t in first.pointer_types.items()}
+        constexprs = dict(first.constexprs, DOT_FP32=True)
+        out.append(Variant(kernel, pointers, constexprs, first.num_warps, first.num_stages))
     return out
 
 

@@ -22,7 +22,10 @@ S_1[p-tile, j-block]. The per-token intermediate (as large as x per component) n
 .. math::  \mathrm{out} = \sum_t (L_t \, S) \, R_t
 
 * dA_raw = M = Σ_t (G_t B) X_tᵀ: L_t = G_t, S = B, R_t = X_tᵀ;
-* dB_raw = R = Σ_t (G_tᵀ A) X_t: L_t = G_tᵀ, S = A, R_t = X_t.
+* dB_raw = R = Σ_t (G_tᵀ A) X_t: L_t = G_tᵀ, S = A, R_t = X_t;
+
+each grouped so that its intermediate is the component's small one; the other grouping is the transposed
+reduction (e.g. Mᵀ = Σ_t (X_t Bᵀ) G_tᵀ when X Bᵀ is the small intermediate).
 
 The token axis is split across programs (``splits``), each writing an fp32 partial sum that is reduced
 afterwards; no atomics, so results are deterministic. Then dA = c·M, dB = c·R, dα = s⟨A, M⟩ = s⟨B, R⟩.
@@ -39,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..reference import contraction_order
-from . import INTERPRET, new_output
+from . import INTERPRET, dot_in_fp32, new_output
 
 __all__ = ["kron_factor_grads", "kron_mixture_backward_dx", "kron_mixture_forward", "sandwich", "token_reduce"]
 
@@ -66,7 +69,7 @@ def _kron_sandwich_kernel(
     stride_op,
     stride_oq,
     ACCUMULATE: tl.constexpr,  # out += c·Y instead of out = c·Y
-    DOT_FP32: tl.constexpr,  # upcast operands: the interpreter's bf16 tl.dot is wrong
+    DOT_FP32: tl.constexpr,  # IEEE fp32 dot: fp32 inputs, or half inputs under the interpreter
     BLOCK_P: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -93,7 +96,7 @@ def _kron_sandwich_kernel(
                 other=0.0,
             )
             if DOT_FP32:
-                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32))
+                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32), input_precision="ieee")
             else:
                 inner += tl.dot(m_tile, s2_tile)
         s1_tile = tl.load(
@@ -103,7 +106,7 @@ def _kron_sandwich_kernel(
         )
         inner = inner.to(s1_tile.dtype)  # the reference rounds its intermediate to the input dtype too
         if DOT_FP32:
-            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32))
+            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(s1_tile, inner)
     acc = acc * tl.load(coeff_ptr)
@@ -169,7 +172,7 @@ def _kron_token_reduce_kernel(
                     other=0.0,
                 )
                 if DOT_FP32:
-                    lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32))
+                    lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32), input_precision="ieee")
                 else:
                     lhs += tl.dot(l_tile, s_tile)
             r_tile = tl.load(
@@ -179,7 +182,7 @@ def _kron_token_reduce_kernel(
             )
             lhs = lhs.to(r_tile.dtype)
             if DOT_FP32:
-                acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32))
+                acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(lhs, r_tile)
     tl.store(
@@ -192,10 +195,6 @@ def _kron_token_reduce_kernel(
 def block_for(dim: int, cap: int = 64) -> int:
     """Tile size for one factor dimension: a power of two in [16, cap] (tl.dot needs >= 16 on GPUs)."""
     return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype in (torch.bfloat16, torch.float16)
 
 
 class _View:
@@ -248,7 +247,7 @@ def sandwich(m: _View, s1: _View, s2: _View, out: _View, coeff: torch.Tensor, ac
         out.stride_r,
         out.stride_c,
         ACCUMULATE=accumulate,
-        DOT_FP32=_dot_fp32(m.tensor.dtype),
+        DOT_FP32=dot_in_fp32(m.tensor.dtype),
         BLOCK_P=bp,
         BLOCK_J=bj,
         BLOCK_L=bl,
@@ -297,7 +296,7 @@ def token_reduce(left: _View, shared: _View, right: _View, num_tokens: int) -> t
         workspace.stride(0),
         workspace.stride(1),
         workspace.stride(2),
-        DOT_FP32=_dot_fp32(left.tensor.dtype),
+        DOT_FP32=dot_in_fp32(left.tensor.dtype),
         BLOCK_M=bm,
         BLOCK_K=bk,
         BLOCK_J=bj,
@@ -346,11 +345,25 @@ def kron_mixture_backward_dx(
 def kron_factor_grads(
     grad_out: torch.Tensor, xa: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_m: bool, need_r: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(M, R) = (Σ_t G_t B X_tᵀ, Σ_t G_tᵀ A X_t) in fp32, each only if asked for."""
+    """(M, R) = (Σ_t G_t B X_tᵀ, Σ_t G_tᵀ A X_t) in fp32, each only if asked for.
+
+    Each product is grouped so that its per-token intermediate is the component's small one (a1×b2 for
+    ``a_first``, a2×b1 for ``b_first``): the other grouping is written as the transposed reduction.
+    """
     num_tokens = grad_out.shape[0]
     (a1, a2), (b1, b2) = a.shape, b.shape
     g_t = _per_token(grad_out, a1, b1)
     x_t = _per_token(xa, a2, b2)
-    m_raw = token_reduce(g_t, _mat(b), x_t.t(), num_tokens) if need_m else None
-    r_raw = token_reduce(g_t.t(), _mat(a), x_t, num_tokens) if need_r else None
+    a_first = contraction_order(a.shape, b.shape) == "a_first"
+    m_raw = r_raw = None
+    if need_m:
+        if a_first:  # Σ (G_t B) X_tᵀ: intermediate G_t B is a1×b2
+            m_raw = token_reduce(g_t, _mat(b), x_t.t(), num_tokens)
+        else:  # Mᵀ = Σ (X_t Bᵀ) G_tᵀ: intermediate X_t Bᵀ is a2×b1
+            m_raw = token_reduce(x_t, _mat(b).t(), g_t.t(), num_tokens).T
+    if need_r:
+        if a_first:  # Rᵀ = Σ (X_tᵀ Aᵀ) G_t: intermediate X_tᵀ Aᵀ is b2×a1
+            r_raw = token_reduce(x_t.t(), _mat(a).t(), g_t, num_tokens).T
+        else:  # Σ (G_tᵀ A) X_t: intermediate G_tᵀ A is b1×a2
+            r_raw = token_reduce(g_t.t(), _mat(a), x_t, num_tokens)
     return m_raw, r_raw

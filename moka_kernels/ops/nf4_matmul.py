@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
-from . import INTERPRET, new_output
+from . import INTERPRET, dot_in_fp32, new_output
 
 __all__ = ["NF4_MATMUL_CONFIGS", "NF4_MATMUL_T_CONFIGS", "nf4_matmul", "nf4_matmul_t", "supports"]
 
@@ -160,7 +160,7 @@ def _nf4_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # upcast operands: the interpreter's bf16 tl.dot is wrong
+    DOT_FP32: tl.constexpr,  # IEEE fp32 dot: fp32 inputs, or half inputs under the interpreter
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -195,7 +195,7 @@ def _nf4_matmul_kernel(
         ).to(x.dtype)  # (BLOCK_N, BLOCK_K), rounded as dequantize_nf4 rounds
         w = tl.trans(w)
         if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, w)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -269,7 +269,7 @@ def _nf4_matmul_t_kernel(
             DOUBLE_QUANT,
         ).to(dy.dtype)  # (BLOCK_N, BLOCK_K) tile of W
         if DOT_FP32:
-            acc += tl.dot(dy.to(tl.float32), w.to(tl.float32))
+            acc += tl.dot(dy.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(dy, w)
     out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
@@ -303,10 +303,6 @@ def _nf4_args(w: NF4Tensor) -> tuple:
 def supports(w: NF4Tensor) -> bool:
     """Whether the NF4 kernels take this weight: K a multiple of the blocksize."""
     return w.shape[1] % w.blocksize == 0
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype in (torch.bfloat16, torch.float16)
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) -> int:
@@ -361,7 +357,7 @@ def nf4_matmul(
         HAS_BIAS=bias is not None,
         DOUBLE_QUANT=w.double_quant,
         SPLIT_K=split_k,
-        DOT_FP32=_dot_fp32(x.dtype),
+        DOT_FP32=dot_in_fp32(x.dtype),
     )
     if split_k > 1:
         out.copy_(target)
@@ -400,7 +396,7 @@ def nf4_matmul_t(
         BLOCKSIZE=w.blocksize,
         HAS_ADD=add is not None,
         DOUBLE_QUANT=w.double_quant,
-        DOT_FP32=_dot_fp32(dy.dtype),
+        DOT_FP32=dot_in_fp32(dy.dtype),
     )
     return out
 
