@@ -196,3 +196,18 @@ def test_4bit_base_through_bitsandbytes_config(tmp_path):
         if hasattr(m, "support_avx512bf16_for_cpu")
     )
     assert isinstance(next(iter(moka_layers(model).values())), MoKALinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_base_patches_exactly_and_trains(dtype):
+    model = tiny_llama().to(dtype)
+    reference = model(IDS).logits
+    apply_moka(model)
+    assert torch.equal(model(IDS).logits, reference)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 adapters
+    model.train()
+    randomize_adapters(model)
+    model(IDS, labels=IDS).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(torch.count_nonzero(g) for g in grads)
