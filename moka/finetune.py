@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import Trainer, TrainerCallback
 
 from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
@@ -176,13 +177,7 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype):
 
 
 # -- trainer ------------------------------------------------------------------------------------------
-def _trainer_base():
-    from transformers import Trainer
-
-    return Trainer
-
-
-class MoKATrainer(_trainer_base()):
+class MoKATrainer(Trainer):
     """``Trainer`` whose checkpoints hold only the adapters (safetensors + JSON, via save_adapter)."""
 
     def __init__(self, *args, model=None, **kwargs):
@@ -211,22 +206,19 @@ class MoKATrainer(_trainer_base()):
         load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
 
 
-def _loss_recorder():
-    from transformers import TrainerCallback
+class LossRecorder(TrainerCallback):
+    """Collects (step, loss) pairs from the Trainer's logs for the loss-curve plot."""
 
-    class LossRecorder(TrainerCallback):
-        def __init__(self):
-            self.train: list[tuple[int, float]] = []
-            self.eval: list[tuple[int, float]] = []
+    def __init__(self):
+        self.train: list[tuple[int, float]] = []
+        self.eval: list[tuple[int, float]] = []
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" in logs:
-                self.train.append((state.global_step, float(logs["loss"])))
-            if "eval_loss" in logs:
-                self.eval.append((state.global_step, float(logs["eval_loss"])))
-
-    return LossRecorder()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.eval.append((state.global_step, float(logs["eval_loss"])))
 
 
 def plot_losses(recorder, path: Path, title: str) -> None:
@@ -342,7 +334,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
-    recorder = _loss_recorder()
+    recorder = LossRecorder()
     trainer = MoKATrainer(
         model=model,
         args=training_args,
