@@ -397,6 +397,7 @@ def run_one(spec: RunSpec, model_path: str, data: TaskData, budget: Budget, devi
         "lr": spec.lr,
         "budget_id": budget.fingerprint(),
         "trainable": sum(p.numel() for p in params),
+        "torch_threads": torch.get_num_threads(),
     }
     if spec.method != "base":
         record.update(train(model, params, data, budget, spec.lr, spec.seed, device))
