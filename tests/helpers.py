@@ -73,3 +73,25 @@ def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
             ):
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def word_level_tokenizer(words: list[str]):
+    """(tokenizer, vocab size): a whitespace word-level fast tokenizer with a tiny chat template, built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
+    vocab = specials + [w for w in dict.fromkeys(words) if w not in specials]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast, len(vocab)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_llama, word_level_tokenizer
 from safetensors.torch import load_file
 
 from moka.finetune import main, parse_args, run
@@ -19,25 +19,10 @@ from moka.finetune import main, parse_args, run
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(40)]
 CODES = ["zorp", "blick", "quenn", "tavo"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "code", "for", "the", "a", "b", "c"]
-    vocab += WORDS + CODES
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast, len(vocab)
+    return word_level_tokenizer(["code", "for", "the", "a", "b", "c", *WORDS, *CODES])
 
 
 @pytest.fixture(scope="module")

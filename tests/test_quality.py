@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import tiny_llama
+from helpers import tiny_llama, word_level_tokenizer
 
 from benchmarks import quality
 from benchmarks import quality_data as qd
@@ -225,23 +225,6 @@ def test_plan_grid_then_best_lr_then_fallback():
     assert rows["qlora_r16"]["metrics"]["test_ppl"]["rank"] == 1  # 40.5 is the lowest perplexity
 
 
-def _tokenizer(extra_words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", *sorted(set(extra_words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}"
-    )
-    return fast, len(vocab)
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
@@ -265,7 +248,7 @@ def sample(tmp_path_factory):
         "or",
         "phrase",
     ]
-    tokenizer, vocab = _tokenizer(words)
+    tokenizer, vocab = word_level_tokenizer(sorted(set(words)))
     model_dir = root / "model"
     tiny_llama(vocab=vocab, layers=2).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
