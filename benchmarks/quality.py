@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str | None, str]] = {
 }
 LR_GRID = {"moka": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3)}
 GRID_METHOD = {"moka": "moka", "lora": "qlora_r16"}
+MAX_GRID_EXTENSIONS = 2  # a best value on the grid's upper edge extends it by a half decade, at most twice
 # The metric that picks a learning rate (validation split; lower is better).
 SELECT_METRIC = {"bible": "valid_ppl", "wordnet": "valid_loss"}
 # (key, label, higher is better) of each test metric shown in the table.
@@ -336,20 +337,38 @@ def record_key(record: dict) -> tuple:
     return (record["task"], record["method"], record["seed"], record["lr"], record["budget_id"])
 
 
-def best_lr(records: list[dict], task: str, family: str, budget: Budget) -> float | None:
-    """The grid value with the lowest validation metric; None until the whole grid has run."""
-    grid = {
+def _next_half_decade(lr: float) -> float:
+    """1e-3 → 3e-3 → 1e-2: the grid's spacing, continued upward."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    return float(f"{lr * (3 if mantissa < 2 else 10 / 3):.1g}")
+
+
+def lr_grid(records: list[dict], task: str, family: str, budget: Budget) -> tuple[list[float], float | None]:
+    """(grid, best value): the family's grid on ``task``, extended upward (at most MAX_GRID_EXTENSIONS values)
+    while its best is its largest value, and the value with the lowest validation metric (None until the
+    whole grid has run; the smallest value if every run diverged)."""
+    runs = {
         r["lr"]: r
         for r in records
         if r["budget_id"] == budget.fingerprint() and r["task"] == task and r["method"] == GRID_METHOD[family]
         if r["seed"] == 0
     }
-    if any(lr not in grid for lr in LR_GRID[family]):
-        return None
-    ok = [r for r in grid.values() if not r["diverged"] and math.isfinite(r[SELECT_METRIC[task]])]
-    if not ok:
-        return min(LR_GRID[family])
-    return min(ok, key=lambda r: r[SELECT_METRIC[task]])["lr"]
+    grid = list(LR_GRID[family])
+    while True:
+        if any(lr not in runs for lr in grid):
+            return grid, None
+        ok = [runs[lr] for lr in grid if not runs[lr]["diverged"] and math.isfinite(runs[lr][SELECT_METRIC[task]])]
+        if not ok:
+            return grid, min(grid)
+        best = min(ok, key=lambda r: r[SELECT_METRIC[task]])["lr"]
+        if best != grid[-1] or len(grid) >= len(LR_GRID[family]) + MAX_GRID_EXTENSIONS:
+            return grid, best
+        grid.append(_next_half_decade(grid[-1]))
+
+
+def best_lr(records: list[dict], task: str, family: str, budget: Budget) -> float | None:
+    """The family's chosen learning rate on ``task`` (see :func:`lr_grid`)."""
+    return lr_grid(records, task, family, budget)[1]
 
 
 def next_run(records: list[dict], tasks, methods, seeds, budget: Budget) -> RunSpec | None:
@@ -365,7 +384,7 @@ def next_run(records: list[dict], tasks, methods, seeds, budget: Budget) -> RunS
             return spec
     for family, method in GRID_METHOD.items():
         for task in tasks:
-            for lr in LR_GRID[family]:
+            for lr in lr_grid(records, task, family, budget)[0]:
                 if method in methods and pending(spec := RunSpec(task, method, 0, lr)):
                     return spec
     for seed in seeds:
@@ -377,7 +396,7 @@ def next_run(records: list[dict], tasks, methods, seeds, budget: Budget) -> RunS
                 lr = best_lr(records, task, family, budget)
                 if lr is None:
                     continue  # its family's grid was not asked for
-                lower = [v for v in sorted(LR_GRID[family], reverse=True) if v <= lr]
+                lower = [v for v in sorted(lr_grid(records, task, family, budget)[0], reverse=True) if v <= lr]
                 for candidate in lower:  # fall back down the grid while runs diverge
                     spec = RunSpec(task, method, seed, candidate)
                     if pending(spec):

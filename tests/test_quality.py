@@ -268,16 +268,20 @@ def test_smoke_run_records_every_run_and_resumes(sample, tmp_path, capsys):
     keys = [quality.record_key(r) for r in records]
     assert len(keys) == len(set(keys))
     trained = [m for m, (family, _) in quality.METHODS.items() if family is not None]
-    # 2 base evals, 2 grids of 3 per task, then every trained method on 2 seeds (grid runs reused on seed 0);
+    budget = quality.SMOKE_BUDGET
+    grids = {(t, f): quality.lr_grid(records, t, f, budget)[0] for t in quality.TASKS for f in quality.LR_GRID}
+    assert all(len(g) >= 3 for g in grids.values())
+    # base evals, the grids (seed 0), then every trained method on 2 seeds (grid runs reused on seed 0);
     # 4 smoke steps are noisy, so a run may count as diverged and add one at the next lower LR
-    grid = {("moka", 0), ("qlora_r16", 0)}
+    grid_runs = {("moka", 0), ("qlora_r16", 0)}
     fallbacks = sum(
-        r["diverged"] and (r["method"], r["seed"]) not in grid and r["lr"] > min(quality.LR_GRID[family])
+        r["diverged"] and (r["method"], r["seed"]) not in grid_runs and r["lr"] > min(grids[r["task"], family])
         for r in records
         if (family := quality.METHODS[r["method"]][0])
     )
-    assert len(records) == 2 + 2 * 2 * 3 + 2 * (2 * len(trained) - 2) + fallbacks
-    chosen = {(r["task"], r["method"], r["seed"]) for r in chosen_runs(records, quality.SMOKE_BUDGET)}
+    expected = 2 + sum(len(g) for g in grids.values()) + 2 * (2 * len(trained) - 2) + fallbacks
+    assert len(records) == expected
+    chosen = {(r["task"], r["method"], r["seed"]) for r in chosen_runs(records, budget)}
     assert chosen == {(t, m, s) for t in quality.TASKS for m in trained for s in (0, 1)} | {
         (t, "base", 0) for t in quality.TASKS
     }
@@ -314,3 +318,28 @@ def test_cli_errors(sample, tmp_path, capsys):
     assert quality.main([*base, "--wordnet-dir", str(tmp_path), "--tasks", "wordnet"]) == 2
     assert "wordnet-base" in capsys.readouterr().err
     assert not (tmp_path / "o" / "runs.jsonl").exists()
+
+
+def test_grid_extends_upward_while_its_edge_wins():
+    budget, tasks, methods = quality.SMOKE_BUDGET, ["wordnet"], ["qlora_r16", "qlora_r4"]
+    records = [_record("wordnet", "qlora_r16", 0, lr, metric) for lr, metric in ((1e-4, 3.0), (3e-4, 2.9), (1e-3, 2.8))]
+
+    def step():
+        spec = quality.next_run(records, tasks, methods, [0], budget)
+        return spec and (spec.method, spec.lr)
+
+    assert quality.best_lr(records, "wordnet", "lora", budget) is None  # its edge won: the grid is not done
+    assert step() == ("qlora_r16", 3e-3)
+    records.append(_record("wordnet", "qlora_r16", 0, 3e-3, 2.7))
+    assert step() == ("qlora_r16", 1e-2)
+    records.append(_record("wordnet", "qlora_r16", 0, 1e-2, 2.6))
+    # at most MAX_GRID_EXTENSIONS values are added, even though the edge still wins
+    grid, best = quality.lr_grid(records, "wordnet", "lora", budget)
+    assert grid == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2] and best == 1e-2
+    assert step() == ("qlora_r4", 1e-2)
+    records.append(_record("wordnet", "qlora_r4", 0, 1e-2, float("nan"), diverged=True))
+    assert step() == ("qlora_r4", 3e-3)  # diverged: one step down the extended grid
+    records.append(_record("wordnet", "qlora_r4", 0, 3e-3, 2.9))
+    assert step() is None
+    records[-3]["valid_loss"] = 2.75  # 1e-2 no longer best: 3e-3 is, inside the grid
+    assert quality.lr_grid(records, "wordnet", "lora", budget)[1] == 3e-3
