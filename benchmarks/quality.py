@@ -48,7 +48,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 TASKS = ("bible", "wordnet")
 # method → (family whose learning rate it uses, description)
 METHODS: dict[str, tuple[str | None, str]] = {
-    "base": (None, "base model, no fine-tuning"),
+    "base": (None, "base model (NF4), no fine-tuning"),
+    "base_bf16": (None, "base model in bf16 (LoKr's base), no fine-tuning"),
     "moka": ("moka", "MoKA, r=5 automatic shapes"),
     "moka_s": ("moka", "MoKA_s (A_i = I), r=5"),
     "moka_nogate": ("moka", "MoKA, gate off (α_i = 1/r)"),
@@ -245,13 +246,13 @@ def build(model_path: str, method: str, budget: Budget, seed: int, device: torch
     """(model, trainable parameters) with the method's adapter attached; the adapter init uses ``seed``."""
     from moka.finetune import load_model
 
-    four_bit = method != "lokr_bf16"
+    four_bit = method not in ("lokr_bf16", "base_bf16")
     model, _ = load_model(model_path, load_in_4bit=four_bit, dtype=torch.bfloat16)
     model.to(device)
     model.requires_grad_(False)
     targets = target_regex(model.config.num_hidden_layers, budget.layer_fraction)
     torch.manual_seed(seed)
-    if method == "base":
+    if METHODS[method][0] is None:  # an untuned base
         return model, []
     if method.startswith("moka"):
         from moka import MoKAConfig, apply_moka
@@ -380,8 +381,9 @@ def next_run(records: list[dict], tasks, methods, seeds, budget: Budget) -> RunS
         return spec.key(budget) not in done
 
     for task in tasks:
-        if "base" in methods and pending(spec := RunSpec(task, "base", 0, None)):
-            return spec
+        for method in methods:
+            if METHODS[method][0] is None and pending(spec := RunSpec(task, method, 0, None)):
+                return spec
     for family, method in GRID_METHOD.items():
         for task in tasks:
             for lr in lr_grid(records, task, family, budget)[0]:
@@ -418,7 +420,7 @@ def run_one(spec: RunSpec, model_path: str, data: TaskData, budget: Budget, devi
         "trainable": sum(p.numel() for p in params),
         "torch_threads": torch.get_num_threads(),
     }
-    if spec.method != "base":
+    if METHODS[spec.method][0] is not None:
         record.update(train(model, params, data, budget, spec.lr, spec.seed, device))
     else:
         record["diverged"] = False

@@ -105,7 +105,7 @@ def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: 
         step = f"{statistics.mean(bible_step):.2f}" if bible_step else "–"
         lrs = " / ".join(",".join(f"{v:g}" for v in r["lr"][t]) or "–" for t in TASKS)
         seeds = max((m["seeds"] for m in r["metrics"].values()), default=0)
-        name = r["method"] if r["method"] == "base" else f"{r['method']} (n={seeds})"
+        name = r["method"] if r["method"].startswith("base") else f"{r['method']} (n={seeds})"
         lines.append(f"| {name} | {r['trainable']:,} | " + " | ".join(cells) + f" | {avg} | {step} | {lrs} |")
     lines += [
         "",
@@ -146,8 +146,10 @@ def plot(rows: list[dict], path: Path) -> None:
             if m is None:
                 continue
             scale = 100 if key.endswith("acc") else 1
-            if r["method"] == "base":
-                ax.axhline(m["mean"] * scale, color="gray", linestyle="--", label="base (no fine-tuning)")
+            if r["method"].startswith("base"):
+                bf16 = r["method"] == "base_bf16"
+                label = "base, bf16 (no fine-tuning)" if bf16 else "base, NF4 (no fine-tuning)"
+                ax.axhline(m["mean"] * scale, color="gray", linestyle=":" if bf16 else "--", label=label)
                 continue
             marker = "o" if r["method"].startswith("moka") else ("s" if r["method"].startswith("qlora") else "^")
             ax.errorbar(

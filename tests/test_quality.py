@@ -271,7 +271,7 @@ def test_smoke_run_records_every_run_and_resumes(sample, tmp_path, capsys):
     budget = quality.SMOKE_BUDGET
     grids = {(t, f): quality.lr_grid(records, t, f, budget)[0] for t in quality.TASKS for f in quality.LR_GRID}
     assert all(len(g) >= 3 for g in grids.values())
-    # base evals, the grids (seed 0), then every trained method on 2 seeds (grid runs reused on seed 0);
+    # base evals (NF4 and bf16), the grids (seed 0), then every trained method on 2 seeds (grid runs reused on seed 0);
     # 4 smoke steps are noisy, so a run may count as diverged and add one at the next lower LR
     grid_runs = {("moka", 0), ("qlora_r16", 0)}
     fallbacks = sum(
@@ -279,18 +279,20 @@ def test_smoke_run_records_every_run_and_resumes(sample, tmp_path, capsys):
         for r in records
         if (family := quality.METHODS[r["method"]][0])
     )
-    expected = 2 + sum(len(g) for g in grids.values()) + 2 * (2 * len(trained) - 2) + fallbacks
+    expected = 4 + sum(len(g) for g in grids.values()) + 2 * (2 * len(trained) - 2) + fallbacks
     assert len(records) == expected
     chosen = {(r["task"], r["method"], r["seed"]) for r in chosen_runs(records, budget)}
     assert chosen == {(t, m, s) for t in quality.TASKS for m in trained for s in (0, 1)} | {
-        (t, "base", 0) for t in quality.TASKS
+        (t, base, 0) for t in quality.TASKS for base in ("base", "base_bf16")
     }
     for r in records:
-        assert r["trainable"] > 0 or r["method"] == "base"
+        assert r["trainable"] > 0 or r["method"].startswith("base")
         if r["task"] == "wordnet":
             assert 0.0 <= r["mc_acc"] <= 1.0 and r["test_loss"] > 0
         else:
             assert r["test_ppl"] > 1.0
+    bases = {r["method"]: r["test_loss"] for r in records if r["task"] == "bible" and r["method"].startswith("base")}
+    assert bases["base"] != bases["base_bf16"]  # the NF4 base really is quantized
     params = {r["method"]: r["trainable"] for r in records}
     assert params["moka_nogate"] < params["moka"]  # no gate logits
     assert params["qlora_r4"] < params["qlora_r16"] < params["qlora_r32"]
