@@ -69,13 +69,15 @@ def summarize(records: list[dict], budget: Budget) -> list[dict]:
     return rows
 
 
-def _fmt(metric: dict | None, key: str) -> str:
+def _fmt(metric: dict | None, key: str, deterministic: bool = False) -> str:
     if metric is None:
         return "–"
     digits = 1 if key.endswith("acc") else (2 if key.endswith("ppl") else 3)
     scale = 100 if key.endswith("acc") else 1
     text = f"{metric['mean'] * scale:.{digits}f}"
-    return text + (f" ± {metric['std'] * scale:.{digits}f}" if metric["seeds"] > 1 else "")
+    if metric["seeds"] > 1:
+        return text + f" ± {metric['std'] * scale:.{digits}f}"
+    return text if deterministic else text + " (1 seed)"
 
 
 def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: dict | None) -> str:
@@ -95,7 +97,8 @@ def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: 
         "|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|",
     ]
     for r in rows:
-        cells = [_fmt(r["metrics"].get(key), key) for _, key, _, _ in TABLE_METRICS]
+        untuned = METHODS[r["method"]][0] is None
+        cells = [_fmt(r["metrics"].get(key), key, untuned) for _, key, _, _ in TABLE_METRICS]
         avg = f"{r['average_rank']:.2f}" if r["average_rank"] is not None else "–"
         bible_step = [
             x["seconds_per_step"]
@@ -104,13 +107,11 @@ def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: 
         ]
         step = f"{statistics.mean(bible_step):.2f}" if bible_step else "–"
         lrs = " / ".join(",".join(f"{v:g}" for v in r["lr"][t]) or "–" for t in TASKS)
-        seeds = max((m["seeds"] for m in r["metrics"].values()), default=0)
-        name = r["method"] if r["method"].startswith("base") else f"{r['method']} (n={seeds})"
-        lines.append(f"| {name} | {r['trainable']:,} | " + " | ".join(cells) + f" | {avg} | {step} | {lrs} |")
+        lines.append(f"| {r['method']} | {r['trainable']:,} | " + " | ".join(cells) + f" | {avg} | {step} | {lrs} |")
     lines += [
         "",
         (
-            "n: seeds; mean ± sample standard deviation over seeds (the base model is deterministic). "
+            "Mean ± sample standard deviation over seeds 0 and 1 (the untuned bases are deterministic). "
             "Average rank: over the three metrics, 1 = best. Multiple choice: 4 options, chance = 25%."
         ),
         "",
