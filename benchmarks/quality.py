@@ -57,7 +57,9 @@ METHODS: dict[str, tuple[str | None, str]] = {
     "qlora_r16": ("lora", "PEFT QLoRA r=16"),
     "qlora_r32": ("lora", "PEFT QLoRA r=32"),
     "lokr_bf16": ("moka", "PEFT LoKr (r=8, defaults), bf16 base"),
+    "moka_bf16": ("moka", "MoKA, r=5, on LoKr's bf16 base (like-for-like with lokr_bf16)"),
 }
+BF16_BASE = ("base_bf16", "lokr_bf16", "moka_bf16")  # PEFT LoKr cannot run on a 4-bit base
 LR_GRID = {"moka": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3)}
 GRID_METHOD = {"moka": "moka", "lora": "qlora_r16"}
 MAX_GRID_EXTENSIONS = 2  # a best value on the grid's upper edge extends it by a half decade, at most twice
@@ -246,7 +248,7 @@ def build(model_path: str, method: str, budget: Budget, seed: int, device: torch
     """(model, trainable parameters) with the method's adapter attached; the adapter init uses ``seed``."""
     from moka.finetune import load_model
 
-    four_bit = method not in ("lokr_bf16", "base_bf16")
+    four_bit = method not in BF16_BASE
     model, _ = load_model(model_path, load_in_4bit=four_bit, dtype=torch.bfloat16)
     model.to(device)
     model.requires_grad_(False)
