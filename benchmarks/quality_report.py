@@ -135,38 +135,70 @@ def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: 
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One panel per metric against trainable parameters (log scale). The y-range fits the tuned methods; an
+    untuned base outside it is written at the panel's edge instead of squashing the points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4))
-    for ax, (_, key, label, _) in zip(axes, TABLE_METRICS, strict=True):
-        for r in rows:
-            m = r["metrics"].get(key)
-            if m is None:
-                continue
-            scale = 100 if key.endswith("acc") else 1
-            if r["method"].startswith("base"):
-                bf16 = r["method"] == "base_bf16"
-                label = "base, bf16 (no fine-tuning)" if bf16 else "base, NF4 (no fine-tuning)"
-                ax.axhline(m["mean"] * scale, color="gray", linestyle=":" if bf16 else "--", label=label)
-                continue
+    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4.2))
+    offsets = [(5, 4), (5, -10), (-30, 8), (5, 12)]
+    for ax, (_, key, title, higher) in zip(axes, TABLE_METRICS, strict=True):
+        scale = 100 if key.endswith("acc") else 1
+        tuned = [r for r in rows if key in r["metrics"] and METHODS[r["method"]][0] is not None]
+        for i, r in enumerate(tuned):
+            m = r["metrics"][key]
             marker = "o" if r["method"].startswith("moka") else ("s" if r["method"].startswith("qlora") else "^")
-            ax.errorbar(
-                r["trainable"], m["mean"] * scale, yerr=m["std"] * scale, fmt=marker, capsize=3, label=r["method"]
-            )
-            ax.annotate(
-                r["method"], (r["trainable"], m["mean"] * scale), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            y = m["mean"] * scale
+            ax.errorbar(r["trainable"], y, yerr=m["std"] * scale, fmt=marker, capsize=3, label=r["method"])
+            ax.annotate(r["method"], (r["trainable"], y), fontsize=7, xytext=offsets[i % 4], textcoords="offset points")
+        if tuned:
+            values = [
+                (r["metrics"][key]["mean"] + sign * r["metrics"][key]["std"]) * scale for r in tuned for sign in (-1, 1)
+            ]
+            low, high = min(values), max(values)
+            pad = 0.25 * (high - low) or 0.05 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+        edge_notes = []
+        for r in rows:
+            if METHODS[r["method"]][0] is not None or key not in r["metrics"]:
+                continue
+            y = r["metrics"][key]["mean"] * scale
+            name = "base (bf16)" if r["method"] == "base_bf16" else "base (NF4)"
+            bottom, top = ax.get_ylim()
+            if bottom <= y <= top:
+                ax.axhline(y, color="gray", linestyle=":" if "bf16" in name else "--", linewidth=1)
+                ax.annotate(
+                    f"{name} {y:.3g}",
+                    (1.0, y),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    ha="right",
+                    va="bottom",
+                    color="gray",
+                )
+            else:
+                edge_notes.append(f"{name}: {y:.3g} ({'above' if y > top else 'below'} the panel)")
+        if edge_notes:
+            ax.text(
+                0.01,
+                0.02 if higher else 0.98,
+                "\n".join(edge_notes),
+                transform=ax.transAxes,
+                fontsize=7,
+                color="gray",
+                va="bottom" if higher else "top",
             )
         ax.set_xscale("log")
+        ax.margins(x=0.12)
         ax.set_xlabel("trainable parameters")
-        ax.set_title(label)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
