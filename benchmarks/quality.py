@@ -452,7 +452,7 @@ def render(out: Path, budget: Budget, docs: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="adapter quality: MoKA vs QLoRA vs LoKr on real data (issue 6)")
-    parser.add_argument("--model", default="embedded", help="model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--bible-file", type=Path, help="text in `bible -f` format (default: run `bible`)")
     parser.add_argument("--wordnet-dir", type=Path, help=f"WordNet database directory (default {qd.WORDNET_DIR})")
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -477,15 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         print(f"wrote {render(args.out, budget, args.docs)}")
         return 0
+    from moka.finetune import EMBEDDED, CLIError, resolve_model_path
+
     try:
-        model_path = _model_path(args.model)
+        model_path = resolve_model_path(args.model or EMBEDDED)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         data = {t: TaskData(t, tokenizer, budget, args.bible_file, args.wordnet_dir) for t in tasks}
-    except (qd.DataMissingError, FileNotFoundError, ValueError, OSError) as err:
+    except (CLIError, qd.DataMissingError, FileNotFoundError, ValueError, OSError) as err:
         print(f"benchmarks.quality: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -513,16 +515,6 @@ def _choice_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if bad or not items:
         raise ValueError(f"{flag}: expected a comma-separated subset of {', '.join(allowed)}, got {text!r}")
     return items
-
-
-def _model_path(model: str) -> str:
-    if model == "embedded":
-        from moka.embedded import embedded_model_dir
-
-        return str(embedded_model_dir())
-    if not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model: {model!r} is not a model directory (no config.json there)")
-    return model
 
 
 if __name__ == "__main__":

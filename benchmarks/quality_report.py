@@ -54,8 +54,10 @@ def summarize(records: list[dict], budget: Budget) -> list[dict]:
                 mean, std = _mean_std(values)
                 row["metrics"][key] = {"mean": mean, "std": std, "seeds": len(values)}
         row["lr"] = {t: sorted({r["lr"] for r in runs if r["task"] == t and r["lr"] is not None}) for t in TASKS}
-        steps = [r["seconds_per_step"] for r in runs if "seconds_per_step" in r]
-        row["seconds_per_step"] = statistics.mean(steps) if steps else None
+        row["seconds_per_step"] = {}
+        for task in TASKS:
+            steps = [r["seconds_per_step"] for r in runs if r["task"] == task and "seconds_per_step" in r]
+            row["seconds_per_step"][task] = statistics.mean(steps) if steps else None
         row["diverged_runs"] = sum(r["diverged"] for r in runs)
         rows.append(row)
     for _, key, _, higher in TABLE_METRICS:  # rank 1 = best among methods that have the metric
@@ -100,12 +102,8 @@ def markdown(rows: list[dict], records: list[dict], budget: Budget, conditions: 
         untuned = METHODS[r["method"]][0] is None
         cells = [_fmt(r["metrics"].get(key), key, untuned) for _, key, _, _ in TABLE_METRICS]
         avg = f"{r['average_rank']:.2f}" if r["average_rank"] is not None else "–"
-        bible_step = [
-            x["seconds_per_step"]
-            for x in chosen_runs(records, budget)
-            if x["method"] == r["method"] and x["task"] == "bible" and "seconds_per_step" in x
-        ]
-        step = f"{statistics.mean(bible_step):.2f}" if bible_step else "–"
+        bible_step = r["seconds_per_step"]["bible"]
+        step = f"{bible_step:.2f}" if bible_step is not None else "–"
         lrs = " / ".join(",".join(f"{v:g}" for v in r["lr"][t]) or "–" for t in TASKS)
         lines.append(f"| {r['method']} | {r['trainable']:,} | " + " | ".join(cells) + f" | {avg} | {step} | {lrs} |")
     lines += [
