@@ -1,4 +1,4 @@
-"""The public functional op: validate once, pick a backend, call the ``moka::linear`` custom op.
+"""The public functional op: validate once, pick a backend, run it (``moka::linear`` when traced).
 
 Backends: ``triton`` (the fused kernels in :mod:`moka_kernels.ops`, CUDA tensors) and ``torch`` (the
 reshape form in :mod:`moka_kernels.reference`, any device). ``auto`` (the default) takes Triton for CUDA
@@ -162,15 +162,7 @@ def moka_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k_in)
     adapter_x2d = None if adapter_input is None else adapter_input.reshape(-1, k_in)
-    out = library.linear(
-        x2d,
-        adapter_x2d,
-        *library.weight_fields(weight),
-        bias,
-        gate_logits,
-        float(scale),
-        list(a_factors),
-        list(b_factors),
-        select_backend(x),
+    out = library.apply_linear(
+        x2d, adapter_x2d, weight, bias, gate_logits, float(scale), list(a_factors), list(b_factors), select_backend(x)
     )
     return out.reshape(*lead, n_out)

@@ -1,9 +1,15 @@
-"""torch.library registration: ``moka::linear`` and ``moka::linear_backward`` custom ops.
+"""torch.library registration: ``moka::linear`` and ``moka::linear_backward`` custom ops, and the eager path.
 
 The forward op is opaque to ``torch.compile`` (no graph break) and has a fake implementation for
 shape propagation; ``register_autograd`` connects it to the backward op, whose fake implementation
 gives the gradient shapes. Both ops run the backend named in their ``backend`` argument.
 An NF4Tensor travels as its plain tensor fields, since custom ops take tensors, not Python objects.
+
+Eager calls skip the dispatcher: :func:`apply_linear` runs the same backend functions through a plain
+``torch.autograd.Function`` (:class:`EagerLinear`) unless something is tracing (``torch.compile``,
+``torch.export``, fake tensors, a dispatch mode, functorch transforms), which gets the custom op. The
+custom-op round trip costs about 0.25 ms of CPU per layer per training step (measured on a 576² layer,
+r = 4, one token: 0.57 ms vs 0.31 ms fwd+bwd), which is the whole step at small T on a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from .nf4 import NF4Tensor
 from .ops import TRITON_AVAILABLE
 from .reference import GradRequest, moka_backward_torch, moka_forward_torch
 
-__all__ = ["BACKEND_IMPLS", "linear"]
+__all__ = ["BACKEND_IMPLS", "EagerLinear", "apply_linear", "linear", "weight_fields"]
 
 # backend name -> (forward, backward), both with the signatures of moka_forward_torch / moka_backward_torch
 BACKEND_IMPLS: dict[str, tuple[Callable, Callable]] = {"torch": (moka_forward_torch, moka_backward_torch)}
@@ -290,3 +296,81 @@ def _backward(ctx, grad_out):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _must_trace(x: torch.Tensor) -> bool:
+    """True when the call is being traced or transformed, so it must go through the registered custom op."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return type(x) is not torch.Tensor  # fake, functional or another tensor subclass
+
+
+class EagerLinear(torch.autograd.Function):
+    """``moka::linear`` without the dispatcher: the same backend functions and the same saved tensors.
+
+    Saved for backward: x (and the adapter input if distinct), the gate logits and the factors; the frozen
+    base weight is kept by reference. Not saved: ΔW, a dequantized base weight (re-decoded in backward)
+    and the r per-component intermediates (recomputed). Factors are passed flat (``*a_factors,
+    *b_factors``) so autograd sees each one as an input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, adapter_x, weight, bias, gate_logits, scale, backend, num_components, *factors):
+        a_factors, b_factors = factors[:num_components], factors[num_components:]
+        forward, _ = BACKEND_IMPLS[backend]
+        ctx.meta = (weight, scale, backend, num_components, adapter_x is not None, gate_logits is not None)
+        empty = x.new_empty(0)
+        ctx.save_for_backward(
+            x,
+            empty if adapter_x is None else adapter_x,
+            empty if gate_logits is None else gate_logits,
+            *factors,
+        )
+        return forward(x, adapter_x, weight, bias, gate_logits, scale, a_factors, b_factors)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale, backend, r, has_adapter_x, has_gate = ctx.meta
+        x, adapter_x, gate_logits, *factors = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = GradRequest(n[0], n[1], n[3], n[4], tuple(n[8 : 8 + r]), tuple(n[8 + r :]))
+        _, backward = BACKEND_IMPLS[backend]
+        grads = backward(
+            grad_out.contiguous(),
+            x,
+            adapter_x if has_adapter_x else None,
+            weight,
+            gate_logits if has_gate else None,
+            scale,
+            factors[:r],
+            factors[r:],
+            needs,
+        )
+        return grads.x, grads.adapter_x, None, grads.bias, grads.gate, None, None, None, *grads.a, *grads.b
+
+
+def apply_linear(
+    x: torch.Tensor,
+    adapter_x: torch.Tensor | None,
+    weight: torch.Tensor | NF4Tensor,
+    bias: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    a_factors: list[torch.Tensor],
+    b_factors: list[torch.Tensor],
+    backend: str,
+    use_custom_op: bool | None = None,
+) -> torch.Tensor:
+    """(T, K) -> (T, N) through :class:`EagerLinear` in eager mode, or the ``moka::linear`` op when tracing.
+
+    ``use_custom_op`` forces one route (tests compare them); ``None`` decides per call.
+    """
+    if use_custom_op is None:
+        use_custom_op = _must_trace(x)
+    if use_custom_op:
+        return linear(x, adapter_x, *weight_fields(weight), bias, gate_logits, scale, a_factors, b_factors, backend)
+    return EagerLinear.apply(
+        x, adapter_x, weight, bias, gate_logits, scale, backend, len(a_factors), *a_factors, *b_factors
+    )

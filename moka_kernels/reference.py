@@ -43,7 +43,6 @@ from .nf4 import NF4Tensor, dequantize_nf4
 __all__ = [
     "GradRequest",
     "MoKAGrads",
-    "MoKALinearFunction",
     "contraction_order",
     "gate_weights",
     "kron_component",
@@ -77,8 +76,20 @@ def contraction_order(a_shape: Sequence[int], b_shape: Sequence[int]) -> str:
 
 
 def _left(m: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-    """(T, p, q) -> (T, m, q): M @ X_t for every token; one batched GEMM with M broadcast, no copies."""
-    return torch.matmul(m, x3)
+    """(T, p, q) -> (T, m, q): M @ X_t for every token, one batched GEMM with M broadcast (stride 0).
+
+    Not ``torch.matmul(m, x3)``: that folds into one GEMM over transposed copies of x3 and of the result.
+    """
+    return torch.bmm(m.expand(x3.shape[0], *m.shape), x3)
+
+
+def _token_sum_outer(p3: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """Σ_t P_t Q_tᵀ for P (T, m, k) and Q (T, n, k) -> (m, n).
+
+    A batched GEMM reading Q transposed in place, then a sum over tokens; ``tensordot`` would copy both
+    operands into (m, T·k) / (T·k, n) layouts first, and the copy of the x-sized operand costs more.
+    """
+    return torch.bmm(p3, q3.transpose(1, 2)).sum(0)
 
 
 def kron_component(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -226,7 +237,7 @@ def moka_backward_torch(
                 dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
                 torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
             if q is not None and (need_a or needs.gate):
-                m_raw = torch.tensordot(q, x3, dims=([0, 2], [0, 2]))  # Σ_t Q_t X_tᵀ
+                m_raw = _token_sum_outer(q, x3)  # Σ_t Q_t X_tᵀ
             if need_b:
                 v = _left(a, x3)
                 r_raw = g3.reshape(-1, b1).T @ v.reshape(-1, b2)  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
@@ -240,7 +251,7 @@ def moka_backward_torch(
                 r_raw = p.reshape(-1, b1).T @ x3.reshape(-1, b2)  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
             if need_a:
                 u = x3 @ b.T
-                m_raw = torch.tensordot(g3, u, dims=([0, 2], [0, 2]))  # Σ_t G_t U_tᵀ
+                m_raw = _token_sum_outer(g3, u)  # Σ_t G_t U_tᵀ
         if needs.gate:
             factor, raw = (a, m_raw) if m_raw is not None else (b, r_raw)
             grad_alpha[i] = scale * (factor.to(alpha.dtype) * raw.to(alpha.dtype)).sum()
@@ -252,60 +263,3 @@ def moka_backward_torch(
     grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
     grad_bias = grad_out.sum(0) if needs.bias else None
     return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)
-
-
-class MoKALinearFunction(torch.autograd.Function):
-    """y = x W0ᵀ + b + s Σ α_i (A_i ⊗ B_i) x_a, reshape form, with a hand-written backward.
-
-    ``x_a`` (the adapter input) is ``x`` itself unless a separate tensor is passed (e.g. dropout(x)).
-    Saved for backward: x (and x_a if distinct), the factors and the gate logits. Not saved: ΔW, the
-    dequantized base weight (re-decoded in backward) and the r per-component intermediates (recomputed).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x2d: torch.Tensor,
-        adapter_x2d: torch.Tensor | None,
-        weight: torch.Tensor | NF4Tensor,
-        bias: torch.Tensor | None,
-        gate_logits: torch.Tensor | None,
-        scale: float,
-        num_components: int,
-        *factors: torch.Tensor,
-    ) -> torch.Tensor:
-        a_factors, b_factors = factors[:num_components], factors[num_components:]
-        ctx.nf4_weight = weight if isinstance(weight, NF4Tensor) else None
-        ctx.scale = scale
-        ctx.num_components = num_components
-        ctx.has_bias = bias is not None
-        ctx.separate_adapter_input = adapter_x2d is not None
-        ctx.gate_is_off = gate_logits is None
-        empty = x2d.new_empty(0)
-        ctx.save_for_backward(
-            x2d,
-            empty if adapter_x2d is None else adapter_x2d,
-            empty if gate_logits is None else gate_logits,
-            empty if ctx.nf4_weight is not None else weight,
-            *factors,
-        )
-        return moka_forward_torch(x2d, adapter_x2d, weight, bias, gate_logits, scale, a_factors, b_factors)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x2d, adapter_x2d, gate_logits, dense_weight, *factors = ctx.saved_tensors
-        r = ctx.num_components
-        n = ctx.needs_input_grad
-        needs = GradRequest(n[0], n[1], n[3] and ctx.has_bias, n[4], tuple(n[7 : 7 + r]), tuple(n[7 + r :]))
-        grads = moka_backward_torch(
-            grad_out,
-            x2d,
-            adapter_x2d if ctx.separate_adapter_input else None,
-            ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight,
-            None if ctx.gate_is_off else gate_logits,
-            ctx.scale,
-            factors[:r],
-            factors[r:],
-            needs,
-        )
-        return grads.x, grads.adapter_x, None, grads.bias, grads.gate, None, None, *grads.a, *grads.b

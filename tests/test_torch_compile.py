@@ -24,6 +24,8 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
         x = torch.randn(2, 5, 64, requires_grad=True)
         explanation = torch._dynamo.explain(layer)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
+        # Traced calls take the opaque custom op, not the eager autograd.Function.
+        assert "moka.linear" in explanation.graphs[0].code
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         eager_out = layer(x)
         compiled_out = compiled(x)
