@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .memory import peak_bytes
+
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
@@ -111,32 +113,39 @@ def measure_one(model_key: str, method: str, steps: int, batch: int, seq: int, d
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     embed = model.get_input_embeddings()
     times, losses = [], []
+
+    def train_step() -> torch.Tensor:
+        if optimizer is None:  # no adapter: still backpropagate through every layer to the inputs
+            embeds = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            loss.backward()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
     try:
         for _ in range(steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            if optimizer is None:  # no adapter: still backpropagate through every layer to the inputs
-                embeds = embed(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=embeds, labels=ids).loss
-                loss.backward()
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss = train_step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             losses.append(loss.item())
+        peak = (
+            torch.cuda.max_memory_allocated()
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        # Held above the step's start (activations, gradients, temporaries): one more step, not timed.
+        step_peak = peak_bytes(train_step, device)
     except Exception as err:
         return {**result, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     step = statistics.median(times[1:])
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
     return {
         **result,
         "trainable": sum(p.numel() for p in params),
@@ -144,6 +153,7 @@ def measure_one(model_key: str, method: str, steps: int, batch: int, seq: int, d
         "tokens_per_second": batch * seq / step,
         "peak_memory_mb": peak / 2**20,
         "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "step_peak_mb": step_peak / 2**20,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
@@ -165,16 +175,19 @@ def render(path: Path) -> Path:
         "",
     ]
     lines += [
-        "| model | base | method | trainable | step (s) | tokens/s | peak memory (MB) | loss first→last |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | base | method | trainable | step (s) | tokens/s | peak memory (MB) | step peak (MB) "
+        "| loss first→last |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['base']} | {r['method']} | – | fails: {r['error']} | – | – | – |")
+            lines.append(f"| {r['model']} | {r['base']} | {r['method']} | – | fails: {r['error']} | – | – | – | – |")
             continue
+        step_peak = f"{r['step_peak_mb']:.0f}" if "step_peak_mb" in r else "–"
         lines.append(
             f"| {r['model']} | {r['base']} | {r['method']} | {r['trainable']:,} | {r['step_seconds']:.3f} | "
-            f"{r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |"
+            f"{r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | {step_peak} | "
+            f"{r['loss_first']:.3f}→{r['loss_last']:.3f} |"
         )
     md = path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")

@@ -78,10 +78,9 @@ def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
         out.append(f"\n**{n}×{k}, {mode}** (ms; ratio to `dense_linear[dense]`{'; % of roofline' if gpu else ''})\n")
         out.append(
             f"| provider | trainable | saved for bwd at T={tokens[-1]} (KB) | "
-            + " | ".join(f"T={t}" for t in tokens)
-            + " |"
+            f"peak of one {mode} at T={tokens[-1]} (KB) | " + " | ".join(f"T={t}" for t in tokens) + " |"
         )
-        out.append("|---|---|---|" + "---|" * len(tokens))
+        out.append("|---|---|---|---|" + "---|" * len(tokens))
         for lab in labels:
             first = max((r for r in layer_rows if label(r) == lab), key=lambda r: r["tokens"])
             cells = []
@@ -98,7 +97,8 @@ def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
                     text += f" {100 * roofline_ms(r) / r['ms']:.0f}%"
                 cells.append(text)
             saved = first["saved_bytes"] / 1024
-            out.append(f"| {lab} | {first['trainable']:,} | {saved:,.0f} | " + " | ".join(cells) + " |")
+            peak = "–" if first.get("peak_bytes") is None else f"{first['peak_bytes'] / 1024:,.0f}"
+            out.append(f"| {lab} | {first['trainable']:,} | {saved:,.0f} | {peak} | " + " | ".join(cells) + " |")
     return out
 
 

@@ -1,7 +1,8 @@
 """Layer benchmarks, side by side in one process: ``python -m benchmarks.run``.
 
 Measures every provider of :mod:`benchmarks.providers` on each layer shape and token count in ``fwd``,
-``bwd`` and ``fwd+bwd``, plus the bytes autograd saves for backward (and peak memory on CUDA), and writes
+``bwd`` and ``fwd+bwd``, plus the bytes autograd saves for backward and the peak memory of one call
+(:mod:`benchmarks.memory`: the CUDA allocator's peak, or the CPU allocator's events via the profiler), and writes
 ``<out>/<tag>.json`` and ``.csv`` with the conditions (device, versions, git sha, date). Then it renders
 markdown tables and PNG plots from the saved file (:mod:`benchmarks.plot` reads results only).
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .memory import peak_bytes
 from .providers import build_case
 
 RESULTS = Path(__file__).parent / "results"
@@ -111,15 +113,23 @@ def saved_bytes(case, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def bench_one(case, x, dy, mode: str, measure) -> float:
+def mode_call(case, x, dy, mode: str):
+    """The callable one measurement repeats: forward without autograd, forward + backward, or backward alone."""
     if mode == "fwd":
-        with torch.no_grad():
-            return measure(lambda: case.forward(x))
+
+        def forward():
+            with torch.no_grad():
+                return case.forward(x)
+
+        return forward
     xg = x.detach().requires_grad_(True)
-    if mode == "fwd+bwd":
-        return measure(lambda: case.forward(xg).backward(dy))
-    out = case.forward(xg)  # bwd: replay backward on one retained graph
-    return measure(lambda: out.backward(dy, retain_graph=True))
+    out = case.forward(xg) if mode == "bwd" else None  # bwd: replay backward on one retained graph
+
+    def backward():
+        xg.grad = None  # dX is a fresh tensor in every step of a real model, not an accumulator
+        (case.forward(xg) if out is None else out).backward(dy, retain_graph=out is not None)
+
+    return backward
 
 
 def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: int) -> list[dict]:
@@ -134,14 +144,11 @@ def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: in
         rows = []
         saved = saved_bytes(case, x.detach().requires_grad_(True))
         for mode in MODES:
-            peak = None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-            ms = bench_one(case, x, dy, mode, measure)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated() - base_mem
+            call = mode_call(case, x, dy, mode)
+            ms = measure(call)
+            for p in case.params:  # the peak counts the gradients' first allocation, as a training step does
+                p.grad = None
+            peak = peak_bytes(call, device)
             rows.append(
                 {
                     "provider": provider,

@@ -26,9 +26,28 @@ def test_layer_runner_smoke_writes_results_and_renders(tmp_path, monkeypatch):
     assert all(r["ms"] > 0 for r in data["rows"])
     moka = next(r for r in data["rows"] if plot.label(r) == "moka_torch[dense]")
     assert moka["trainable"] > 0 and moka["adapter_train_macs_per_token"] > moka["adapter_macs_per_token"] > 0
+    assert all(r["peak_bytes"] > 0 for r in data["rows"])
+    peak = {(plot.label(r), r["mode"], r["tokens"]): r["peak_bytes"] for r in data["rows"]}
+    # LoKr-style forms r full-size ΔW matrices; MoKA forms none, so it holds less at once.
+    assert peak[("lokr_materialized[dense]", "fwd+bwd", 16)] > peak[("moka_torch[dense]", "fwd+bwd", 16)]
     assert (tmp_path / "layers-smoke.md").read_text().startswith("# Layer benchmarks")
     assert (tmp_path / "layers-smoke-fwdbwd.png").stat().st_size > 1000
     assert (tmp_path / "layers-smoke.csv").read_text().startswith("provider,")
+
+
+def test_cpu_peak_bytes_is_the_most_held_at_once():
+    from benchmarks.memory import peak_bytes
+
+    mib = 2**20
+
+    def allocations():
+        first = torch.empty(mib // 4)  # 1 MiB of fp32
+        del first
+        second, third = torch.empty(mib // 2), torch.empty(mib // 2)  # 2 MiB + 2 MiB held together
+        return second.sum() + third.sum()
+
+    peak = peak_bytes(allocations, torch.device("cpu"))
+    assert 4 * mib <= peak < 4 * mib + 4096, peak
 
 
 def test_cpu_target_check_reads_the_target_row():
@@ -93,6 +112,6 @@ def test_e2e_smoke_runs_every_tiny_method(tmp_path):
     assert set(methods) == set(e2e.METHODS["tiny"])
     for name, row in methods.items():
         assert "error" not in row, (name, row.get("error"))
-        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0
+        assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0 and row["step_peak_mb"] > 0
     assert methods["frozen_base"]["trainable"] == 0 and methods["moka"]["trainable"] > 0
     assert "| tiny |" in (tmp_path / "e2e-cpu-smoke.md").read_text()
