@@ -115,3 +115,13 @@ def test_e2e_smoke_runs_every_tiny_method(tmp_path):
         assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0 and row["step_peak_mb"] > 0
     assert methods["frozen_base"]["trainable"] == 0 and methods["moka"]["trainable"] > 0
     assert "| tiny |" in (tmp_path / "e2e-cpu-smoke.md").read_text()
+
+
+def test_overhead_smoke_measures_every_route(tmp_path):
+    from benchmarks import overhead
+
+    assert overhead.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "overhead-smoke.json").read_text())
+    (row,) = data["rows"]
+    assert set(row["ms"]) == set(overhead.ROUTES) and all(v > 0 for v in row["ms"].values())
+    assert "| 48×64 | 1 |" in (tmp_path / "overhead-smoke.md").read_text()
