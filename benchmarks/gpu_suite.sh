@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: GPU-marked tests at LLaMA shapes (bf16 and fp16) and the kernel microbenchmarks.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR      (needs a CUDA GPU; no network; bitsandbytes optional)
-# Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png. Aim: < 8 min on one H100/H200.
+# Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png, overhead-cuda.json/.md.
+# Aim: < 9 min on one H100/H200.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
@@ -17,4 +18,5 @@ status=0
 timeout 300 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
   2>&1 | tee "$out/gpu_tests.log" || status=1
 timeout 240 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+timeout 45 python -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
 exit $status
