@@ -6,11 +6,17 @@ random tokens, timing the median step after one warm-up step.
     python -m benchmarks.e2e                        # tiny LLaMA (fp32) and SmolLM2-135M (NF4) on CPU
     python -m benchmarks.e2e --models tiny --smoke  # seconds; CI
     python -m benchmarks.e2e --models /path/to/llama --device cuda   # a real model on a GPU
+    python -m benchmarks.e2e --models llama2-7b --device cuda --seq 512 # LLaMA-2-7B shapes, random weights
 
 Methods: ``moka`` (ours; r = 5 automatic components on all 7 projections), ``lora_r16`` / ``lora_r32``
 (PEFT LoRA on the same base: QLoRA when the base is 4-bit), ``lokr`` (PEFT LoKr; it cannot run on a
 4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward still runs through
 every layer to the inputs, the floor any adapter pays).
+
+``llama2-7b`` is LLaMA-2-7B's architecture with random weights, built in memory (nothing to download, so it
+runs on machines without a model hub); its projections are quantized in memory to bitsandbytes NF4 with
+double quantization, as ``from_pretrained(..., load_in_4bit=True)`` would. ``--layers`` keeps fewer decoder
+layers of the same shapes when time is short.
 """
 
 from __future__ import annotations
@@ -34,10 +40,68 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = {
     "tiny": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr"],
     "smollm2": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr_4bit", "lokr_bf16"],
+    "llama2-7b": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr_bf16"],
+}
+LLAMA_PRESETS = {
+    "llama2-7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+    },
 }
 
 
-def build_model(model: str, method: str, device: torch.device):
+def quantize_projections_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Swap every target projection for a bitsandbytes ``Linear4bit`` (NF4, double quant), quantizing in memory."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS):
+            continue
+        quantized = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        )
+        if module.bias is not None:
+            quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, quantized.to(device))  # .to() quantizes
+
+
+def random_llama(preset: dict, layers: int | None, four_bit: bool, device: torch.device, compute_dtype):
+    """A LlamaForCausalLM with random weights, made on ``device`` (projections in NF4 when ``four_bit``)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**preset, **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    if four_bit:
+        quantize_projections_nf4(model, compute_dtype, device)
+        _keep_bnb_cpu_layout(model)
+    return model
+
+
+def _keep_bnb_cpu_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes may repack 4-bit weights for its AVX512-bf16 CPU kernel; keep its standard NF4 layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def build_model(model: str, method: str, device: torch.device, layers: int | None = None):
     """(model, base description). Every method on one model key shares the same weights."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -54,12 +118,18 @@ def build_model(model: str, method: str, device: torch.device):
             max_position_embeddings=512,
         )
         return LlamaForCausalLM(config).to(device), "tiny LLaMA, fp32 dense"
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if model in LLAMA_PRESETS:
+        preset = LLAMA_PRESETS[model]
+        depth = layers or preset["num_hidden_layers"]
+        m = random_llama(preset, layers, four_bit, device, compute if four_bit else torch.bfloat16)
+        kind = f"NF4 (double quant), {str(compute).removeprefix('torch.')} compute" if four_bit else "bf16 dense"
+        return m, f"random {model} weights, {depth} layer{'s' if depth != 1 else ''}, {kind}"
     path = model
     if model == "smollm2":
         from moka.embedded import embedded_model_dir
 
         path = str(embedded_model_dir())
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not four_bit:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device), "bf16 dense"
     quant = BitsAndBytesConfig(
@@ -71,9 +141,7 @@ def build_model(model: str, method: str, device: torch.device):
         dtype=compute,
         device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
     )
-    for module in m.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    _keep_bnb_cpu_layout(m)
     return m, f"NF4 (double quant), {str(compute).removeprefix('torch.')} compute"
 
 
@@ -98,8 +166,10 @@ def attach(model, method: str):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def measure_one(model_key: str, method: str, steps: int, batch: int, seq: int, device: torch.device) -> dict:
-    model, base = build_model(model_key, method, device)
+def measure_one(
+    model_key: str, method: str, steps: int, batch: int, seq: int, device: torch.device, layers: int | None = None
+) -> dict:
+    model, base = build_model(model_key, method, device, layers)
     result = {"model": model_key, "method": method, "base": base, "batch": batch, "seq": seq}
     try:
         attached = attach(model, method)
@@ -161,7 +231,7 @@ def measure_one(model_key: str, method: str, steps: int, batch: int, seq: int, d
 
 def _child(args) -> int:
     device = torch.device(args.device)
-    row = measure_one(args.one_model, args.one, args.steps, args.batch, args.seq, device)
+    row = measure_one(args.one_model, args.one, args.steps, args.batch, args.seq, device, args.layers)
     print("E2E_RESULT " + json.dumps(row), flush=True)
     return 0
 
@@ -196,11 +266,16 @@ def render(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="end-to-end training-step benchmarks")
-    parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2, or model dirs (comma-separated)")
+    parser.add_argument(
+        "--models",
+        default="tiny,smollm2",
+        help="tiny, smollm2, llama2-7b (random weights), or model dirs (comma-separated)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, help="measured steps after one warm-up step (default: 10 tiny, 3 else)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--layers", type=int, help="decoder layers of a random LLaMA preset (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny model only, 1 step, short sequences")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -218,8 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(torch.device(args.device), torch.float32, 0.0)
     conds.pop("timer")
     conds.update(batch=args.batch, seq=args.seq, timer="median step after one warm-up step")
-    rows = []
-    for model_key in args.models.split(","):
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"e2e-{args.device}{'-smoke' if args.smoke else ''}.json"
+    models = args.models.split(",")
+    # Rows of models not re-run now are kept; the file is rewritten after every method, so a run cut short
+    # by a time limit keeps what it measured.
+    kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in models] if path.exists() else []
+    rows: list[dict] = []
+    for model_key in models:
         for method in METHODS.get(model_key, METHODS["smollm2"]):
             steps = args.steps or (10 if model_key == "tiny" else 3)
             cmd = [
@@ -238,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.batch),
                 "--seq",
                 str(args.seq),
+                *(["--layers", str(args.layers)] if args.layers else []),
             ]
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -255,13 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             row["steps"] = steps
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"e2e-{args.device}{'-smoke' if args.smoke else ''}.json"
-    if path.exists():  # keep the rows of models not re-run now; conditions are per row's run
-        rerun = {r["model"] for r in rows}
-        kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in rerun]
-        rows = kept + rows
-    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"conditions": conds, "rows": kept + rows}, indent=1))
+            tmp.replace(path)
     print(f"wrote {path} and {render(path)}")
     return 0
 

@@ -171,3 +171,32 @@ def test_gpu_results_render_with_roofline_column(tmp_path):
     assert "% of roofline" in text
     assert "| dense_linear[dense] | 0 | 0 | 1,024 | 0.250 (1.00×) 70% |" in text
     assert "| ours_nf4[nf4] | 0 | 0 | 1,024 | 0.500 (2.00×) 35% |" in text
+
+
+def test_random_llama_preset_quantizes_in_memory_and_trains(monkeypatch):
+    """The GPU e2e model (a LLaMA preset with random weights, NF4 in memory), at toy size on CPU."""
+    import bitsandbytes as bnb
+
+    from benchmarks import e2e
+
+    toy = {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    monkeypatch.setitem(e2e.LLAMA_PRESETS, "toy-llama", toy)
+    monkeypatch.setitem(e2e.METHODS, "toy-llama", e2e.METHODS["llama2-7b"])
+    model, base = e2e.build_model("toy-llama", "moka", torch.device("cpu"), layers=2)
+    assert base == "random toy-llama weights, 2 layers, NF4 (double quant), float32 compute"
+    assert len(model.model.layers) == 2
+    projections = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in e2e.TARGETS]
+    assert len(projections) == 14 and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
+    assert all(m.weight.quant_state is not None and m.weight.quant_state.nested for m in projections)
+    for method in ("moka", "lora_r16", "lokr_bf16"):
+        row = e2e.measure_one("toy-llama", method, 1, 2, 8, torch.device("cpu"), layers=2)
+        assert "error" not in row, row
+        assert row["trainable"] > 0 and row["step_seconds"] > 0 and row["step_peak_mb"] > 0
