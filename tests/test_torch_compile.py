@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,3 +43,28 @@ def test_inductor_compile_matches_eager():
     x = torch.randn(7, 36)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_compiled_layer_on_the_triton_backend_matches_eager(monkeypatch):
+    """The traced route (moka::linear) running the Triton kernels, in the interpreter on CPU."""
+    pytest.importorskip("triton")
+    from moka_kernels.ops import INTERPRET
+
+    if INTERPRET:
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1 (conftest.py sets it)")
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    torch._dynamo.reset()
+    layer = _model(quantize_nf4(torch.randn(48, 64) * 0.1)).to(device)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager_out, compiled_out = layer(x), compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out)
+    leaves = [x, *layer.a_factors, *layer.b_factors, layer.gate_logits]
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), leaves)
+    compiled_grads = torch.autograd.grad(compiled_out.square().sum(), leaves)
+    for g_c, g_e in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g_c, g_e)
