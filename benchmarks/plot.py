@@ -65,6 +65,36 @@ def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int
     }
 
 
+def share_table(rows: list[dict], provider: str = "moka_torch[dense]") -> list[str]:
+    """Per layer, at its largest T: MoKA's fwd+bwd time over the dense base against its adapter FLOP share."""
+    idx = _index(rows)
+    layers = dict.fromkeys((r["n_out"], r["k_in"]) for r in rows)
+    out = []
+    for n, k in layers:
+        tokens = max(r["tokens"] for r in rows if (r["n_out"], r["k_in"]) == (n, k))
+        moka = idx.get((n, k, tokens, provider, "fwd+bwd"))
+        base = idx.get((n, k, tokens, "dense_linear[dense]", "fwd+bwd"))
+        if moka is None or base is None:
+            continue
+        lokr = idx.get((n, k, tokens, "lokr_materialized[dense]", "fwd+bwd"))
+        share = moka["adapter_train_macs_per_token"] / (2 * n * k)
+        overhead = moka["ms"] / base["ms"] - 1
+        lokr_cell = "–" if lokr is None else f"+{100 * (lokr['ms'] / base['ms'] - 1):.0f}%"
+        cells = [f"{n}×{k}", str(tokens), f"{100 * share:.0f}%", f"+{100 * overhead:.0f}%", f"{overhead / share:.2f}×"]
+        out.append("| " + " | ".join([*cells, lokr_cell]) + " |")
+    if not out:
+        return []
+    return [
+        "",
+        f"**`{provider}` fwd+bwd over the dense base against its adapter FLOP share** (adapter fwd+bwd FLOPs / "
+        "base fwd + dX FLOPs), at each layer's largest T:",
+        "",
+        "| layer | T | FLOP share | MoKA over the base | ratio | LoKr-style over the base |",
+        "|---|---|---|---|---|---|",
+        *out,
+    ]
+
+
 def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
     by_layer = defaultdict(list)
     for r in rows:
@@ -123,6 +153,7 @@ def render(path: Path) -> Path:
             f"share of {100 * check['adapter_flop_share']:.1f}% = {check['overhead_over_share']:.2f}× the share "
             f"(target ≤ {check['overhead_target']}×): {'met' if check['overhead_over_share'] <= 1.5 else 'MISSED'}",
         ]
+    lines += share_table(rows, "moka_triton[dense]" if gpu else "moka_torch[dense]")
     for mode in ("fwd", "fwd+bwd", "bwd"):
         lines += _table(rows, mode, gpu)
     notes = {label(r): r["note"] for r in rows if r["note"]}
