@@ -68,3 +68,12 @@ def test_compiled_layer_on_the_triton_backend_matches_eager(monkeypatch):
     compiled_grads = torch.autograd.grad(compiled_out.square().sum(), leaves)
     for g_c, g_e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_c, g_e)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_records_the_custom_op(strict):
+    layer = _model(quantize_nf4(torch.randn(48, 64) * 0.1))
+    x = torch.randn(5, 64)
+    exported = torch.export.export(layer, (x,), strict=strict)
+    assert "torch.ops.moka.linear.default" in exported.graph_module.code
+    torch.testing.assert_close(exported.module()(x), layer(x))
