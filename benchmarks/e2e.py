@@ -261,7 +261,40 @@ def render(path: Path) -> Path:
         )
     md = path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
+    _plot(path, data["rows"])
     return md
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    """``<stem>.png``: step time, step peak and process peak per method, one row of panels per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    panels = [
+        ("step_seconds", "step (s)"),
+        ("step_peak_mb", "step peak (MB)"),
+        ("peak_memory_mb", "max RSS / peak (MB)"),
+    ]
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(13, 3.2 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models, strict=True):
+        model_rows = [r for r in rows if r["model"] == model]
+        names = [r["method"] for r in model_rows]
+        for ax, (key, title) in zip(row_axes, panels, strict=True):
+            values = [r.get(key, 0.0) if "error" not in r else 0.0 for r in model_rows]
+            colors = ["tab:red" if n == "moka" else "tab:gray" for n in names]
+            ax.barh(names, values, color=colors)
+            for y, r in enumerate(model_rows):
+                if "error" in r:
+                    ax.text(0, y, " fails", va="center", color="tab:red")
+            ax.set(title=f"{model}: {title}")
+            ax.invert_yaxis()
+            ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

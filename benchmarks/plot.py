@@ -196,6 +196,20 @@ def _plots(path: Path, rows: list[dict]) -> None:
         plt.close(fig)
 
 
+def render_any(path: Path) -> Path:
+    """Render a results file of any kind the benchmarks write: layers-*, e2e-* or overhead-*."""
+    path = Path(path)
+    if path.name.startswith("e2e-"):
+        from .e2e import render as render_e2e
+
+        return render_e2e(path)
+    if path.name.startswith("overhead-"):
+        from .overhead import render as render_overhead
+
+        return render_overhead(path)
+    return render(path)
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:] or [str(p) for p in sorted((Path(__file__).parent / "results").glob("*.json"))]:
-        print(render(Path(arg)))
+        print(render_any(Path(arg)))

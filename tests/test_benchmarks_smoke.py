@@ -116,6 +116,11 @@ def test_e2e_smoke_runs_every_tiny_method(tmp_path):
         assert row["step_seconds"] > 0 and row["peak_memory_mb"] > 0 and row["step_peak_mb"] > 0
     assert methods["frozen_base"]["trainable"] == 0 and methods["moka"]["trainable"] > 0
     assert "| tiny |" in (tmp_path / "e2e-cpu-smoke.md").read_text()
+    assert (tmp_path / "e2e-cpu-smoke.png").stat().st_size > 1000
+    from benchmarks import plot as plot_module
+
+    # The plot CLI re-renders any kind of results file without measuring.
+    assert plot_module.render_any(tmp_path / "e2e-cpu-smoke.json").name == "e2e-cpu-smoke.md"
 
 
 def test_overhead_smoke_measures_every_route(tmp_path):
