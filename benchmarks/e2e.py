@@ -40,7 +40,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = {
     "tiny": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr"],
     "smollm2": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr_4bit", "lokr_bf16"],
-    "llama2-7b": ["frozen_base", "moka", "lora_r16", "lora_r32", "lokr_bf16"],
+    # Ordered by what the GPU target needs first (MoKA vs QLoRA r = 32), in case a time limit cuts the run.
+    "llama2-7b": ["moka", "lora_r32", "lora_r16", "frozen_base", "lokr_bf16"],
 }
 LLAMA_PRESETS = {
     "llama2-7b": {

@@ -30,8 +30,10 @@ from .run import RESULTS, conditions, make_timer
 ROUTES = ["backend functions", "eager route", "custom-op route", "moka_linear", "peft lora r16"]
 
 
-def measure_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.device, dtype, measure) -> dict:
-    """Milliseconds per fwd+bwd call for every route on one layer."""
+def measure_routes(
+    n_out: int, k_in: int, tokens: int, r: int, device: torch.device, dtype, measure, backend: str | None = None
+) -> dict:
+    """Milliseconds per fwd+bwd call for every route on one layer (backend: triton on CUDA, else torch)."""
     gen = torch.Generator().manual_seed(0)
     shapes = auto_component_shapes(n_out, k_in, r)
     weight = (torch.randn(n_out, k_in, generator=gen) / k_in**0.5).to(device, dtype)
@@ -40,7 +42,7 @@ def measure_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.dev
     gate = torch.zeros(len(shapes), device=device, dtype=dtype, requires_grad=True)
     x = torch.randn(tokens, k_in, generator=gen).to(device, dtype).requires_grad_()
     dy = torch.randn(tokens, n_out, generator=gen).to(device, dtype)
-    backend = "triton" if device.type == "cuda" else "torch"
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
     forward, backward = library.BACKEND_IMPLS[backend]
     needs = GradRequest(True, False, False, True, (True,) * len(shapes), (True,) * len(shapes))
     detached = [t.detach() for t in (x, gate, *a_factors, *b_factors)]

@@ -206,3 +206,19 @@ def test_random_llama_preset_quantizes_in_memory_and_trains(monkeypatch):
         row = e2e.measure_one("toy-llama", method, 1, 2, 8, torch.device("cpu"), layers=2)
         assert "error" not in row, row
         assert row["trainable"] > 0 and row["step_seconds"] > 0 and row["step_peak_mb"] > 0
+
+
+def test_overhead_routes_on_the_triton_backend_in_the_interpreter(monkeypatch):
+    """The GPU run's overhead routes (Triton backend), on CPU tensors in the interpreter."""
+    from benchmarks import overhead
+
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    calls = []
+
+    def run_once(fn):
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    ms = overhead.measure_routes(24, 32, 3, 2, torch.device("cpu"), torch.float32, run_once, backend="triton")
+    assert set(ms) == set(overhead.ROUTES) and len(calls) == len(overhead.ROUTES)
