@@ -304,6 +304,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     )
 
 
+# Packed bytes decoded per step of dequantize_nf4 (4 MiB of int32 indices and 8 MiB of fp32 values).
+DECODE_CHUNK_BYTES = 1 << 20
+
+
 @functools.cache
 def _byte_pair_table_cpu() -> torch.Tensor:
     byte = torch.arange(256)
@@ -329,8 +333,27 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
     # One gather per byte from a 256 × 2 table of (high, low) code values: less memory traffic than
-    # unpacking nibbles to int64 indices (numel is even: blocksize divides it).
-    byte_pairs = _byte_pair_table(q.device).index_select(0, q.packed.reshape(-1).int())
-    values = byte_pairs.view(-1, q.blocksize)
-    values.mul_(q.block_scales().view(-1, 1))
-    return values.view(q.shape).to(dtype or q.dtype)
+    # unpacking nibbles to int64 indices (numel is even: blocksize divides it). Decoded in chunks of whole
+    # blocks straight into the output, so the int32 indices and the fp32 values never exist for the whole
+    # weight at once: the peak is the output plus one chunk (a full-size fp32 + int32 pass held 2.5× the
+    # fp32 weight, or 3× with a bf16 output).
+    table = _byte_pair_table(q.device)
+    flat = q.packed.reshape(-1)
+    scales = q.block_scales().reshape(-1, 1)
+    out = torch.empty(q.numel(), dtype=dtype or q.dtype, device=q.device)
+    out_blocks = out.view(-1, q.blocksize)
+    in_place = out.dtype == torch.float32  # decode straight into the output, else through an fp32 chunk
+    blocks_per_chunk = max(1, DECODE_CHUNK_BYTES // (q.blocksize // 2))
+    for first in range(0, scales.shape[0], blocks_per_chunk):
+        last = min(first + blocks_per_chunk, scales.shape[0])
+        codes = flat[first * q.blocksize // 2 : last * q.blocksize // 2].int()
+        if in_place:
+            target = out_blocks[first:last]
+            torch.index_select(table, 0, codes, out=target.view(-1, 2))
+            target.mul_(scales[first:last])
+        else:
+            values = table.index_select(0, codes).view(-1, q.blocksize)
+            out_blocks[first:last] = values.mul_(scales[first:last])
+            del values  # before the next chunk is allocated
+        del codes
+    return out.view(q.shape)

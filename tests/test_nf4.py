@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moka_kernels import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
+from moka_kernels import nf4 as nf4_module
 from moka_kernels.nf4 import dynamic_code, unpack_nibbles
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -97,3 +98,17 @@ def test_linear4bit_from_bnb_zero_copy():
     q = NF4Tensor.from_bnb(layer.weight)
     assert q.packed.data_ptr() == layer.weight.data_ptr()
     assert torch.equal(dequantize_nf4(q), bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk_bytes", [32, 96, 1 << 20], ids=["one-block", "3-blocks", "default"])
+def test_chunked_decode_equals_bitsandbytes(monkeypatch, dtype, chunk_bytes):
+    """dequantize_nf4 decodes in chunks of whole blocks; every chunking gives bitsandbytes' bytes exactly."""
+    monkeypatch.setattr(nf4_module, "DECODE_CHUNK_BYTES", chunk_bytes)
+    w = (torch.randn(40, 128) * 0.02).to(dtype)  # 80 blocks of 64: the 3-block chunks leave a short last one
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = dequantize_nf4(NF4Tensor.from_bnb(packed, state))
+    assert ours.dtype == dtype
+    assert torch.equal(ours, bnbF.dequantize_4bit(packed, state))
+    # fp32 values, then one cast: the fp32 decode rounds to the same output.
+    assert torch.equal(dequantize_nf4(NF4Tensor.from_bnb(packed, state), torch.float32).to(dtype), ours)
