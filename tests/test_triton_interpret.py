@@ -36,6 +36,16 @@ def _poisoned_outputs(monkeypatch):
     monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=[False, True], ids=["grouped", "deterministic"])
+def deterministic(request):
+    """Run a test with the grouped one-launch adapter (atomics) and in deterministic mode (a launch per
+    component, fixed summation order; no split-K)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(was)
+
+
 def _check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """Relative RMS error within TOL[dtype]."""
     assert not torch.isnan(actual).any(), f"{what}: NaN left in the output (an unwritten tile)"
@@ -96,7 +106,7 @@ def _factors(shapes, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(MIXTURES), ids=list(MIXTURES))
-def test_kron_mixture_kernels(case, dtype):
+def test_kron_mixture_kernels(case, dtype, deterministic):
     n_out, k_in, shapes = MIXTURES[case]
     a_f, b_f = _factors(shapes, dtype)
     coeffs = torch.rand(len(shapes)) + 0.5
@@ -125,6 +135,91 @@ def test_kron_mixture_kernels(case, dtype):
             _check_reduction(r_raw, r_ref, r_scale, dtype, f"R[{i}] T={tokens}")
 
 
+def _mixture64(x, a_f, b_f, coeffs):
+    return sum(c * kron_component(x.double(), a.double(), b.double()) for c, a, b in zip(coeffs, a_f, b_f, strict=True))
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["24x36-r3-mixed", "36x24-r5-auto"])
+def test_kron_forward_gate_and_accumulation(case, logits_dtype, deterministic):
+    """The coefficients from the logits (softmax in the kernel; r = 3 pads the gate to 4 lanes), the
+    uniform gate, and adding into a buffer that already holds partial sums."""
+    n_out, k_in, shapes = MIXTURES[case]
+    a_f, b_f = _factors(shapes, torch.float32)
+    logits = torch.randn(len(shapes)).to(logits_dtype)
+    x = torch.randn(9, k_in)
+    alpha = torch.softmax(logits.double(), 0)
+    got = kron_mixture_forward(x, a_f, b_f, gate_logits=logits, scale=1.7)
+    _check(got, _mixture64(x, a_f, b_f, 1.7 * alpha), torch.float32, "softmax gate")
+    uniform = torch.full((len(shapes),), 0.3 / len(shapes), dtype=torch.float64)
+    _check(kron_mixture_forward(x, a_f, b_f, scale=0.3), _mixture64(x, a_f, b_f, uniform), torch.float32, "uniform")
+    partial = torch.randn(9, n_out)
+    buffer = partial.clone()
+    result = kron_mixture_forward(x, a_f, b_f, gate_logits=logits, scale=1.7, out=buffer)
+    assert result is buffer
+    _check(result, partial.double() + _mixture64(x, a_f, b_f, 1.7 * alpha), torch.float32, "out=")
+    dx_buffer = partial[:, :k_in].clone() if k_in <= n_out else torch.randn(9, k_in)
+    start = dx_buffer.clone()
+    g = torch.randn(9, n_out)
+    coeffs = torch.rand(len(shapes)) + 0.5
+    kron_mixture_backward_dx(g, a_f, b_f, coeffs, out=dx_buffer)
+    expected_dx = start.double() + sum(
+        c * g.double() @ torch.kron(a.double(), b.double()) for c, a, b in zip(coeffs.double(), a_f, b_f, strict=True)
+    )
+    _check(dx_buffer, expected_dx, torch.float32, "dx out=")
+
+
+def test_component_tables_are_per_layer():
+    """Two layers with equal factor shapes get their own tables (the cache keys on addresses), and a
+    factor updated in place is read afresh."""
+    _, k_in, shapes = MIXTURES["24x36-r3-mixed"]
+    layers = [_factors(shapes, torch.float32) for _ in range(2)]
+    coeffs = torch.rand(len(shapes)) + 0.5
+    x = torch.randn(5, k_in)
+    for _ in range(2):
+        for a_f, b_f in layers:
+            _check(
+                kron_mixture_forward(x, a_f, b_f, coeffs), _mixture64(x, a_f, b_f, coeffs.double()), torch.float32, ""
+            )
+    layers[0][0][1].mul_(-3.0)
+    a_f, b_f = layers[0]
+    _check(kron_mixture_forward(x, a_f, b_f, coeffs), _mixture64(x, a_f, b_f, coeffs.double()), torch.float32, "")
+
+
+def test_deterministic_mode_selects_the_launches(monkeypatch):
+    """Default: one grouped launch for all components and split-K for decode sizes. Deterministic mode:
+    neither (both sum with fp32 atomics in a varying order)."""
+    import moka_kernels.ops.kron_mixture as km
+    import moka_kernels.ops.nf4_matmul as nm
+
+    _, k_in, shapes = MIXTURES["24x36-r3-mixed"]
+    a_f, b_f = _factors(shapes, torch.float32)
+    x, coeffs = torch.randn(3, k_in), torch.rand(len(shapes))
+    calls = {"grouped": 0, "single": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(km, "sandwich_grouped", counting("grouped", km.sandwich_grouped))
+    monkeypatch.setattr(km, "sandwich", counting("single", km.sandwich))
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        kron_mixture_forward(x, a_f, b_f, coeffs)
+        assert calls == {"grouped": 1, "single": 0}
+        assert nm.split_k_for(1, 4096, 4096) > 1
+        torch.use_deterministic_algorithms(True)
+        kron_mixture_forward(x, a_f, b_f, coeffs)
+        assert calls == {"grouped": 1, "single": len(shapes)}
+        assert nm.split_k_for(1, 4096, 4096) == 1
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 # -- the fused op through the public API ------------------------------------------------------------
 FUSED = [
     ("dense", 24, 36, auto_component_shapes(24, 36, 2)),
@@ -136,7 +231,7 @@ FUSED = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("kind", "n_out", "k_in", "shapes"), FUSED, ids=[f[0] + f"-{f[1]}x{f[2]}" for f in FUSED])
-def test_fused_op_matches_reference(kind, n_out, k_in, shapes, dtype, monkeypatch):
+def test_fused_op_matches_reference(kind, n_out, k_in, shapes, dtype, deterministic, monkeypatch):
     monkeypatch.setenv("MOKA_BACKEND", "triton")
     for tokens, gate, bias, dropout_like in [
         (0, True, True, False),

@@ -57,6 +57,7 @@ def _kernels():
         "_nf4_matmul_kernel": nf4_matmul._nf4_matmul_kernel.fn,
         "_nf4_matmul_t_kernel": nf4_matmul._nf4_matmul_t_kernel.fn,
         "_kron_sandwich_kernel": kron_mixture._kron_sandwich_kernel,
+        "_kron_sandwich_grouped_kernel": kron_mixture._kron_sandwich_grouped_kernel,
         "_kron_token_reduce_kernel": kron_mixture._kron_token_reduce_kernel,
     }
 
@@ -107,11 +108,22 @@ def variants() -> list[Variant]:
             }
             flags = dict(ACCUMULATE=True, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
             out.append(Variant("_kron_sandwich_kernel", ptrs, flags, 4, 3))
+            for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
+                ptrs = {
+                    "m_ptr": f"*{dtype}",
+                    "out_ptr": "*fp32",
+                    "table_ptr": "*i64",
+                    "gate_ptr": gate_type,
+                    "factor_ptr": f"*{dtype}",
+                    "scale": "fp32",
+                }
+                flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
+                out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3))
             ptrs = {"l_ptr": f"*{dtype}", "s_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "ws_ptr": "*fp32"}
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
             out.append(Variant("_kron_token_reduce_kernel", ptrs, flags, 4, 3))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
-    for kernel in ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel", "_kron_sandwich_kernel", "_kron_token_reduce_kernel"):
+    for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)
         pointers = {k: ("*fp32" if t in ("*bf16", "*fp16") else t) for k, t in first.pointer_types.items()}
         constexprs = dict(first.constexprs, DOT_FP32=True)

@@ -27,7 +27,12 @@ import torch
 from ..nf4 import NF4Tensor, dequantize_nf4
 from ..reference import GradRequest, MoKAGrads, gate_weights, softmax_gate_backward
 from . import nf4_matmul as nf4_ops
-from .kron_mixture import kron_factor_grads, kron_mixture_backward_dx, kron_mixture_forward
+from .kron_mixture import (
+    grouped_launch_allowed,
+    kron_factor_grads,
+    kron_mixture_backward_dx,
+    kron_mixture_forward,
+)
 
 __all__ = ["moka_backward_triton", "moka_forward_triton"]
 
@@ -75,9 +80,21 @@ def moka_forward_triton(
     """(T, K) -> (T, N) on the Triton kernels; same contract as ``reference.moka_forward_torch``."""
     x2d = x2d.contiguous()
     xa = x2d if adapter_x2d is None else adapter_x2d.contiguous()
-    coeffs = _coefficients(gate_logits, len(a_factors), scale, x2d)
-    adapter = kron_mixture_forward(xa, a_factors, b_factors, coeffs)
+    if _decode_fusion(x2d, weight):
+        # Decoding: the split-K base GEMM and all adapter components add into one fp32 buffer.
+        acc = torch.zeros((x2d.shape[0], weight.shape[0]), dtype=torch.float32, device=x2d.device)
+        nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
+        kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
+        return acc.to(x2d.dtype)
+    adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale)
     return _base_matmul(x2d, weight, adapter, bias)
+
+
+def _decode_fusion(x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor) -> bool:
+    """Few tokens on an NF4 base with atomics allowed: the base takes the split-K path anyway."""
+    if not (isinstance(weight, NF4Tensor) and nf4_ops.supports(weight) and grouped_launch_allowed()):
+        return False
+    return nf4_ops.split_k_for(x2d.shape[0], weight.shape[0], weight.shape[1]) > 1 and x2d.shape[0] > 0
 
 
 def moka_backward_triton(

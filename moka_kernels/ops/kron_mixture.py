@@ -35,16 +35,82 @@ Components with different shapes run as one launch each, all accumulating into o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import contraction_order
+from ..reference import contraction_order, gate_weights
 from . import INTERPRET, dot_in_fp32, new_output
 
-__all__ = ["kron_factor_grads", "kron_mixture_backward_dx", "kron_mixture_forward", "sandwich", "token_reduce"]
+__all__ = [
+    "grouped_launch_allowed",
+    "kron_factor_grads",
+    "kron_mixture_backward_dx",
+    "kron_mixture_forward",
+    "sandwich",
+    "sandwich_grouped",
+    "token_reduce",
+]
+
+
+@triton.jit
+def _sandwich_tile(
+    m_row,  # token t's M_t
+    s1_ptr,
+    s2_ptr,
+    offs_p,  # (BLOCK_P,) rows of out_t this program owns
+    offs_q,  # (BLOCK_Q,) columns of out_t this program owns
+    J,
+    L,
+    P,
+    Q,
+    stride_mj,
+    stride_ml,
+    stride_s1p,
+    stride_s1j,
+    stride_s2l,
+    stride_s2q,
+    DOT_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """The fp32 tile (S_1 · (M_t · S_2))[offs_p, offs_q]; the intermediate rounded to the input dtype."""
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        inner = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            m_tile = tl.load(
+                m_row + offs_j[:, None] * stride_mj + offs_l[None, :] * stride_ml,
+                mask=(offs_j[:, None] < J) & (offs_l[None, :] < L),
+                other=0.0,
+            )
+            s2_tile = tl.load(
+                s2_ptr + offs_l[:, None] * stride_s2l + offs_q[None, :] * stride_s2q,
+                mask=(offs_l[:, None] < L) & (offs_q[None, :] < Q),
+                other=0.0,
+            )
+            if DOT_FP32:
+                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32), input_precision="ieee")
+            else:
+                inner += tl.dot(m_tile, s2_tile)
+        s1_tile = tl.load(
+            s1_ptr + offs_p[:, None] * stride_s1p + offs_j[None, :] * stride_s1j,
+            mask=(offs_p[:, None] < P) & (offs_j[None, :] < J),
+            other=0.0,
+        )
+        inner = inner.to(s1_tile.dtype)  # the reference rounds its intermediate to the input dtype too
+        if DOT_FP32:
+            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(s1_tile, inner)
+    return acc
 
 
 @triton.jit
@@ -78,43 +144,111 @@ def _kron_sandwich_kernel(
     t = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    m_row = m_ptr + t * stride_mt
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for j0 in range(0, J, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        inner = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.float32)
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            m_tile = tl.load(
-                m_row + offs_j[:, None] * stride_mj + offs_l[None, :] * stride_ml,
-                mask=(offs_j[:, None] < J) & (offs_l[None, :] < L),
-                other=0.0,
-            )
-            s2_tile = tl.load(
-                s2_ptr + offs_l[:, None] * stride_s2l + offs_q[None, :] * stride_s2q,
-                mask=(offs_l[:, None] < L) & (offs_q[None, :] < Q),
-                other=0.0,
-            )
-            if DOT_FP32:
-                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32), input_precision="ieee")
-            else:
-                inner += tl.dot(m_tile, s2_tile)
-        s1_tile = tl.load(
-            s1_ptr + offs_p[:, None] * stride_s1p + offs_j[None, :] * stride_s1j,
-            mask=(offs_p[:, None] < P) & (offs_j[None, :] < J),
-            other=0.0,
-        )
-        inner = inner.to(s1_tile.dtype)  # the reference rounds its intermediate to the input dtype too
-        if DOT_FP32:
-            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(s1_tile, inner)
+    acc = _sandwich_tile(
+        m_ptr + t * stride_mt,
+        s1_ptr,
+        s2_ptr,
+        offs_p,
+        offs_q,
+        J,
+        L,
+        P,
+        Q,
+        stride_mj,
+        stride_ml,
+        stride_s1p,
+        stride_s1j,
+        stride_s2l,
+        stride_s2q,
+        DOT_FP32,
+        BLOCK_P,
+        BLOCK_J,
+        BLOCK_L,
+        BLOCK_Q,
+    )
     acc = acc * tl.load(coeff_ptr)
     out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
     out_mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
     tl.store(out_ptrs, acc, mask=out_mask)
+
+
+# The per-component table of ``_kron_sandwich_grouped_kernel``: one int64 row per component, columns
+#  0 S_1 address, 1 S_2 address, 2 P, 3 J, 4 L, 5 Q, 6-7 M_t strides (j, l), 8-9 S_1 strides (p, j),
+# 10-11 S_2 strides (l, q), 12-13 out_t strides (p, q), 14 Q-tiles, 15 tiles.
+TABLE_COLUMNS = 16
+
+
+@triton.jit
+def _kron_sandwich_grouped_kernel(
+    m_ptr,  # per-token rows, shared by all components (x for the forward, dy for dx)
+    out_ptr,  # fp32 (T, ·) rows, shared by all components; the kernel atomically adds into it
+    table_ptr,  # int64 (R, TABLE_COLUMNS): per component S_1/S_2 addresses, dims, strides, tile counts
+    gate_ptr,  # GATE 0: the fp32 coefficients c (R,); GATE 1: the gate logits g (R,); GATE 2: unused
+    factor_ptr,  # any factor: the element type the table's addresses point to
+    scale,
+    R,
+    max_tiles,
+    stride_mt,
+    stride_ot,
+    GATE: tl.constexpr,  # 0: c_i = gate_ptr[i]; 1: c = scale·softmax(g); 2: c_i = scale / R (gate off)
+    R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """All r components in one launch: program (token, tile, component), component fastest so the r
+    programs adding into one token's row run together and their atomics meet in L2."""
+    pid = tl.program_id(0)
+    comp = pid % R
+    rest = pid // R
+    tile = rest % max_tiles
+    t = (rest // max_tiles).to(tl.int64)
+    row = table_ptr + comp * 16
+    if tile < tl.load(row + 15):
+        s1_ptr = tl.load(row + 0).to(factor_ptr.dtype)
+        s2_ptr = tl.load(row + 1).to(factor_ptr.dtype)
+        P = tl.load(row + 2)
+        Q = tl.load(row + 5)
+        tiles_q = tl.load(row + 14)
+        offs_p = (tile // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_q = (tile % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        acc = _sandwich_tile(
+            m_ptr + t * stride_mt,
+            s1_ptr,
+            s2_ptr,
+            offs_p,
+            offs_q,
+            tl.load(row + 3),
+            tl.load(row + 4),
+            P,
+            Q,
+            tl.load(row + 6),
+            tl.load(row + 7),
+            tl.load(row + 8),
+            tl.load(row + 9),
+            tl.load(row + 10),
+            tl.load(row + 11),
+            DOT_FP32,
+            BLOCK_P,
+            BLOCK_J,
+            BLOCK_L,
+            BLOCK_Q,
+        )
+        if GATE == 0:
+            coeff = tl.load(gate_ptr + comp)
+        elif GATE == 1:  # softmax in fp32, as reference.gate_weights computes it
+            offs_r = tl.arange(0, R_PAD)
+            logits = tl.load(gate_ptr + offs_r, mask=offs_r < R, other=-float("inf")).to(tl.float32)
+            exps = tl.exp(logits - tl.max(logits, 0))
+            coeff = tl.sum(tl.where(offs_r == comp, exps, 0.0), 0) / tl.sum(exps, 0) * scale
+        else:
+            coeff = scale / R
+        out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * tl.load(row + 12) + offs_q[None, :] * tl.load(row + 13)
+        tl.atomic_add(out_ptrs, acc * coeff, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
 
 
 @triton.jit
@@ -306,39 +440,182 @@ def token_reduce(left: _View, shared: _View, right: _View, num_tokens: int) -> t
     return workspace.sum(0)
 
 
-def kron_mixture_forward(
-    x2d: torch.Tensor, a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], coeffs: torch.Tensor
-) -> torch.Tensor:
-    """Σ_i coeffs[i] (A_i ⊗ B_i) x_t for every row of x2d, as an fp32 (T, N) tensor."""
-    num_tokens = x2d.shape[0]
-    n_out = a_factors[0].shape[0] * b_factors[0].shape[0]
-    out = new_output((num_tokens, n_out), torch.float32, x2d.device)
-    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+def grouped_launch_allowed() -> bool:
+    """Whether the adapter may run as one launch with fp32 atomics (summation order varies run to run).
+
+    ``torch.use_deterministic_algorithms(True)`` turns it off: then each component is its own launch and
+    the sum is formed in a fixed order, bit for bit reproducible.
+    """
+    return not torch.are_deterministic_algorithms_enabled()
+
+
+@functools.lru_cache(maxsize=4096)
+def _component_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """The device copy of a component table. Keyed on its own contents (addresses, shapes, strides), so a
+    hit is always right; a layer's factors keep their addresses across steps, so training copies it once."""
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+Job = tuple[_View, _View, _View, _View]  # (M_t, S_1, S_2, out_t) of one component's sandwich
+
+
+def sandwich_grouped(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: int, scale: float) -> None:
+    """out_t += c_i · S1_i · M_t,i · S2_i for every component i and token t, in one launch.
+
+    All jobs share the per-token tensor (M) and the fp32 output, which must be zero or hold partial sums.
+    ``gate_mode`` 0: ``gate`` holds c (fp32); 1: c = scale·softmax(gate); 2: c_i = scale / r.
+    """
+    m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
+    factors = [t for _, s1, s2, _ in jobs for t in (s1.tensor, s2.tensor)]
+    assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs) and out.dtype == torch.float32
+    assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
+    num_tokens = out.shape[0]
+    if num_tokens == 0:
+        return
+    bp = max(block_for(s1.rows) for _, s1, _, _ in jobs)
+    bj = max(block_for(s1.cols) for _, s1, _, _ in jobs)
+    bl = max(block_for(m.cols) for m, _, _, _ in jobs)
+    bq = max(block_for(s2.cols) for _, _, s2, _ in jobs)
+    rows = []
+    for m, s1, s2, o in jobs:
+        tiles_q = triton.cdiv(s2.cols, bq)
+        rows.append(
+            (
+                s1.tensor.data_ptr(),
+                s2.tensor.data_ptr(),
+                s1.rows,
+                s1.cols,
+                m.cols,
+                s2.cols,
+                m.stride_r,
+                m.stride_c,
+                s1.stride_r,
+                s1.stride_c,
+                s2.stride_r,
+                s2.stride_c,
+                o.stride_r,
+                o.stride_c,
+                tiles_q,
+                triton.cdiv(s1.rows, bp) * tiles_q,
+            )
+        )
+    table = _component_table(tuple(rows), out.device)
+    max_tiles = max(r[-1] for r in rows)
+    num_components = len(jobs)
+    _kron_sandwich_grouped_kernel[(num_components * max_tiles * num_tokens,)](
+        m_rows,
+        out,
+        table,
+        gate if gate is not None else table,
+        factors[0],
+        float(scale),
+        num_components,
+        max_tiles,
+        jobs[0][0].stride_t,
+        jobs[0][3].stride_t,
+        GATE=gate_mode,
+        R_PAD=triton.next_power_of_2(num_components),
+        DOT_FP32=dot_in_fp32(m_rows.dtype),
+        BLOCK_P=bp,
+        BLOCK_J=bj,
+        BLOCK_L=bl,
+        BLOCK_Q=bq,
+        num_warps=4,
+    )
+
+
+def _forward_jobs(x2d: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:
+    """Each component's forward as a sandwich, in its cheaper contraction order."""
+    jobs = []
+    for a, b in zip(a_factors, b_factors, strict=True):
         (a1, a2), (b1, b2) = a.shape, b.shape
-        x_t = _per_token(x2d, a2, b2)
-        y_t = _per_token(out, a1, b1)
+        x_t, y_t = _per_token(x2d, a2, b2), _per_token(out, a1, b1)
         if contraction_order(a.shape, b.shape) == "b_first":  # A · (X · Bᵀ)
-            sandwich(x_t, _mat(a), _mat(b).t(), y_t, coeffs[i], accumulate=i > 0)
+            jobs.append((x_t, _mat(a), _mat(b).t(), y_t))
         else:  # Yᵀ = B · (Xᵀ · Aᵀ)
-            sandwich(x_t.t(), _mat(b), _mat(a).t(), y_t.t(), coeffs[i], accumulate=i > 0)
+            jobs.append((x_t.t(), _mat(b), _mat(a).t(), y_t.t()))
+    return jobs
+
+
+def _dx_jobs(grad_out: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:
+    """Each component's adapter dx, Aᵀ · G_t · B, in its cheaper contraction order."""
+    jobs = []
+    for a, b in zip(a_factors, b_factors, strict=True):
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        g_t, dx_t = _per_token(grad_out, a1, b1), _per_token(out, a2, b2)
+        if a2 * b1 * (a1 + b2) <= a1 * b2 * (b1 + a2):  # dXᵀ = Bᵀ · (Gᵀ · A)
+            jobs.append((g_t.t(), _mat(b).t(), _mat(a), dx_t.t()))
+        else:  # dX = Aᵀ · (G · B): a1·b2·(b1 + a2) MACs
+            jobs.append((g_t, _mat(a).t(), _mat(b), dx_t))
+    return jobs
+
+
+def _run_jobs(
+    jobs: list[Job],
+    coeffs: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    accumulate: bool,
+    device: torch.device,
+) -> None:
+    """One grouped launch, or (deterministic mode) one launch per component in a fixed order."""
+    if grouped_launch_allowed():
+        if coeffs is not None:
+            sandwich_grouped(jobs, coeffs, 0, 1.0)
+        else:
+            sandwich_grouped(jobs, gate_logits, 1 if gate_logits is not None else 2, scale)
+        return
+    if coeffs is None:
+        coeffs = (gate_weights(gate_logits, len(jobs), device) * scale).float()
+    for i, (m, s1, s2, o) in enumerate(jobs):
+        sandwich(m, s1, s2, o, coeffs[i], accumulate=accumulate or i > 0)
+
+
+def _adapter_output(rows: int, cols: int, out: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The fp32 output and whether it already holds values to add to. The grouped launch adds into it."""
+    if out is not None:
+        assert out.dtype == torch.float32 and out.shape == (rows, cols)
+        return out, True
+    if grouped_launch_allowed():
+        return torch.zeros((rows, cols), dtype=torch.float32, device=device), True
+    return new_output((rows, cols), torch.float32, device), False
+
+
+def kron_mixture_forward(
+    x2d: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    coeffs: torch.Tensor | None = None,
+    *,
+    gate_logits: torch.Tensor | None = None,
+    scale: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_i c_i (A_i ⊗ B_i) x_t for every row of x2d, as an fp32 (T, N) tensor.
+
+    c is ``coeffs`` (fp32, r) if given, else scale·softmax(gate_logits), computed in the kernel (scale / r
+    when ``gate_logits`` is None). With ``out`` (fp32, T × N) the result is added into it.
+    """
+    n_out = a_factors[0].shape[0] * b_factors[0].shape[0]
+    out, holds_values = _adapter_output(x2d.shape[0], n_out, out, x2d.device)
+    jobs = _forward_jobs(x2d, out, a_factors, b_factors)
+    _run_jobs(jobs, coeffs, gate_logits, scale, holds_values, x2d.device)
     return out
 
 
 def kron_mixture_backward_dx(
-    grad_out: torch.Tensor, a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], coeffs: torch.Tensor
+    grad_out: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor."""
-    num_tokens = grad_out.shape[0]
+    """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``)."""
     k_in = a_factors[0].shape[1] * b_factors[0].shape[1]
-    out = new_output((num_tokens, k_in), torch.float32, grad_out.device)
-    for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
-        (a1, a2), (b1, b2) = a.shape, b.shape
-        g_t = _per_token(grad_out, a1, b1)
-        dx_t = _per_token(out, a2, b2)
-        if a2 * b1 * (a1 + b2) <= a1 * b2 * (b1 + a2):  # dXᵀ = Bᵀ · (Gᵀ · A)
-            sandwich(g_t.t(), _mat(b).t(), _mat(a), dx_t.t(), coeffs[i], accumulate=i > 0)
-        else:  # dX = Aᵀ · (G · B): a1·b2·(b1 + a2) MACs
-            sandwich(g_t, _mat(a).t(), _mat(b), dx_t, coeffs[i], accumulate=i > 0)
+    out, holds_values = _adapter_output(grad_out.shape[0], k_in, out, grad_out.device)
+    jobs = _dx_jobs(grad_out, out, a_factors, b_factors)
+    _run_jobs(jobs, coeffs, None, 1.0, holds_values, grad_out.device)
     return out
 
 

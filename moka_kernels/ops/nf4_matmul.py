@@ -39,7 +39,15 @@ import triton.language as tl
 from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
 from . import INTERPRET, dot_in_fp32, new_output
 
-__all__ = ["NF4_MATMUL_CONFIGS", "NF4_MATMUL_T_CONFIGS", "nf4_matmul", "nf4_matmul_t", "supports"]
+__all__ = [
+    "NF4_MATMUL_CONFIGS",
+    "NF4_MATMUL_T_CONFIGS",
+    "nf4_matmul",
+    "nf4_matmul_accumulate",
+    "nf4_matmul_t",
+    "split_k_for",
+    "supports",
+]
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -306,8 +314,11 @@ def supports(w: NF4Tensor) -> bool:
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) -> int:
-    """Split K for decode-sized batches (M <= 16) so about two waves of programs fill the GPU."""
-    if m > 16:
+    """Split K for decode-sized batches (M <= 16) so about two waves of programs fill the GPU.
+
+    1 (no split, no atomics) under ``torch.use_deterministic_algorithms(True)``.
+    """
+    if m > 16 or torch.are_deterministic_algorithms_enabled():
         return 1
     if INTERPRET:
         return 2  # exercise the split-K path in CPU tests
@@ -315,21 +326,9 @@ def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) 
     return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
 
 
-def nf4_matmul(
-    x: torch.Tensor,
-    w: NF4Tensor,
-    add: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """out = x · dequant(w)ᵀ (+ add) (+ bias). x: (M, K); add: fp32 (M, N); returns (M, N) in x's dtype."""
+def _launch_forward(x, w, target, add, bias, split_k) -> None:
     m, k = x.shape
     n = w.shape[0]
-    out = new_output((m, n), x.dtype, x.device) if out is None else out
-    if m == 0:
-        return out
-    split_k = split_k_for(m, n, k)
-    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     add_arg = add if add is not None else target
     bias_arg = bias if bias is not None else target
 
@@ -359,9 +358,37 @@ def nf4_matmul(
         SPLIT_K=split_k,
         DOT_FP32=dot_in_fp32(x.dtype),
     )
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    w: NF4Tensor,
+    add: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = x · dequant(w)ᵀ (+ add) (+ bias). x: (M, K); add: fp32 (M, N); returns (M, N) in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    out = new_output((m, n), x.dtype, x.device) if out is None else out
+    if m == 0:
+        return out
+    split_k = split_k_for(m, n, k)
+    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    _launch_forward(x, w, target, add, bias, split_k)
     if split_k > 1:
         out.copy_(target)
     return out
+
+
+def nf4_matmul_accumulate(x: torch.Tensor, w: NF4Tensor, acc: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """acc += x · dequant(w)ᵀ (+ bias), by split-K fp32 atomics: the decode path that lets the adapter add
+    into the same buffer (no separate adapter output, no epilogue read). acc: fp32 (M, N)."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert acc.dtype == torch.float32 and acc.shape == (m, n)
+    if m > 0:
+        _launch_forward(x, w, acc, None, bias, max(2, split_k_for(m, n, k)))
 
 
 def nf4_matmul_t(
