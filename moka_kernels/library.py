@@ -172,7 +172,9 @@ def linear_backward(
     _, backward = BACKEND_IMPLS[backend]
     grads = backward(grad_out, x, adapter_x, w, gate_logits, scale, a_factors, b_factors, request)
     flat = [grads.x, grads.adapter_x, grads.bias, grads.gate, *grads.a, *grads.b]
-    return [x.new_empty(0) if g is None else g for g in flat]
+    # A custom op's outputs may not alias each other; the Triton backend returns the factor gradients as
+    # views of one buffer (one launch for all), so the traced route copies those out.
+    return [x.new_empty(0) if g is None else (g.clone() if g._base is not None else g) for g in flat]
 
 
 @linear_backward.register_fake

@@ -58,7 +58,7 @@ def _kernels():
         "_nf4_matmul_t_kernel": nf4_matmul._nf4_matmul_t_kernel.fn,
         "_kron_sandwich_kernel": kron_mixture._kron_sandwich_kernel,
         "_kron_sandwich_grouped_kernel": kron_mixture._kron_sandwich_grouped_kernel,
-        "_kron_token_reduce_kernel": kron_mixture._kron_token_reduce_kernel,
+        "_kron_token_reduce_grouped_kernel": kron_mixture._kron_token_reduce_grouped_kernel,
     }
 
 
@@ -119,9 +119,9 @@ def variants() -> list[Variant]:
                 }
                 flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
                 out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3))
-            ptrs = {"l_ptr": f"*{dtype}", "s_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "ws_ptr": "*fp32"}
+            ptrs = {"table_ptr": "*i64", "ws_ptr": "*fp32", "like_ptr": f"*{dtype}"}
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
-            out.append(Variant("_kron_token_reduce_kernel", ptrs, flags, 4, 3))
+            out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
     for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)

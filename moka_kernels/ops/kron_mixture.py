@@ -52,7 +52,7 @@ __all__ = [
     "kron_mixture_forward",
     "sandwich",
     "sandwich_grouped",
-    "token_reduce",
+    "token_reduce_grouped",
 ]
 
 
@@ -251,79 +251,100 @@ def _kron_sandwich_grouped_kernel(
         tl.atomic_add(out_ptrs, acc * coeff, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
 
 
+# The table of ``_kron_token_reduce_grouped_kernel``: one int64 row per reduction, columns
+#  0-2 L_t, S, R_t addresses, 3-6 M, K, J, N, 7-9 L strides (t, m, k), 10-11 S strides (k, j),
+# 12-14 R strides (t, j, n), 15 offset of the result in the flat workspace, 16-17 its strides (m, n),
+# 18 N-tiles, 19 tiles.
+REDUCE_COLUMNS = 20
+
+
 @triton.jit
-def _kron_token_reduce_kernel(
-    l_ptr,  # per-token L_t (M, K): element (m, k) at t*stride_lt + m*stride_lm + k*stride_lk
-    s_ptr,  # shared S (K, J)
-    r_ptr,  # per-token R_t (J, N)
-    ws_ptr,  # fp32 partial sums (splits, M, N)
+def _kron_token_reduce_grouped_kernel(
+    table_ptr,  # int64 (R, REDUCE_COLUMNS)
+    ws_ptr,  # fp32 partial sums (splits, total): every result's block at its offset
+    like_ptr,  # any operand: the element type the table's addresses point to
     T,
     tokens_per_split,
-    M,
-    K,
-    J,
-    N,
-    stride_lt,
-    stride_lm,
-    stride_lk,
-    stride_sk,
-    stride_sj,
-    stride_rt,
-    stride_rj,
-    stride_rn,
+    R,
+    max_tiles,
     stride_ws,
-    stride_wm,
-    stride_wn,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    split = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t_start = split * tokens_per_split
-    t_end = tl.minimum(t_start + tokens_per_split, T)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, t_end - t_start):
-        t = t_start + step  # int64 tensor in both compiled and interpreted runs
-        l_row = l_ptr + t * stride_lt
-        r_row = r_ptr + t * stride_rt
-        for j0 in range(0, J, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            lhs = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                l_tile = tl.load(
-                    l_row + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+    """Every requested reduction in one launch: program (split, tile, reduction), each writing its fp32
+    partial sum over its share of the tokens (no atomics: the sum over splits is deterministic)."""
+    pid = tl.program_id(0)
+    job = pid % R
+    rest = pid // R
+    tile = rest % max_tiles
+    split = (rest // max_tiles).to(tl.int64)
+    row = table_ptr + job * 20
+    if tile < tl.load(row + 19):
+        l_ptr = tl.load(row + 0).to(like_ptr.dtype)
+        s_ptr = tl.load(row + 1).to(like_ptr.dtype)
+        r_ptr = tl.load(row + 2).to(like_ptr.dtype)
+        M = tl.load(row + 3)
+        K = tl.load(row + 4)
+        J = tl.load(row + 5)
+        N = tl.load(row + 6)
+        stride_lt = tl.load(row + 7)
+        stride_lm = tl.load(row + 8)
+        stride_lk = tl.load(row + 9)
+        stride_sk = tl.load(row + 10)
+        stride_sj = tl.load(row + 11)
+        stride_rt = tl.load(row + 12)
+        stride_rj = tl.load(row + 13)
+        stride_rn = tl.load(row + 14)
+        tiles_n = tl.load(row + 18)
+        offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t_start = split * tokens_per_split
+        t_end = tl.minimum(t_start + tokens_per_split, T)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, t_end - t_start):
+            t = t_start + step  # int64 tensor in both compiled and interpreted runs
+            l_row = l_ptr + t * stride_lt
+            r_row = r_ptr + t * stride_rt
+            for j0 in range(0, J, BLOCK_J):
+                offs_j = j0 + tl.arange(0, BLOCK_J)
+                lhs = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    l_tile = tl.load(
+                        l_row + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk,
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                        other=0.0,
+                    )
+                    s_tile = tl.load(
+                        s_ptr + offs_k[:, None] * stride_sk + offs_j[None, :] * stride_sj,
+                        mask=(offs_k[:, None] < K) & (offs_j[None, :] < J),
+                        other=0.0,
+                    )
+                    if DOT_FP32:
+                        lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32), input_precision="ieee")
+                    else:
+                        lhs += tl.dot(l_tile, s_tile)
+                r_tile = tl.load(
+                    r_row + offs_j[:, None] * stride_rj + offs_n[None, :] * stride_rn,
+                    mask=(offs_j[:, None] < J) & (offs_n[None, :] < N),
                     other=0.0,
                 )
-                s_tile = tl.load(
-                    s_ptr + offs_k[:, None] * stride_sk + offs_j[None, :] * stride_sj,
-                    mask=(offs_k[:, None] < K) & (offs_j[None, :] < J),
-                    other=0.0,
-                )
+                lhs = lhs.to(r_tile.dtype)  # the reference rounds its intermediate to the input dtype too
                 if DOT_FP32:
-                    lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32), input_precision="ieee")
+                    acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32), input_precision="ieee")
                 else:
-                    lhs += tl.dot(l_tile, s_tile)
-            r_tile = tl.load(
-                r_row + offs_j[:, None] * stride_rj + offs_n[None, :] * stride_rn,
-                mask=(offs_j[:, None] < J) & (offs_n[None, :] < N),
-                other=0.0,
-            )
-            lhs = lhs.to(r_tile.dtype)
-            if DOT_FP32:
-                acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(lhs, r_tile)
-    tl.store(
-        ws_ptr + split * stride_ws + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
-        acc,
-        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-    )
+                    acc += tl.dot(lhs, r_tile)
+        out_ptrs = (
+            ws_ptr
+            + split * stride_ws
+            + tl.load(row + 15)
+            + offs_m[:, None] * tl.load(row + 16)
+            + offs_n[None, :] * tl.load(row + 17)
+        )
+        tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def block_for(dim: int, cap: int = 64) -> int:
@@ -396,48 +417,76 @@ def _num_splits(num_tokens: int, tiles: int) -> int:
     return max(1, min(num_tokens, (4 * 132) // max(tiles, 1)))
 
 
-def token_reduce(left: _View, shared: _View, right: _View, num_tokens: int) -> torch.Tensor:
-    """Σ_t (L_t · S) · R_t as an fp32 (L.rows, R.cols) tensor."""
-    m_dim, k_dim, j_dim, n_dim = left.rows, left.cols, shared.cols, right.cols
-    assert shared.rows == k_dim and right.rows == j_dim
-    device = left.tensor.device
-    bm, bk, bj, bn = block_for(m_dim), block_for(k_dim), block_for(j_dim), block_for(n_dim)
-    tiles = triton.cdiv(m_dim, bm) * triton.cdiv(n_dim, bn)
-    splits = _num_splits(num_tokens, tiles)
+ReduceJob = tuple[_View, _View, _View, bool]  # (L_t, S, R_t, store the result transposed)
+
+
+def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ_t (L_t · S) · R_t for every job, in one launch and one sum over the token splits.
+
+    Returns the flat fp32 results and one contiguous view of it per job: (L.rows, R.cols), or its
+    transpose when the job asks (so a result lands in its factor's row-major layout).
+    """
+    operands = [v.tensor for job in jobs for v in job[:3]]
+    assert all(t.dtype == operands[0].dtype for t in operands), "the kernel casts every address to one type"
+    device = operands[0].device
+    bm = max(block_for(left.rows) for left, _, _, _ in jobs)
+    bk = max(block_for(left.cols) for left, _, _, _ in jobs)
+    bj = max(block_for(shared.cols) for _, shared, _, _ in jobs)
+    bn = max(block_for(right.cols) for _, _, right, _ in jobs)
+    rows, views, offset = [], [], 0
+    for left, shared, right, transposed in jobs:
+        m_dim, n_dim = left.rows, right.cols
+        assert shared.rows == left.cols and right.rows == shared.cols
+        tiles_n = triton.cdiv(n_dim, bn)
+        rows.append(
+            (
+                left.tensor.data_ptr(),
+                shared.tensor.data_ptr(),
+                right.tensor.data_ptr(),
+                m_dim,
+                left.cols,
+                shared.cols,
+                n_dim,
+                left.stride_t,
+                left.stride_r,
+                left.stride_c,
+                shared.stride_r,
+                shared.stride_c,
+                right.stride_t,
+                right.stride_r,
+                right.stride_c,
+                offset,
+                1 if transposed else n_dim,
+                m_dim if transposed else 1,
+                tiles_n,
+                triton.cdiv(m_dim, bm) * tiles_n,
+            )
+        )
+        views.append((offset, (n_dim, m_dim) if transposed else (m_dim, n_dim)))
+        offset += m_dim * n_dim
+    max_tiles = max(r[-1] for r in rows)
+    splits = _num_splits(num_tokens, sum(r[-1] for r in rows))
     per_split = triton.cdiv(max(num_tokens, 1), splits)
     splits = triton.cdiv(max(num_tokens, 1), per_split)
-    workspace = new_output((splits, m_dim, n_dim), torch.float32, device)
-    grid = (splits, triton.cdiv(m_dim, bm), triton.cdiv(n_dim, bn))
-    _kron_token_reduce_kernel[grid](
-        left.tensor,
-        shared.tensor,
-        right.tensor,
+    workspace = new_output((splits, offset), torch.float32, device)
+    _kron_token_reduce_grouped_kernel[(len(jobs) * max_tiles * splits,)](
+        _component_table(tuple(rows), device),
         workspace,
+        operands[0],
         num_tokens,
         per_split,
-        m_dim,
-        k_dim,
-        j_dim,
-        n_dim,
-        left.stride_t,
-        left.stride_r,
-        left.stride_c,
-        shared.stride_r,
-        shared.stride_c,
-        right.stride_t,
-        right.stride_r,
-        right.stride_c,
+        len(jobs),
+        max_tiles,
         workspace.stride(0),
-        workspace.stride(1),
-        workspace.stride(2),
-        DOT_FP32=dot_in_fp32(left.tensor.dtype),
+        DOT_FP32=dot_in_fp32(operands[0].dtype),
         BLOCK_M=bm,
         BLOCK_K=bk,
         BLOCK_J=bj,
         BLOCK_N=bn,
         num_warps=4,
     )
-    return workspace.sum(0)
+    flat = workspace.sum(0) if splits > 1 else workspace[0]
+    return flat, [flat[o : o + shape[0] * shape[1]].view(shape) for o, shape in views]
 
 
 def grouped_launch_allowed() -> bool:
@@ -620,27 +669,35 @@ def kron_mixture_backward_dx(
 
 
 def kron_factor_grads(
-    grad_out: torch.Tensor, xa: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_m: bool, need_r: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(M, R) = (Σ_t G_t B X_tᵀ, Σ_t G_tᵀ A X_t) in fp32, each only if asked for.
+    grad_out: torch.Tensor,
+    xa: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    requests: Sequence[tuple[int, str]],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The raw factor gradients M_i = Σ_t G_t B_i X_tᵀ (request ``(i, "a")``, a1×a2) and
+    R_i = Σ_t G_tᵀ A_i X_t (``(i, "b")``, b1×b2), all in one launch, fp32.
 
+    Returns the flat results, in request order and each in its factor's layout, and a view per request.
     Each product is grouped so that its per-token intermediate is the component's small one (a1×b2 for
-    ``a_first``, a2×b1 for ``b_first``): the other grouping is written as the transposed reduction.
+    ``a_first``, a2×b1 for ``b_first``): the other grouping is the transposed reduction, stored transposed.
     """
-    num_tokens = grad_out.shape[0]
-    (a1, a2), (b1, b2) = a.shape, b.shape
-    g_t = _per_token(grad_out, a1, b1)
-    x_t = _per_token(xa, a2, b2)
-    a_first = contraction_order(a.shape, b.shape) == "a_first"
-    m_raw = r_raw = None
-    if need_m:
-        if a_first:  # Σ (G_t B) X_tᵀ: intermediate G_t B is a1×b2
-            m_raw = token_reduce(g_t, _mat(b), x_t.t(), num_tokens)
-        else:  # Mᵀ = Σ (X_t Bᵀ) G_tᵀ: intermediate X_t Bᵀ is a2×b1
-            m_raw = token_reduce(x_t, _mat(b).t(), g_t.t(), num_tokens).T
-    if need_r:
-        if a_first:  # Rᵀ = Σ (X_tᵀ Aᵀ) G_t: intermediate X_tᵀ Aᵀ is b2×a1
-            r_raw = token_reduce(x_t.t(), _mat(a).t(), g_t, num_tokens).T
-        else:  # Σ (G_tᵀ A) X_t: intermediate G_tᵀ A is b1×a2
-            r_raw = token_reduce(g_t.t(), _mat(a), x_t, num_tokens)
-    return m_raw, r_raw
+    jobs: list[ReduceJob] = []
+    for i, which in requests:
+        a, b = a_factors[i], b_factors[i]
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        g_t, x_t = _per_token(grad_out, a1, b1), _per_token(xa, a2, b2)
+        a_first = contraction_order(a.shape, b.shape) == "a_first"
+        if which == "a":
+            if a_first:  # Σ (G_t B) X_tᵀ: intermediate G_t B is a1×b2
+                jobs.append((g_t, _mat(b), x_t.t(), False))
+            else:  # Mᵀ = Σ (X_t Bᵀ) G_tᵀ: intermediate X_t Bᵀ is a2×b1
+                jobs.append((x_t, _mat(b).t(), g_t.t(), True))
+        elif which == "b":
+            if a_first:  # Rᵀ = Σ (X_tᵀ Aᵀ) G_t: intermediate X_tᵀ Aᵀ is b2×a1
+                jobs.append((x_t.t(), _mat(a).t(), g_t, True))
+            else:  # Σ (G_tᵀ A) X_t: intermediate G_tᵀ A is b1×a2
+                jobs.append((g_t.t(), _mat(a), x_t, False))
+        else:
+            raise ValueError(f"requests: expected (component, 'a' or 'b'), got {(i, which)!r}")
+    return token_reduce_grouped(jobs, grad_out.shape[0])
