@@ -197,12 +197,16 @@ def _plots(path: Path, rows: list[dict]) -> None:
 
 
 def render_any(path: Path) -> Path:
-    """Render a results file of any kind the benchmarks write: layers-*, e2e-* or overhead-*."""
+    """Render a results file of any kind the benchmarks write: layers-*, e2e-*, overhead-* or launches*."""
     path = Path(path)
     if path.name.startswith("e2e-"):
         from .e2e import render as render_e2e
 
         return render_e2e(path)
+    if path.name.startswith("launches"):
+        from .launches import render as render_launches
+
+        return render_launches(path)
     if path.name.startswith("overhead-"):
         from .overhead import render as render_overhead
 

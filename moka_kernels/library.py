@@ -172,9 +172,23 @@ def linear_backward(
     _, backward = BACKEND_IMPLS[backend]
     grads = backward(grad_out, x, adapter_x, w, gate_logits, scale, a_factors, b_factors, request)
     flat = [grads.x, grads.adapter_x, grads.bias, grads.gate, *grads.a, *grads.b]
-    # A custom op's outputs may not alias each other; the Triton backend returns the factor gradients as
-    # views of one buffer (one launch for all), so the traced route copies those out.
-    return [x.new_empty(0) if g is None else (g.clone() if g._base is not None else g) for g in flat]
+    return _unaliased([x.new_empty(0) if g is None else g for g in flat])
+
+
+def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A custom op's outputs may not share storage; the Triton backend returns the factor gradients as
+    slices of one buffer (one launch for all), so all but the first slice of a storage are copied out.
+    (``_base`` cannot tell: views made below autograd, as in a custom op's implementation, have none.)"""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if t.numel():
+            storage = t.untyped_storage().data_ptr()
+            if storage in seen:
+                t = t.clone()
+            seen.add(storage)
+        out.append(t)
+    return out
 
 
 @linear_backward.register_fake

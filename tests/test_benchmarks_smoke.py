@@ -222,3 +222,24 @@ def test_overhead_routes_on_the_triton_backend_in_the_interpreter(monkeypatch):
 
     ms = overhead.measure_routes(24, 32, 3, 2, torch.device("cpu"), torch.float32, run_once, backend="triton")
     assert set(ms) == set(overhead.ROUTES) and len(calls) == len(overhead.ROUTES)
+
+
+def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
+    """Exact kernel counts per fwd+bwd call (r = 5): the Triton backend launches the adapter forward, its
+    dx and all factor reductions once each whatever r is; deterministic mode launches one per component."""
+    from benchmarks import launches
+
+    assert launches.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "launches-smoke.json").read_text())
+    r = data["conditions"]["components"]
+    assert r == 5 and [row["tokens"] for row in data["rows"]] == [1, 64]
+    for row in data["rows"]:
+        routes = row["routes"]
+        assert set(routes) == set(launches.ROUTES)
+        assert all(c["syncs"] == 0 for c in routes.values()), "a host sync in a layer call"
+        # base fwd + adapter fwd, adapter dx + base dX + the reductions
+        assert routes["moka nf4 triton"]["triton"] == 5
+        assert routes["moka nf4 triton deterministic"]["triton"] == 2 * r + 3
+        assert routes["nf4 base (ours)"]["triton"] == 2 and routes["dense base"]["launches"] == 2
+        assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 triton deterministic"]["launches"]
+    assert "| 64×128 r=5 | 1 |" in (tmp_path / "launches-smoke.md").read_text()

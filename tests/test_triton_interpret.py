@@ -301,6 +301,31 @@ def test_backends_return_exactly_the_requested_gradients(request_name, determini
             _check(mine, ref.double(), torch.float32, f"gradient {i}")
 
 
+def test_custom_op_route_under_a_dispatch_mode():
+    """Under a TorchDispatchMode the op takes the registered custom op, whose outputs must not share
+    storage: the Triton backend's factor gradients are slices of one buffer and must be copied out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moka_kernels import library
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    shapes = auto_component_shapes(40, 96, 3)
+    x, w_dense, a_f, b_f, g, _ = make_problem(40, 96, shapes, torch.float32, lead=(2,))
+    weight = quantize_nf4(w_dense, blocksize=32)
+    with PassThrough():
+        out = library.apply_linear(x, None, weight, None, g, 0.7, a_f, b_f, "triton", use_custom_op=True)
+        grads = torch.autograd.grad(out.sum(), [x, g, *a_f, *b_f])
+    expected = torch.autograd.grad(
+        library.apply_linear(x, None, weight, None, g, 0.7, a_f, b_f, "triton", use_custom_op=False).sum(),
+        [x, g, *a_f, *b_f],
+    )
+    for mine, ref in zip(grads, expected, strict=True):
+        assert torch.equal(mine, ref)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 def test_auto_backend_is_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("MOKA_BACKEND", raising=False)

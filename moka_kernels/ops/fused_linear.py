@@ -38,11 +38,6 @@ from .kron_mixture import (
 __all__ = ["moka_backward_triton", "moka_forward_triton"]
 
 
-def _coefficients(gate_logits: torch.Tensor | None, r: int, scale: float, x: torch.Tensor) -> torch.Tensor:
-    """c = s·α as fp32 on the device (no host sync)."""
-    return (gate_weights(gate_logits, r, x.device, x.dtype) * scale).float().contiguous()
-
-
 def _base_matmul(
     x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -138,7 +133,8 @@ def moka_backward_triton(
     separate = adapter_x2d is not None
     xa = (adapter_x2d if separate else x2d).contiguous()
     r = len(a_factors)
-    coeffs = _coefficients(gate_logits, r, scale, x2d)
+    alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
+    coeffs = (alpha * scale).float()
     need_adapter_x = needs.adapter_x if separate else needs.x
 
     adapter_dx = kron_mixture_backward_dx(grad_out, a_factors, b_factors, coeffs) if need_adapter_x else None
@@ -147,7 +143,6 @@ def moka_backward_triton(
 
     grad_a: list[torch.Tensor | None] = [None] * r
     grad_b: list[torch.Tensor | None] = [None] * r
-    alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
     requests = _factor_requests(needs, r)
     if not requests:
         grad_alpha = torch.zeros_like(alpha)

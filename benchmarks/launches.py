@@ -1,0 +1,253 @@
+"""Device operations per layer call: ``python -m benchmarks.launches``.
+
+At decode sizes a layer's GPU time is a handful of microseconds, so what it costs is how many kernels it
+launches (each is a few µs of host work and a gap on the GPU) and whether it ever waits for the device.
+Both are properties of the code, not of the machine, so they are counted exactly here, on CPU: the Triton
+kernels run in the interpreter (``TRITON_INTERPRET=1``, set by this module when there is no GPU) and each
+launch is counted, and every aten op that runs a kernel is counted by a ``TorchDispatchMode`` (views and
+allocations run none and are left out). ``_local_scalar_dense`` (``.item()``, a host sync) is reported
+separately.
+
+Routes, one layer, fwd+bwd (gradients for x, every factor and the gate; no bias):
+
+* ``nf4 base (ours)``: ``nf4_matmul`` + ``nf4_matmul_t``, the base alone (its dX);
+* ``dense base``: ``x @ Wᵀ`` + ``dy @ W``;
+* ``moka nf4 triton``: MoKA on the NF4 base through the eager route of ``moka_linear``, Triton backend
+  (what CUDA tensors take);
+* ``moka nf4 triton deterministic``: the same under ``torch.use_deterministic_algorithms(True)``;
+* ``moka dense triton``, ``moka nf4 torch`` (the PyTorch path);
+* ``peft lora r16``: PEFT's LoRA layer on the dense base (bitsandbytes' own CUDA kernels would not be
+  seen by the dispatch mode, so QLoRA is left out rather than undercounted).
+
+Writes ``<out>/launches.json`` (with the conditions) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # as a script on CPU: before any kernel is defined
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moka.config import auto_component_shapes
+from moka_kernels import library, quantize_nf4
+
+from .providers import build_case
+from .run import RESULTS, conditions
+
+ROUTES = [
+    "nf4 base (ours)",
+    "dense base",
+    "moka nf4 triton",
+    "moka nf4 triton deterministic",
+    "moka dense triton",
+    "moka nf4 torch",
+    "peft lora r16",
+]
+
+# aten ops that run no kernel: allocations, and metadata-only ops not flagged as views in their schema.
+NO_KERNEL = {
+    "empty.memory_format",
+    "empty_strided.default",
+    "empty_like.default",
+    "new_empty.default",
+    "new_empty_strided.default",
+    "detach.default",
+    "lift_fresh.default",
+    "_unsafe_view.default",
+    "_local_scalar_dense.default",
+}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts aten ops that run a kernel, and host syncs; Triton launches are counted by ``counting``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.syncs = 0
+        self.triton = 0
+        self.inside_triton = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inside_triton:
+            return func(*args, **(kwargs or {}))
+        name = func._opname + "." + func._overloadname
+        returns = func._schema.returns
+        is_view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        makes_tensor = any(isinstance(r.type, torch.TensorType) for r in returns)
+        if name == "_local_scalar_dense.default":
+            self.syncs += 1
+        elif makes_tensor and not is_view and name not in NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values()) + self.triton
+
+
+def _patch_triton_launches(counter_ref: list) -> None:
+    """Count every Triton kernel launch (compiled or interpreted) into the active counter."""
+    from triton.runtime import interpreter, jit
+
+    for cls in (interpreter.InterpretedFunction, jit.JITFunction):
+        if getattr(cls.run, "_moka_counted", False):
+            continue
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            counter = counter_ref[0]
+            if counter is None or counter.inside_triton:
+                return _original(self, *args, **kwargs)
+            counter.triton += 1
+            counter.inside_triton = True  # the interpreter's own tensor copies are not launches
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                counter.inside_triton = False
+
+        run._moka_counted = True
+        cls.run = run
+
+
+_ACTIVE: list = [None]
+
+
+def count(fn) -> LaunchCounter:
+    """Run fn once to warm up (autotuning, caches), then count one more call."""
+    _patch_triton_launches(_ACTIVE)
+    fn()
+    counter = LaunchCounter()
+    _ACTIVE[0] = counter
+    try:
+        with counter:
+            fn()
+    finally:
+        _ACTIVE[0] = None
+    return counter
+
+
+def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.device, dtype) -> dict:
+    """{route: {"launches", "syncs", "triton", "aten"}} for one layer and token count."""
+    from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = auto_component_shapes(n_out, k_in, r)
+    dense = (torch.randn(n_out, k_in, generator=gen) / k_in**0.5).to(device, dtype)
+    nf4 = quantize_nf4(dense, blocksize=64)
+    a_f = [torch.randn(a1, a2, generator=gen).to(device, dtype).requires_grad_() for a1, a2, _, _ in shapes]
+    b_f = [torch.randn(b1, b2, generator=gen).to(device, dtype).requires_grad_() for _, _, b1, b2 in shapes]
+    gate = torch.zeros(len(shapes), device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(tokens, k_in, generator=gen).to(device, dtype).requires_grad_()
+    dy = torch.randn(tokens, n_out, generator=gen).to(device, dtype)
+    params = [x, gate, *a_f, *b_f]
+
+    def moka(weight, backend, deterministic=False):
+        # The eager route that moka_linear takes outside tracing (under a dispatch mode, such as this
+        # counter, moka_linear itself would take the custom op).
+        def call():
+            for p in params:
+                p.grad = None
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                out = library.apply_linear(x, None, weight, None, gate, 1.0, a_f, b_f, backend, use_custom_op=False)
+                out.backward(dy)
+            finally:
+                torch.use_deterministic_algorithms(was)
+
+        return call
+
+    lora = build_case("lora_r16", n_out, k_in, device, dtype, base="dense")
+
+    def peft_lora():
+        for p in lora.forward.parameters():
+            p.grad = None
+        x.grad = None
+        lora.forward(x).backward(dy)
+
+    x_d = x.detach()
+    calls = {
+        "nf4 base (ours)": lambda: (nf4_matmul(x_d, nf4), nf4_matmul_t(dy, nf4)),
+        "dense base": lambda: (x_d @ dense.t(), dy @ dense),
+        "moka nf4 triton": moka(nf4, "triton"),
+        "moka nf4 triton deterministic": moka(nf4, "triton", deterministic=True),
+        "moka dense triton": moka(dense, "triton"),
+        "moka nf4 torch": moka(nf4, "torch"),
+        "peft lora r16": peft_lora,
+    }
+    out = {}
+    for name, fn in calls.items():
+        c = count(fn)
+        out[name] = {"launches": c.total, "syncs": c.syncs, "triton": c.triton, "aten": dict(sorted(c.ops.items()))}
+    return out
+
+
+def render(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    lines = [
+        f"# Device operations per layer call: {path.stem}",
+        "",
+        "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
+        "",
+        "Kernel launches per fwd+bwd call (Triton launches + aten ops that run a kernel), counted exactly; "
+        "host syncs in brackets where not 0.",
+        "",
+        "| layer | T | " + " | ".join(ROUTES) + " |",
+        "|---|---|" + "---|" * len(ROUTES),
+    ]
+    for row in data["rows"]:
+        cells = []
+        for name in ROUTES:
+            c = row["routes"][name]
+            cells.append(f"{c['launches']}" + (f" [{c['syncs']} syncs]" if c["syncs"] else ""))
+        lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
+    md = path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="kernel launches per MoKA layer call, counted exactly")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--components", type=int, default=5, help="MoKA components r")
+    parser.add_argument("--smoke", action="store_true", help="one tiny layer (CI)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from moka_kernels.ops import INTERPRET
+
+    if device.type == "cpu" and not INTERPRET:
+        print("benchmarks.launches: on CPU the Triton kernels need TRITON_INTERPRET=1 before import", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Counts depend on the code path, not the size: small layers keep the interpreter quick.
+    layers = [(64, 128)] if args.smoke else [(256, 256), (128, 512)]
+    rows = []
+    for n_out, k_in in layers:
+        for tokens in (1, 64):  # split-K decode path, and the prefill/training path
+            routes = count_routes(n_out, k_in, tokens, args.components, device, dtype)
+            rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": tokens, "routes": routes})
+            print(f"{n_out}x{k_in} T={tokens}: " + "  ".join(f"{k} {v['launches']}" for k, v in routes.items()))
+    conds = conditions(device, dtype, 0.0)
+    conds.pop("timer", None)
+    conds.update(components=args.components, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("launches-smoke.json" if args.smoke else "launches.json")
+    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+    print(f"wrote {path} and {render(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
