@@ -226,7 +226,7 @@ def test_overhead_routes_on_the_triton_backend_in_the_interpreter(monkeypatch):
 
 def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
     """Exact kernel counts per fwd+bwd call (r = 5): the Triton backend launches the adapter forward, its
-    dx and all factor reductions once each whatever r is; deterministic mode launches one per component."""
+    dx and all factor reductions once each whatever r is, in deterministic mode too."""
     from benchmarks import launches
 
     assert launches.main(["--smoke", "--out", str(tmp_path)]) == 0
@@ -239,7 +239,7 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
         assert all(c["syncs"] == 0 for c in routes.values()), "a host sync in a layer call"
         # base fwd + adapter fwd, adapter dx + base dX + the reductions
         assert routes["moka nf4 triton"]["triton"] == 5
-        assert routes["moka nf4 triton deterministic"]["triton"] == 2 * r + 3
+        assert routes["moka nf4 triton deterministic"]["triton"] == 5
         assert routes["nf4 base (ours)"]["triton"] == 2 and routes["dense base"]["launches"] == 2
-        assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 triton deterministic"]["launches"]
+        assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 torch"]["launches"] / 3
     assert "| 64×128 r=5 | 1 |" in (tmp_path / "launches-smoke.md").read_text()

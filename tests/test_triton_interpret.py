@@ -38,8 +38,8 @@ def _poisoned_outputs(monkeypatch):
 
 @pytest.fixture(params=[False, True], ids=["grouped", "deterministic"])
 def deterministic(request):
-    """Run a test with the grouped one-launch adapter (atomics) and in deterministic mode (a launch per
-    component, fixed summation order; no split-K)."""
+    """Run a test in the default mode (few tokens: the atomic adapter schedule and split-K) and in
+    deterministic mode (the row-owning schedule, no split-K)."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(request.param)
     yield request.param
@@ -186,36 +186,38 @@ def test_component_tables_are_per_layer():
     _check(kron_mixture_forward(x, a_f, b_f, coeffs), _mixture64(x, a_f, b_f, coeffs.double()), torch.float32, "")
 
 
-def test_deterministic_mode_selects_the_launches(monkeypatch):
-    """Default: one grouped launch for all components and split-K for decode sizes. Deterministic mode:
-    neither (both sum with fp32 atomics in a varying order)."""
+def test_adapter_schedule_and_split_k_follow_the_mode(monkeypatch):
+    """Default: the atomic schedule for few tokens, the row-owning one from ROWWISE_MIN_TOKENS, split-K
+    for decode sizes. Deterministic mode: rowwise at every size and no split-K (both use atomics).
+    ``MOKA_ADAPTER_SCHEDULE`` overrides, with clear errors. The launcher gets the schedule it reports."""
     import moka_kernels.ops.kron_mixture as km
     import moka_kernels.ops.nf4_matmul as nm
 
     _, k_in, shapes = MIXTURES["24x36-r3-mixed"]
     a_f, b_f = _factors(shapes, torch.float32)
     x, coeffs = torch.randn(3, k_in), torch.rand(len(shapes))
-    calls = {"grouped": 0, "single": 0}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(km, "sandwich_grouped", counting("grouped", km.sandwich_grouped))
-    monkeypatch.setattr(km, "sandwich", counting("single", km.sandwich))
+    launched = []
+    original = km.sandwich_grouped
+    monkeypatch.setattr(km, "sandwich_grouped", lambda *a, **k: launched.append(a[4]) or original(*a, **k))
+    monkeypatch.delenv("MOKA_ADAPTER_SCHEDULE", raising=False)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
-        kron_mixture_forward(x, a_f, b_f, coeffs)
-        assert calls == {"grouped": 1, "single": 0}
+        assert km.adapter_schedule(3) == "atomic" and km.adapter_schedule(km.ROWWISE_MIN_TOKENS) == "rowwise"
         assert nm.split_k_for(1, 4096, 4096) > 1
-        torch.use_deterministic_algorithms(True)
         kron_mixture_forward(x, a_f, b_f, coeffs)
-        assert calls == {"grouped": 1, "single": len(shapes)}
-        assert nm.split_k_for(1, 4096, 4096) == 1
+        monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "rowwise")
+        kron_mixture_forward(x, a_f, b_f, coeffs)
+        assert launched == ["atomic", "rowwise"]
+        monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "fastest")
+        with pytest.raises(ValueError, match="MOKA_ADAPTER_SCHEDULE: expected one of"):
+            km.adapter_schedule(3)
+        monkeypatch.delenv("MOKA_ADAPTER_SCHEDULE")
+        torch.use_deterministic_algorithms(True)
+        assert km.adapter_schedule(1) == "rowwise" and nm.split_k_for(1, 4096, 4096) == 1
+        monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "atomic")
+        with pytest.raises(RuntimeError, match="deterministic"):
+            km.adapter_schedule(3)
     finally:
         torch.use_deterministic_algorithms(was)
 

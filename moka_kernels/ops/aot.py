@@ -56,7 +56,7 @@ def _kernels():
     return {
         "_nf4_matmul_kernel": nf4_matmul._nf4_matmul_kernel.fn,
         "_nf4_matmul_t_kernel": nf4_matmul._nf4_matmul_t_kernel.fn,
-        "_kron_sandwich_kernel": kron_mixture._kron_sandwich_kernel,
+        "_kron_sandwich_rowwise_kernel": kron_mixture._kron_sandwich_rowwise_kernel,
         "_kron_sandwich_grouped_kernel": kron_mixture._kron_sandwich_grouped_kernel,
         "_kron_token_reduce_grouped_kernel": kron_mixture._kron_token_reduce_grouped_kernel,
     }
@@ -99,15 +99,6 @@ def variants() -> list[Variant]:
             out.append(Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages))
         blocks = [(16, 16, 16, 16), (64, 64, 64, 64), (64, 16, 32, 64), (16, 64, 64, 32)]
         for bp, bj, bl, bq in blocks:
-            ptrs = {
-                "m_ptr": f"*{dtype}",
-                "s1_ptr": f"*{dtype}",
-                "s2_ptr": f"*{dtype}",
-                "out_ptr": "*fp32",
-                "coeff_ptr": "*fp32",
-            }
-            flags = dict(ACCUMULATE=True, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
-            out.append(Variant("_kron_sandwich_kernel", ptrs, flags, 4, 3))
             for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
                 ptrs = {
                     "m_ptr": f"*{dtype}",
@@ -119,6 +110,7 @@ def variants() -> list[Variant]:
                 }
                 flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
                 out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3))
+                out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3))
             ptrs = {"table_ptr": "*i64", "ws_ptr": "*fp32", "like_ptr": f"*{dtype}"}
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
             out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3))

@@ -36,21 +36,22 @@ Components with different shapes run as one launch each, all accumulating into o
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import contraction_order, gate_weights
+from ..reference import contraction_order
 from . import INTERPRET, dot_in_fp32, new_output
 
 __all__ = [
+    "adapter_schedule",
     "grouped_launch_allowed",
     "kron_factor_grads",
     "kron_mixture_backward_dx",
     "kron_mixture_forward",
-    "sandwich",
     "sandwich_grouped",
     "token_reduce_grouped",
 ]
@@ -111,67 +112,6 @@ def _sandwich_tile(
         else:
             acc += tl.dot(s1_tile, inner)
     return acc
-
-
-@triton.jit
-def _kron_sandwich_kernel(
-    m_ptr,  # per-token matrix M_t, element (j, l) at t*stride_mt + j*stride_mj + l*stride_ml
-    s1_ptr,  # S_1 (P, J)
-    s2_ptr,  # S_2 (L, Q)
-    out_ptr,  # fp32 out_t (P, Q)
-    coeff_ptr,  # fp32 scalar c (device memory: no host sync for the gate)
-    P,
-    J,
-    L,
-    Q,
-    stride_mt,
-    stride_mj,
-    stride_ml,
-    stride_s1p,
-    stride_s1j,
-    stride_s2l,
-    stride_s2q,
-    stride_ot,
-    stride_op,
-    stride_oq,
-    ACCUMULATE: tl.constexpr,  # out += c·Y instead of out = c·Y
-    DOT_FP32: tl.constexpr,  # IEEE fp32 dot: fp32 inputs, or half inputs under the interpreter
-    BLOCK_P: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    acc = _sandwich_tile(
-        m_ptr + t * stride_mt,
-        s1_ptr,
-        s2_ptr,
-        offs_p,
-        offs_q,
-        J,
-        L,
-        P,
-        Q,
-        stride_mj,
-        stride_ml,
-        stride_s1p,
-        stride_s1j,
-        stride_s2l,
-        stride_s2q,
-        DOT_FP32,
-        BLOCK_P,
-        BLOCK_J,
-        BLOCK_L,
-        BLOCK_Q,
-    )
-    acc = acc * tl.load(coeff_ptr)
-    out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
-    out_mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, acc, mask=out_mask)
 
 
 # The per-component table of ``_kron_sandwich_grouped_kernel``: one int64 row per component, columns
@@ -238,17 +178,102 @@ def _kron_sandwich_grouped_kernel(
             BLOCK_L,
             BLOCK_Q,
         )
-        if GATE == 0:
-            coeff = tl.load(gate_ptr + comp)
-        elif GATE == 1:  # softmax in fp32, as reference.gate_weights computes it
-            offs_r = tl.arange(0, R_PAD)
-            logits = tl.load(gate_ptr + offs_r, mask=offs_r < R, other=-float("inf")).to(tl.float32)
-            exps = tl.exp(logits - tl.max(logits, 0))
-            coeff = tl.sum(tl.where(offs_r == comp, exps, 0.0), 0) / tl.sum(exps, 0) * scale
-        else:
-            coeff = scale / R
+        coeff = _component_coefficient(gate_ptr, comp, scale, R, GATE, R_PAD)
         out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * tl.load(row + 12) + offs_q[None, :] * tl.load(row + 13)
         tl.atomic_add(out_ptrs, acc * coeff, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
+
+
+@triton.jit
+def _component_coefficient(gate_ptr, comp, scale, R, GATE: tl.constexpr, R_PAD: tl.constexpr):
+    """c_comp: GATE 0 reads it; 1: scale·softmax(g)[comp] in fp32, as reference.gate_weights; 2: scale / R."""
+    if GATE == 0:
+        coeff = tl.load(gate_ptr + comp)
+    elif GATE == 1:
+        offs_r = tl.arange(0, R_PAD)
+        logits = tl.load(gate_ptr + offs_r, mask=offs_r < R, other=-float("inf")).to(tl.float32)
+        exps = tl.exp(logits - tl.max(logits, 0))
+        coeff = tl.sum(tl.where(offs_r == comp, exps, 0.0), 0) / tl.sum(exps, 0) * scale
+    else:
+        coeff = scale / R
+    return coeff
+
+
+@triton.jit
+def _kron_sandwich_rowwise_kernel(
+    m_ptr,  # per-token rows, shared by all components
+    out_ptr,  # fp32 (T, ·) rows; written (ACCUMULATE: added to) by the program that owns the row
+    table_ptr,  # the same per-component table as the grouped kernel
+    gate_ptr,
+    factor_ptr,
+    scale,
+    R,
+    stride_mt,
+    stride_ot,
+    ACCUMULATE: tl.constexpr,  # add to what out holds instead of overwriting it
+    GATE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """One program per token, owning its output row through all r components in a fixed order: the first
+    component stores, the others add to what the program itself wrote (a barrier between components,
+    since their tilings of the row differ). The row is written to memory once, with no zero fill and no
+    atomics; the sum is deterministic."""
+    t = tl.program_id(0).to(tl.int64)
+    m_row = m_ptr + t * stride_mt
+    out_row = out_ptr + t * stride_ot
+    for comp in range(0, R):
+        row = table_ptr + comp * 16
+        s1_ptr = tl.load(row + 0).to(factor_ptr.dtype)
+        s2_ptr = tl.load(row + 1).to(factor_ptr.dtype)
+        P = tl.load(row + 2)
+        J = tl.load(row + 3)
+        L = tl.load(row + 4)
+        Q = tl.load(row + 5)
+        stride_mj = tl.load(row + 6)
+        stride_ml = tl.load(row + 7)
+        stride_s1p = tl.load(row + 8)
+        stride_s1j = tl.load(row + 9)
+        stride_s2l = tl.load(row + 10)
+        stride_s2q = tl.load(row + 11)
+        stride_op = tl.load(row + 12)
+        stride_oq = tl.load(row + 13)
+        tiles_q = tl.load(row + 14)
+        coeff = _component_coefficient(gate_ptr, comp, scale, R, GATE, R_PAD)
+        keep = (comp > 0) | ACCUMULATE
+        for tile in range(0, tl.load(row + 15)):
+            offs_p = (tile // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+            offs_q = (tile % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            acc = _sandwich_tile(
+                m_row,
+                s1_ptr,
+                s2_ptr,
+                offs_p,
+                offs_q,
+                J,
+                L,
+                P,
+                Q,
+                stride_mj,
+                stride_ml,
+                stride_s1p,
+                stride_s1j,
+                stride_s2l,
+                stride_s2q,
+                DOT_FP32,
+                BLOCK_P,
+                BLOCK_J,
+                BLOCK_L,
+                BLOCK_Q,
+            )
+            out_ptrs = out_row + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
+            mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
+            acc = acc * coeff + tl.load(out_ptrs, mask=mask & keep, other=0.0)
+            tl.store(out_ptrs, acc, mask=mask)
+        tl.debug_barrier()  # this component's stores are visible to every thread before the next reads
 
 
 # The table of ``_kron_token_reduce_grouped_kernel``: one int64 row per reduction, columns
@@ -372,45 +397,6 @@ def _per_token(rows2d: torch.Tensor, n_rows: int, n_cols: int) -> _View:
     return _View(rows2d, n_rows, n_cols, n_cols * rows2d.stride(1), rows2d.stride(1), rows2d.stride(0))
 
 
-def sandwich(m: _View, s1: _View, s2: _View, out: _View, coeff: torch.Tensor, accumulate: bool) -> None:
-    """out_t (+)= coeff · S1 · M_t · S2 for every token t (out is fp32)."""
-    num_tokens = out.tensor.shape[0]
-    p_dim, j_dim, l_dim, q_dim = s1.rows, s1.cols, m.cols, s2.cols
-    assert m.rows == j_dim and s2.rows == l_dim and out.rows == p_dim and out.cols == q_dim
-    if num_tokens == 0:
-        return
-    bp, bj, bl, bq = block_for(p_dim), block_for(j_dim), block_for(l_dim), block_for(q_dim)
-    grid = (num_tokens, triton.cdiv(p_dim, bp), triton.cdiv(q_dim, bq))
-    _kron_sandwich_kernel[grid](
-        m.tensor,
-        s1.tensor,
-        s2.tensor,
-        out.tensor,
-        coeff,
-        p_dim,
-        j_dim,
-        l_dim,
-        q_dim,
-        m.stride_t,
-        m.stride_r,
-        m.stride_c,
-        s1.stride_r,
-        s1.stride_c,
-        s2.stride_r,
-        s2.stride_c,
-        out.stride_t,
-        out.stride_r,
-        out.stride_c,
-        ACCUMULATE=accumulate,
-        DOT_FP32=dot_in_fp32(m.tensor.dtype),
-        BLOCK_P=bp,
-        BLOCK_J=bj,
-        BLOCK_L=bl,
-        BLOCK_Q=bq,
-        num_warps=4,
-    )
-
-
 def _num_splits(num_tokens: int, tiles: int) -> int:
     if INTERPRET:
         return max(1, min(num_tokens, 3))  # exercise several partial sums in CPU tests
@@ -508,19 +494,37 @@ def _component_table(rows: tuple[tuple[int, ...], ...], device: torch.device) ->
 Job = tuple[_View, _View, _View, _View]  # (M_t, S_1, S_2, out_t) of one component's sandwich
 
 
-def sandwich_grouped(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: int, scale: float) -> None:
-    """out_t += c_i · S1_i · M_t,i · S2_i for every component i and token t, in one launch.
+ROWWISE_MIN_TOKENS = 512  # from here on the row-owning schedule; a guess until a GPU run sweeps it
+SCHEDULES = ("atomic", "rowwise")
 
-    All jobs share the per-token tensor (M) and the fp32 output, which must be zero or hold partial sums.
-    ``gate_mode`` 0: ``gate`` holds c (fp32); 1: c = scale·softmax(gate); 2: c_i = scale / r.
+
+def adapter_schedule(num_tokens: int) -> str:
+    """How the one adapter launch splits its work (``MOKA_ADAPTER_SCHEDULE`` overrides):
+
+    * ``"atomic"``: a program per (token, tile, component), adding with fp32 atomics into a zeroed buffer:
+      r·tiles·T programs, so few tokens still fill the GPU (decoding);
+    * ``"rowwise"``: a program per token, owning its output row through all components: the row is
+      written once (no zero fill, no read-modify-write in DRAM) and the sum is deterministic, so it is the
+      only schedule under ``torch.use_deterministic_algorithms(True)``.
     """
+    forced = os.environ.get("MOKA_ADAPTER_SCHEDULE")
+    if forced:
+        if forced not in SCHEDULES:
+            raise ValueError(f"MOKA_ADAPTER_SCHEDULE: expected one of {SCHEDULES}, got {forced!r}")
+        if forced == "atomic" and not grouped_launch_allowed():
+            raise RuntimeError("MOKA_ADAPTER_SCHEDULE=atomic: fp32 atomics are off in deterministic mode")
+        return forced
+    if not grouped_launch_allowed() or num_tokens >= ROWWISE_MIN_TOKENS:
+        return "rowwise"
+    return "atomic"
+
+
+def _sandwich_table(jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
+    """The device table of the jobs, the tile sizes (the largest any job needs) and the most tiles of a job."""
     m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
     factors = [t for _, s1, s2, _ in jobs for t in (s1.tensor, s2.tensor)]
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs) and out.dtype == torch.float32
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
-    num_tokens = out.shape[0]
-    if num_tokens == 0:
-        return
     bp = max(block_for(s1.rows) for _, s1, _, _ in jobs)
     bj = max(block_for(s1.cols) for _, s1, _, _ in jobs)
     bl = max(block_for(m.cols) for m, _, _, _ in jobs)
@@ -548,20 +552,29 @@ def sandwich_grouped(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: 
                 triton.cdiv(s1.rows, bp) * tiles_q,
             )
         )
-    table = _component_table(tuple(rows), out.device)
-    max_tiles = max(r[-1] for r in rows)
-    num_components = len(jobs)
-    _kron_sandwich_grouped_kernel[(num_components * max_tiles * num_tokens,)](
-        m_rows,
-        out,
-        table,
-        gate if gate is not None else table,
-        factors[0],
-        float(scale),
-        num_components,
-        max_tiles,
-        jobs[0][0].stride_t,
-        jobs[0][3].stride_t,
+    return _component_table(tuple(rows), out.device), (bp, bj, bl, bq), max(r[-1] for r in rows)
+
+
+def sandwich_grouped(
+    jobs: Sequence[Job],
+    gate: torch.Tensor | None,
+    gate_mode: int,
+    scale: float,
+    schedule: str = "atomic",
+    accumulate: bool = True,
+) -> None:
+    """out_t (+)= Σ_i c_i · S1_i · M_t,i · S2_i for every token t, all components in one launch.
+
+    All jobs share the per-token tensor (M) and the fp32 output. ``gate_mode`` 0: ``gate`` holds c (fp32);
+    1: c = scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in :func:`adapter_schedule`; the
+    atomic one always adds, so its output must start zeroed (or hold partial sums).
+    """
+    m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
+    num_tokens, num_components = out.shape[0], len(jobs)
+    if num_tokens == 0:
+        return
+    table, (bp, bj, bl, bq), max_tiles = _sandwich_table(jobs)
+    common = dict(
         GATE=gate_mode,
         R_PAD=triton.next_power_of_2(num_components),
         DOT_FP32=dot_in_fp32(m_rows.dtype),
@@ -571,6 +584,24 @@ def sandwich_grouped(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: 
         BLOCK_Q=bq,
         num_warps=4,
     )
+    gate_arg = gate if gate is not None else table
+    stride_mt, stride_ot = jobs[0][0].stride_t, jobs[0][3].stride_t
+    if schedule == "atomic":
+        assert accumulate, "the atomic schedule adds into its output"
+        _kron_sandwich_grouped_kernel[(num_components * max_tiles * num_tokens,)](
+            m_rows, out, table, gate_arg, jobs[0][1].tensor, float(scale), num_components, max_tiles,
+            stride_mt, stride_ot, **common,
+        )  # fmt: skip
+    else:
+        _kron_sandwich_rowwise_kernel[(num_tokens,)](
+            m_rows, out, table, gate_arg, jobs[0][1].tensor, float(scale), num_components,
+            stride_mt, stride_ot, ACCUMULATE=accumulate, **common,
+        )  # fmt: skip
+
+
+def _row_layout(shape: tuple[int, int]) -> torch.Tensor:
+    """A storage-less stand-in with the output's shape and strides, to lay out jobs before it exists."""
+    return torch.empty_strided(shape, (shape[1], 1), dtype=torch.float32, device="meta")
 
 
 def _forward_jobs(x2d: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:
@@ -604,30 +635,24 @@ def _run_jobs(
     coeffs: torch.Tensor | None,
     gate_logits: torch.Tensor | None,
     scale: float,
-    accumulate: bool,
+    out: torch.Tensor | None,
+    shape: tuple[int, int],
     device: torch.device,
-) -> None:
-    """One grouped launch, or (deterministic mode) one launch per component in a fixed order."""
-    if grouped_launch_allowed():
-        if coeffs is not None:
-            sandwich_grouped(jobs, coeffs, 0, 1.0)
-        else:
-            sandwich_grouped(jobs, gate_logits, 1 if gate_logits is not None else 2, scale)
-        return
-    if coeffs is None:
-        coeffs = (gate_weights(gate_logits, len(jobs), device) * scale).float()
-    for i, (m, s1, s2, o) in enumerate(jobs):
-        sandwich(m, s1, s2, o, coeffs[i], accumulate=accumulate or i > 0)
-
-
-def _adapter_output(rows: int, cols: int, out: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """The fp32 output and whether it already holds values to add to. The grouped launch adds into it."""
-    if out is not None:
-        assert out.dtype == torch.float32 and out.shape == (rows, cols)
-        return out, True
-    if grouped_launch_allowed():
-        return torch.zeros((rows, cols), dtype=torch.float32, device=device), True
-    return new_output((rows, cols), torch.float32, device), False
+) -> torch.Tensor:
+    """Run the jobs in one launch into ``out`` (added to) or a new fp32 tensor; returns it."""
+    schedule = adapter_schedule(shape[0])
+    accumulate = out is not None
+    if out is None:
+        out = (torch.zeros if schedule == "atomic" else new_output)(shape, dtype=torch.float32, device=device)
+    else:
+        assert out.dtype == torch.float32 and tuple(out.shape) == shape
+    jobs = [(m, s1, s2, _View(out, o.rows, o.cols, o.stride_r, o.stride_c, o.stride_t)) for m, s1, s2, o in jobs]
+    if coeffs is not None:
+        sandwich_grouped(jobs, coeffs, 0, 1.0, schedule, accumulate or schedule == "atomic")
+    else:
+        mode = 1 if gate_logits is not None else 2
+        sandwich_grouped(jobs, gate_logits, mode, scale, schedule, accumulate or schedule == "atomic")
+    return out
 
 
 def kron_mixture_forward(
@@ -645,11 +670,9 @@ def kron_mixture_forward(
     c is ``coeffs`` (fp32, r) if given, else scale·softmax(gate_logits), computed in the kernel (scale / r
     when ``gate_logits`` is None). With ``out`` (fp32, T × N) the result is added into it.
     """
-    n_out = a_factors[0].shape[0] * b_factors[0].shape[0]
-    out, holds_values = _adapter_output(x2d.shape[0], n_out, out, x2d.device)
-    jobs = _forward_jobs(x2d, out, a_factors, b_factors)
-    _run_jobs(jobs, coeffs, gate_logits, scale, holds_values, x2d.device)
-    return out
+    shape = (x2d.shape[0], a_factors[0].shape[0] * b_factors[0].shape[0])
+    jobs = _forward_jobs(x2d, _row_layout(shape), a_factors, b_factors)
+    return _run_jobs(jobs, coeffs, gate_logits, scale, out, shape, x2d.device)
 
 
 def kron_mixture_backward_dx(
@@ -661,11 +684,9 @@ def kron_mixture_backward_dx(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``)."""
-    k_in = a_factors[0].shape[1] * b_factors[0].shape[1]
-    out, holds_values = _adapter_output(grad_out.shape[0], k_in, out, grad_out.device)
-    jobs = _dx_jobs(grad_out, out, a_factors, b_factors)
-    _run_jobs(jobs, coeffs, None, 1.0, holds_values, grad_out.device)
-    return out
+    shape = (grad_out.shape[0], a_factors[0].shape[1] * b_factors[0].shape[1])
+    jobs = _dx_jobs(grad_out, _row_layout(shape), a_factors, b_factors)
+    return _run_jobs(jobs, coeffs, None, 1.0, out, shape, grad_out.device)
 
 
 def kron_factor_grads(
