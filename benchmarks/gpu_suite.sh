@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU suite: GPU-marked tests at LLaMA shapes (bf16 and fp16), the kernel microbenchmarks, the
-# end-to-end steps on LLaMA-2-7B shapes (random weights, NF4 in memory) and the per-call overhead.
-# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [PARTS]   PARTS: comma list of tests,layers,e2e,overhead (default all)
+# end-to-end steps on LLaMA-2-7B shapes (random weights, NF4 in memory), the per-call overhead and the
+# adapter-schedule sweep.
+# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [PARTS]   PARTS: comma list of
+#   tests,layers,e2e,overhead,schedule (default all)
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
-# overhead-cuda.json/.md. Each part has its own time limit; all four fit in 580 s (split the parts over two
-# calls when the device budget allows: the limits are guesses, no GPU has run this yet).
+# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit; all five fit in 590 s
+# (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
+# this yet).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [PARTS]}
-parts=",${2:-tests,layers,e2e,overhead},"
+parts=",${2:-tests,layers,e2e,overhead,schedule},"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,7 +27,7 @@ if [[ $parts == *,tests,* ]]; then
     2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 if [[ $parts == *,layers,* ]]; then
-  timeout 210 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  timeout 190 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
 fi
 if [[ $parts == *,e2e,* ]]; then
   timeout 170 python -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
@@ -32,5 +35,8 @@ if [[ $parts == *,e2e,* ]]; then
 fi
 if [[ $parts == *,overhead,* ]]; then
   timeout 30 python -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+fi
+if [[ $parts == *,schedule,* ]]; then
+  timeout 30 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
 fi
 exit $status

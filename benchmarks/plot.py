@@ -197,12 +197,16 @@ def _plots(path: Path, rows: list[dict]) -> None:
 
 
 def render_any(path: Path) -> Path:
-    """Render a results file of any kind the benchmarks write: layers-*, e2e-*, overhead-* or launches*."""
+    """Render a results file of any kind the benchmarks write: layers-*, e2e-*, overhead-*, launches* or schedule-*."""
     path = Path(path)
     if path.name.startswith("e2e-"):
         from .e2e import render as render_e2e
 
         return render_e2e(path)
+    if path.name.startswith("schedule-"):
+        from .schedule import render as render_schedule
+
+        return render_schedule(path)
     if path.name.startswith("launches"):
         from .launches import render as render_launches
 

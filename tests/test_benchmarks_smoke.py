@@ -243,3 +243,16 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
         assert routes["nf4 base (ours)"]["triton"] == 2 and routes["dense base"]["launches"] == 2
         assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 torch"]["launches"] / 3
     assert "| 64×128 r=5 | 1 |" in (tmp_path / "launches-smoke.md").read_text()
+
+
+def test_schedule_sweep_smoke(tmp_path):
+    """Both adapter schedules run through the sweep script (interpreter); on CPU only --smoke runs."""
+    from benchmarks import schedule
+
+    assert schedule.main(["--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert schedule.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "schedule-smoke.json").read_text())
+    assert [row["tokens"] for row in data["rows"]] == [1, 64]
+    expected = {"nf4 base", "fwd atomic", "fwd rowwise", "dx atomic", "dx rowwise"}
+    assert all(set(row["ms"]) == expected and min(row["ms"].values()) > 0 for row in data["rows"])
+    assert "| 64×128 | 5 | 64 |" in (tmp_path / "schedule-smoke.md").read_text()

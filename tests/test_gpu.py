@@ -90,3 +90,39 @@ def test_nf4_kernels_match_dequantize(tokens):
     assert rel_rms(nf4_matmul(x, w), x.float() @ dense.T) < 1e-2
     dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
     assert rel_rms(nf4_matmul_t(dy, w), dy.float() @ dense) < 1e-2
+
+
+@pytest.mark.parametrize("schedule", ["atomic", "rowwise"])
+@pytest.mark.parametrize("tokens", [5, 600])
+def test_both_adapter_schedules_at_llama_shapes(schedule, tokens, monkeypatch):
+    """Each schedule on either side of ROWWISE_MIN_TOKENS, forward and dx, against an fp32 reference."""
+    from moka_kernels.ops.kron_mixture import kron_mixture_backward_dx, kron_mixture_forward
+    from moka_kernels.reference import kron_component
+
+    monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", schedule)
+    x, _, a, b, gate, _ = _problem(4096, 4096, torch.bfloat16, tokens)
+    coeffs = torch.softmax(gate, 0)
+    expected = sum(
+        c * kron_component(x.float(), ai.float(), bi.float()) for c, ai, bi in zip(coeffs, a, b, strict=True)
+    )
+    assert rel_rms(kron_mixture_forward(x, a, b, gate_logits=gate), expected) < 1e-2
+    dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
+    expected_dx = sum(
+        c * dy.float() @ torch.kron(ai.float(), bi.float()) for c, ai, bi in zip(coeffs, a, b, strict=True)
+    )
+    assert rel_rms(kron_mixture_backward_dx(dy, a, b, coeffs), expected_dx) < 1e-2
+
+
+def test_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) (rowwise schedule, no split-K) two runs agree bit for bit."""
+    monkeypatch.delenv("MOKA_ADAPTER_SCHEDULE", raising=False)
+    x, w, a, b, gate, bias = _problem(4096, 4096, torch.bfloat16, 16)
+    weight = quantize_nf4(w.to(torch.bfloat16))
+    grad_out = torch.randn(16, 4096, device=CUDA).to(torch.bfloat16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run("triton", x, weight, a, b, gate, bias, grad_out, monkeypatch)
+        second = _run("triton", x, weight, a, b, gate, bias, grad_out, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(p, q) for p, q in zip(first, second, strict=True))

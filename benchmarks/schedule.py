@@ -1,0 +1,130 @@
+"""The adapter kernel's two schedules side by side: ``python -m benchmarks.schedule --device cuda``.
+
+``moka_kernels.ops.kron_mixture`` runs all r components in one launch, split either as ``atomic`` (a
+program per token, tile and component, fp32 atomics into a zeroed buffer) or ``rowwise`` (a program per
+token, owning its output row through all components). ``ROWWISE_MIN_TOKENS`` picks between them; this
+sweep measures both at each token count, for the adapter forward and its dx, next to our NF4 base GEMM
+alone, so a GPU run can set the threshold from data. Times are medians of ``triton.testing.do_bench``
+(ms); on CPU only ``--smoke`` runs (the interpreter, to keep the script working; its times mean nothing).
+
+Writes ``<out>/schedule-<device>.json`` (with the conditions) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moka.config import auto_component_shapes
+from moka_kernels import quantize_nf4
+
+from .run import RESULTS, conditions, make_timer
+
+SCHEDULES = ("atomic", "rowwise")
+
+
+def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype, measure) -> dict:
+    """ms per call: adapter forward and dx under each schedule, and the NF4 base GEMM alone."""
+    from moka_kernels.ops.kron_mixture import kron_mixture_backward_dx, kron_mixture_forward
+    from moka_kernels.ops.nf4_matmul import nf4_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = auto_component_shapes(n_out, k_in, r)
+    a_f = [(torch.randn(a1, a2, generator=gen) / a2**0.5).to(device, dtype) for a1, a2, _, _ in shapes]
+    b_f = [(torch.randn(b1, b2, generator=gen) / b2**0.5).to(device, dtype) for _, _, b1, b2 in shapes]
+    x = torch.randn(tokens, k_in, generator=gen).to(device, dtype)
+    dy = torch.randn(tokens, n_out, generator=gen).to(device, dtype)
+    logits = torch.randn(len(shapes), generator=gen).to(device)
+    coeffs = torch.softmax(logits, 0)
+    weight = quantize_nf4((torch.randn(n_out, k_in, generator=gen) * 0.02).to(device, dtype))
+    row = {"nf4 base": measure(lambda: nf4_matmul(x, weight))}
+    previous = os.environ.get("MOKA_ADAPTER_SCHEDULE")
+    try:
+        for schedule in SCHEDULES:
+            os.environ["MOKA_ADAPTER_SCHEDULE"] = schedule
+            row[f"fwd {schedule}"] = measure(lambda: kron_mixture_forward(x, a_f, b_f, gate_logits=logits))
+            row[f"dx {schedule}"] = measure(lambda: kron_mixture_backward_dx(dy, a_f, b_f, coeffs))
+    finally:
+        if previous is None:
+            os.environ.pop("MOKA_ADAPTER_SCHEDULE", None)
+        else:
+            os.environ["MOKA_ADAPTER_SCHEDULE"] = previous
+    return row
+
+
+def _once(fn) -> float:
+    """Smoke mode: one call, timed (the script's plumbing is what is under test, not the speed)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def render(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    columns = ["nf4 base"] + [f"{kind} {s}" for kind in ("fwd", "dx") for s in SCHEDULES]
+    lines = [
+        f"# Adapter schedules: {path.stem}",
+        "",
+        "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
+        "",
+        "ms per call (median); the NF4 base GEMM alone for scale; the faster schedule in bold.",
+        "",
+        "| layer | r | T | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for row in data["rows"]:
+        ms = row["ms"]
+        cells = []
+        for name in columns:
+            kind = name.split()[0]
+            best = name != "nf4 base" and ms[name] == min(ms[f"{kind} {s}"] for s in SCHEDULES)
+            cells.append(f"**{ms[name]:.4f}**" if best else f"{ms[name]:.4f}")
+        lines.append(f"| {row['n_out']}×{row['k_in']} | {row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
+    md = path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the adapter kernel's atomic and rowwise schedules, side by side")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--components", type=int, default=5, help="MoKA components r")
+    parser.add_argument("--smoke", action="store_true", help="one tiny layer (CI; CPU needs TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    from moka_kernels.ops import INTERPRET
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.schedule: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and not (args.smoke and INTERPRET):
+        print("benchmarks.schedule: on CPU only --smoke runs, with TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    measure = _once if args.smoke else make_timer(device, 0.01)
+    layers = [(64, 128)] if args.smoke else [(4096, 4096), (14336, 4096), (4096, 14336)]
+    tokens = [1, 64] if args.smoke else [1, 16, 128, 512, 2048, 4096]
+    rows = []
+    for n_out, k_in in layers:
+        for t in tokens:
+            ms = measure_schedules(n_out, k_in, t, args.components, device, dtype, measure)
+            rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": t, "ms": ms})
+            print(f"{n_out}x{k_in} T={t}: " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()), flush=True)
+    conds = conditions(device, dtype, 0.01)
+    conds.update(components=args.components, smoke=args.smoke)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"
+    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+    print(f"wrote {path} and {render(path)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
