@@ -8,7 +8,7 @@ launch is counted, and every aten op that runs a kernel is counted by a ``TorchD
 allocations run none and are left out). ``_local_scalar_dense`` (``.item()``, a host sync) is reported
 separately.
 
-Routes, one layer, fwd+bwd (gradients for x, every factor and the gate; no bias):
+Routes, one layer, forward alone and fwd+bwd (gradients for x, every factor and the gate; no bias):
 
 * ``nf4 base (ours)``: ``nf4_matmul`` + ``nf4_matmul_t``, the base alone (its dX);
 * ``dense base``: ``x @ Wᵀ`` + ``dy @ W``;
@@ -156,14 +156,15 @@ def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.devic
     def moka(weight, backend, deterministic=False):
         # The eager route that moka_linear takes outside tracing (under a dispatch mode, such as this
         # counter, moka_linear itself would take the custom op).
-        def call():
+        def call(backward):
             for p in params:
                 p.grad = None
             was = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(deterministic)
             try:
                 out = library.apply_linear(x, None, weight, None, gate, 1.0, a_f, b_f, backend, use_custom_op=False)
-                out.backward(dy)
+                if backward:
+                    out.backward(dy)
             finally:
                 torch.use_deterministic_algorithms(was)
 
@@ -171,16 +172,18 @@ def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.devic
 
     lora = build_case("lora_r16", n_out, k_in, device, dtype, base="dense")
 
-    def peft_lora():
+    def peft_lora(backward):
         for p in lora.forward.parameters():
             p.grad = None
         x.grad = None
-        lora.forward(x).backward(dy)
+        out = lora.forward(x)
+        if backward:
+            out.backward(dy)
 
     x_d = x.detach()
     calls = {
-        "nf4 base (ours)": lambda: (nf4_matmul(x_d, nf4), nf4_matmul_t(dy, nf4)),
-        "dense base": lambda: (x_d @ dense.t(), dy @ dense),
+        "nf4 base (ours)": lambda backward: (nf4_matmul(x_d, nf4), backward and nf4_matmul_t(dy, nf4)),
+        "dense base": lambda backward: (x_d @ dense.t(), backward and dy @ dense),
         "moka nf4 triton": moka(nf4, "triton"),
         "moka nf4 triton deterministic": moka(nf4, "triton", deterministic=True),
         "moka dense triton": moka(dense, "triton"),
@@ -189,8 +192,15 @@ def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.devic
     }
     out = {}
     for name, fn in calls.items():
-        c = count(fn)
-        out[name] = {"launches": c.total, "syncs": c.syncs, "triton": c.triton, "aten": dict(sorted(c.ops.items()))}
+        c = count(lambda fn=fn: fn(True))
+        f = count(lambda fn=fn: fn(False))
+        out[name] = {
+            "launches": c.total,
+            "fwd_launches": f.total,
+            "syncs": c.syncs + f.syncs,
+            "triton": c.triton,
+            "aten": dict(sorted(c.ops.items())),
+        }
     return out
 
 
@@ -201,8 +211,8 @@ def render(path: Path) -> Path:
         "",
         "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
         "",
-        "Kernel launches per fwd+bwd call (Triton launches + aten ops that run a kernel), counted exactly; "
-        "host syncs in brackets where not 0.",
+        "Kernel launches per call, forward / forward+backward (Triton launches + aten ops that run a kernel), "
+        "counted exactly; host syncs in brackets where not 0.",
         "",
         "| layer | T | " + " | ".join(ROUTES) + " |",
         "|---|---|" + "---|" * len(ROUTES),
@@ -211,7 +221,7 @@ def render(path: Path) -> Path:
         cells = []
         for name in ROUTES:
             c = row["routes"][name]
-            cells.append(f"{c['launches']}" + (f" [{c['syncs']} syncs]" if c["syncs"] else ""))
+            cells.append(f"{c['fwd_launches']} / {c['launches']}" + (f" [{c['syncs']} syncs]" if c["syncs"] else ""))
         lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
     md = path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
@@ -238,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in (1, 64):  # split-K decode path, and the prefill/training path
             routes = count_routes(n_out, k_in, tokens, args.components, device, dtype)
             rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": tokens, "routes": routes})
-            print(f"{n_out}x{k_in} T={tokens}: " + "  ".join(f"{k} {v['launches']}" for k, v in routes.items()))
+            print(
+                f"{n_out}x{k_in} T={tokens}: "
+                + "  ".join(f"{k} {v['fwd_launches']}/{v['launches']}" for k, v in routes.items())
+            )
     conds = conditions(device, dtype, 0.0)
     conds.pop("timer", None)
     conds.update(components=args.components, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")

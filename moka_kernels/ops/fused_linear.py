@@ -2,20 +2,25 @@ r"""The fused MoKA layer on the Triton kernels: forward and backward of
 
 .. math::  y = x W_0^T + b + \sum_i c_i (A_i \otimes B_i) x_a, \qquad c = s \cdot \mathrm{softmax}(g)
 
-Forward (two launches per layer plus one per component):
+Forward, whatever r is:
 
-1. ``kron_mixture_forward`` writes the adapter output Σ c_i Y_i once, in fp32 (T × N). The r per-component
-   intermediates stay on chip.
-2. The base GEMM adds it in its epilogue, with the bias: ``nf4_matmul`` for an NF4 base (decoding the packed
-   bytes in registers), ``torch.addmm`` (cuBLAS, beta = 1) for a dense base.
+* training and prefill: ``kron_mixture_forward`` writes the adapter output Σ c_i Y_i once, in fp32 (T × N),
+  in one launch for all components; the base GEMM adds it in its epilogue, with the bias: ``nf4_matmul``
+  for an NF4 base (decoding the packed bytes in registers), ``torch.addmm`` (cuBLAS, beta = 1) for a dense
+  base;
+* decoding (an NF4 base whose GEMM takes the split-K path, T ≤ 16): the base's split-K programs and the
+  adapter's programs both add into one zeroed fp32 buffer (``nf4_matmul_accumulate`` then the atomic
+  adapter schedule), which is cast once: four launches against the base alone's three.
 
 Why the epilogue and not ΔW folded into the dequantized tile: folding needs ΔW tiles, i.e. r small
 GEMMs per W tile recomputed by every M-tile, which only pays at very large T; the epilogue costs one write
 and one read of a T × N fp32 tensor (docs/design.md has the roofline numbers).
 
-Backward: dx = dy · W0 with the adapter's dx (``kron_mixture_backward_dx``) added in the NF4 transposed
-GEMM's epilogue; dA_i, dB_i by token reduction; dα_i = s⟨A_i, M_i⟩; dg by the softmax backward.
-Nothing of size r·T·N is ever written, and W0 is re-decoded instead of saved.
+Backward: dx = dy · W0 with the adapter's dx (``kron_mixture_backward_dx``, one launch) added in the NF4
+transposed GEMM's epilogue; every raw factor gradient M_i, R_i in one token-reduction launch, in factor
+layout in one buffer; dA, dB, dα and dg by a few whole-buffer ops. Nothing of size r·T·N is ever
+written, and W0 is re-decoded instead of saved. Under ``torch.use_deterministic_algorithms(True)`` no
+atomics are used (no split-K, the row-owning adapter schedule), so results are bitwise reproducible.
 """
 
 from __future__ import annotations

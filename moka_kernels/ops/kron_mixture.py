@@ -1,23 +1,38 @@
-r"""Kronecker-mixture kernels: Σ_i c_i (A_i ⊗ B_i) x without ΔW, and its backward.
+r"""Kronecker-mixture kernels: Σ_i c_i (A_i ⊗ B_i) x without ΔW, and its backward, each in one launch.
 
-Every contraction of the adapter is one of two shapes, so two kernels cover forward and backward.
+Every contraction of the adapter is one of two shapes, so two contractions cover forward and backward.
 
-**Sandwich** (``_kron_sandwich_kernel``), per token t:
+**Sandwich**, per token t and component i:
 
-.. math::  \mathrm{out}_t \mathrel{(+)}= c \cdot S_1 \, (M_t \, S_2)
+.. math::  \mathrm{out}_t \mathrel{+}= c_i \cdot S_{1,i} \, (M_{t,i} \, S_{2,i})
 
-with S_1 (P×J) and S_2 (L×Q) shared and M_t (J×L) a view of token t's row. Strides pick the roles:
+with S_1 (P×J) and S_2 (L×Q) the component's factors and M_t (J×L) a view of token t's row. Strides pick
+the roles:
 
 * forward, ``b_first``: S_1 = A, M_t = X_t, S_2 = Bᵀ, out_t = Y_t (a1×b1)  — a2·b1·(b2 + a1) MACs;
 * forward, ``a_first``: S_1 = B, M_t = X_tᵀ, S_2 = Aᵀ, out_t = Y_tᵀ        — a1·b2·(a2 + b1) MACs;
 * adapter dX: S_1 = Aᵀ, M_t = G_t, S_2 = B (or the transposed roles), out_t = dX_t.
 
-A program owns one token and a BLOCK_P × BLOCK_Q tile of out_t in fp32 registers. It walks J in BLOCK_J
-steps; for each step the inner product M_t[j-block, :] · S_2[:, q-tile] is accumulated over L in fp32
-registers, rounded to the input dtype (as the reference rounds its intermediate) and multiplied by
-S_1[p-tile, j-block]. The per-token intermediate (as large as x per component) never leaves the chip.
+A tile (``_sandwich_tile``) is a BLOCK_P × BLOCK_Q block of out_t in fp32 registers: it walks J in BLOCK_J
+steps; each step's inner product M_t[j-block, :] · S_2[:, q-tile] is accumulated over L in fp32, rounded
+to the input dtype (as the reference rounds its intermediate) and multiplied by S_1[p-tile, j-block]. The
+per-token intermediate (as large as x per component) never leaves the chip.
 
-**Token reduction** (``_kron_token_reduce_kernel``), over all tokens:
+Components differ in shape, so one launch covers all of them through a **component table**: an int64 row
+per component with its factors' addresses, dimensions, strides and tile counts (cached on the device,
+keyed on its contents; a layer's factors keep their addresses, so training builds it once). Tile sizes
+are the largest any component needs, masked at the edges. The coefficients c = s·softmax(g) are computed
+in the kernel from the logits. Two schedules (:func:`adapter_schedule`):
+
+* ``_kron_sandwich_grouped_kernel`` ("atomic"): a program per (token, tile, component), component fastest,
+  adding with fp32 atomics into a zeroed buffer. r·tiles·T programs fill the GPU at decode sizes; the r
+  programs of one row run together, so their read-modify-writes meet in L2.
+* ``_kron_sandwich_rowwise_kernel`` ("rowwise"): a program per token, owning its output row through all
+  components in a fixed order (the first stores, the others add to what the program wrote, with a barrier
+  between components since their tilings differ). The row is written once: no zero fill and no DRAM
+  read-modify-write, and the sum is deterministic.
+
+**Token reduction** (``_kron_token_reduce_grouped_kernel``), over all tokens:
 
 .. math::  \mathrm{out} = \sum_t (L_t \, S) \, R_t
 
@@ -25,12 +40,11 @@ S_1[p-tile, j-block]. The per-token intermediate (as large as x per component) n
 * dB_raw = R = Σ_t (G_tᵀ A) X_t: L_t = G_tᵀ, S = A, R_t = X_t;
 
 each grouped so that its intermediate is the component's small one; the other grouping is the transposed
-reduction (e.g. Mᵀ = Σ_t (X_t Bᵀ) G_tᵀ when X Bᵀ is the small intermediate).
-
-The token axis is split across programs (``splits``), each writing an fp32 partial sum that is reduced
-afterwards; no atomics, so results are deterministic. Then dA = c·M, dB = c·R, dα = s⟨A, M⟩ = s⟨B, R⟩.
-
-Components with different shapes run as one launch each, all accumulating into one fp32 buffer.
+reduction (e.g. Mᵀ = Σ_t (X_t Bᵀ) G_tᵀ when X Bᵀ is the small intermediate), stored transposed so every
+result lands in its factor's layout. All requested reductions run in one launch over a table like the
+sandwich's, into one flat fp32 buffer. The token axis is split across programs, each writing an fp32
+partial sum that one ``sum`` reduces; no atomics, so results are deterministic. Then dA = c·M, dB = c·R,
+dα = s⟨A, M⟩ = s⟨B, R⟩, as whole-buffer ops.
 """
 
 from __future__ import annotations
