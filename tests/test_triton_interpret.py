@@ -186,6 +186,29 @@ def test_component_tables_are_per_layer():
     _check(kron_mixture_forward(x, a_f, b_f, coeffs), _mixture64(x, a_f, b_f, coeffs.double()), torch.float32, "")
 
 
+def test_component_tables_are_built_once_per_layer(deterministic):
+    """A layer's tables hold only per-layer constants (factor addresses, shapes, strides), never
+    activation addresses: new activations and token counts reuse them, so training copies no table to
+    the device after its first step."""
+    from moka_kernels import library
+    from moka_kernels.ops.kron_mixture import _component_table
+
+    shapes = auto_component_shapes(40, 96, 3)
+    _, w_dense, a_f, b_f, g, _ = make_problem(40, 96, shapes, torch.float32)
+    weight = quantize_nf4(w_dense, blocksize=32)
+
+    def step(tokens):
+        x = torch.randn(tokens, 96, requires_grad=True)
+        out = library.apply_linear(x, None, weight, None, g, 0.7, a_f, b_f, "triton", use_custom_op=False)
+        out.backward(torch.randn_like(out))
+
+    step(5)
+    built = _component_table.cache_info().misses
+    for tokens in (5, 9, 5):
+        step(tokens)
+    assert _component_table.cache_info().misses == built
+
+
 def test_adapter_schedule_and_split_k_follow_the_mode(monkeypatch):
     """Default: the atomic schedule for few tokens, the row-owning one from ROWWISE_MIN_TOKENS, split-K
     for decode sizes. Deterministic mode: rowwise at every size and no split-K (both use atomics).

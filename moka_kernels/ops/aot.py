@@ -111,7 +111,13 @@ def variants() -> list[Variant]:
                 flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
                 out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3))
                 out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3))
-            ptrs = {"table_ptr": "*i64", "ws_ptr": "*fp32", "like_ptr": f"*{dtype}"}
+            ptrs = {
+                "rows0_ptr": f"*{dtype}",
+                "rows1_ptr": f"*{dtype}",
+                "table_ptr": "*i64",
+                "ws_ptr": "*fp32",
+                "like_ptr": f"*{dtype}",
+            }
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
             out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.

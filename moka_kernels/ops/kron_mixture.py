@@ -291,7 +291,8 @@ def _kron_sandwich_rowwise_kernel(
 
 
 # The table of ``_kron_token_reduce_grouped_kernel``: one int64 row per reduction, columns
-#  0-2 L_t, S, R_t addresses, 3-6 M, K, J, N, 7-9 L strides (t, m, k), 10-11 S strides (k, j),
+#  0 which per-token tensor L_t is in (0 or 1), 1 S's address, 2 which one R_t is in, 3-6 M, K, J, N,
+#  7-9 L strides (t, m, k), 10-11 S strides (k, j),
 # 12-14 R strides (t, j, n), 15 offset of the result in the flat workspace, 16-17 its strides (m, n),
 # 18 N-tiles, 19 tiles.
 REDUCE_COLUMNS = 20
@@ -299,6 +300,8 @@ REDUCE_COLUMNS = 20
 
 @triton.jit
 def _kron_token_reduce_grouped_kernel(
+    rows0_ptr,  # the per-token tensors the reductions read (dy and x): kernel arguments rather than
+    rows1_ptr,  # table entries, so the table holds only per-layer constants and is built once
     table_ptr,  # int64 (R, REDUCE_COLUMNS)
     ws_ptr,  # fp32 partial sums (splits, total): every result's block at its offset
     like_ptr,  # any operand: the element type the table's addresses point to
@@ -322,9 +325,13 @@ def _kron_token_reduce_grouped_kernel(
     split = (rest // max_tiles).to(tl.int64)
     row = table_ptr + job * 20
     if tile < tl.load(row + 19):
-        l_ptr = tl.load(row + 0).to(like_ptr.dtype)
+        l_ptr = rows0_ptr
+        if tl.load(row + 0) != 0:
+            l_ptr = rows1_ptr
+        r_ptr = rows0_ptr
+        if tl.load(row + 2) != 0:
+            r_ptr = rows1_ptr
         s_ptr = tl.load(row + 1).to(like_ptr.dtype)
-        r_ptr = tl.load(row + 2).to(like_ptr.dtype)
         M = tl.load(row + 3)
         K = tl.load(row + 4)
         J = tl.load(row + 5)
@@ -429,6 +436,13 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
     operands = [v.tensor for job in jobs for v in job[:3]]
     assert all(t.dtype == operands[0].dtype for t in operands), "the kernel casts every address to one type"
     device = operands[0].device
+    per_token: list[torch.Tensor] = []  # the (at most two) tensors L_t and R_t come from, by identity
+    for left, _, right, _ in jobs:
+        for view in (left, right):
+            if not any(view.tensor is t for t in per_token):
+                per_token.append(view.tensor)
+    assert len(per_token) <= 2, "reductions read at most two per-token tensors (dy and x)"
+    which = {id(t): i for i, t in enumerate(per_token)}
     bm = max(block_for(left.rows) for left, _, _, _ in jobs)
     bk = max(block_for(left.cols) for left, _, _, _ in jobs)
     bj = max(block_for(shared.cols) for _, shared, _, _ in jobs)
@@ -440,9 +454,9 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
         tiles_n = triton.cdiv(n_dim, bn)
         rows.append(
             (
-                left.tensor.data_ptr(),
+                which[id(left.tensor)],
                 shared.tensor.data_ptr(),
-                right.tensor.data_ptr(),
+                which[id(right.tensor)],
                 m_dim,
                 left.cols,
                 shared.cols,
@@ -470,6 +484,8 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
     splits = triton.cdiv(max(num_tokens, 1), per_split)
     workspace = new_output((splits, offset), torch.float32, device)
     _kron_token_reduce_grouped_kernel[(len(jobs) * max_tiles * splits,)](
+        per_token[0],
+        per_token[-1],
         _component_table(tuple(rows), device),
         workspace,
         operands[0],
@@ -498,10 +514,12 @@ def grouped_launch_allowed() -> bool:
     return not torch.are_deterministic_algorithms_enabled()
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16384)
 def _component_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    """The device copy of a component table. Keyed on its own contents (addresses, shapes, strides), so a
-    hit is always right; a layer's factors keep their addresses across steps, so training copies it once."""
+    """The device copy of a component table. Keyed on its own contents (factor addresses, shapes, strides;
+    never activations), so a hit is always right; a layer's factors keep their addresses across steps, so
+    training copies its tables once. A few hundred bytes each: 16k entries cover ~5000 adapted layers, so
+    a table captured in a CUDA graph is not evicted while the graph lives in any realistic model."""
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
