@@ -32,6 +32,7 @@ are one batched GEMM with the factor broadcast; the token reductions R are one G
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -44,6 +45,8 @@ __all__ = [
     "GradRequest",
     "MoKAGrads",
     "contraction_order",
+    "factor_requests",
+    "finish_factor_grads",
     "gate_weights",
     "kron_component",
     "materialized_delta_weight",
@@ -83,13 +86,13 @@ def _left(m: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
     return torch.bmm(m.expand(x3.shape[0], *m.shape), x3)
 
 
-def _token_sum_outer(p3: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
-    """Σ_t P_t Q_tᵀ for P (T, m, k) and Q (T, n, k) -> (m, n).
+def _token_sum_outer(p3: torch.Tensor, q3: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t P_t Q_tᵀ for P (T, m, k) and Q (T, n, k) -> (m, n), into ``out`` if given.
 
     A batched GEMM reading Q transposed in place, then a sum over tokens; ``tensordot`` would copy both
     operands into (m, T·k) / (T·k, n) layouts first, and the copy of the x-sized operand costs more.
     """
-    return torch.bmm(p3, q3.transpose(1, 2)).sum(0)
+    return torch.sum(torch.bmm(p3, q3.transpose(1, 2)), 0, out=out)
 
 
 def kron_component(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -177,6 +180,63 @@ def softmax_gate_backward(alpha: torch.Tensor, grad_alpha: torch.Tensor, dtype: 
     return (alpha * (grad_alpha - (alpha * grad_alpha).sum())).to(dtype)
 
 
+def factor_requests(needs: GradRequest, r: int) -> list[tuple[int, str]]:
+    """Which raw factor gradients a backward computes, in order: with the gate, first one per component
+    (M_i if dA_i is needed anyway or nothing else is, else R_i; dα_i = s⟨A_i, M_i⟩ = s⟨B_i, R_i⟩), then
+    the others the factors' gradients need. ``(i, "a")`` is M_i (a1×a2), ``(i, "b")`` is R_i (b1×b2)."""
+    requests: list[tuple[int, str]] = []
+    if needs.gate:
+        requests = [(i, "a" if needs.a[i] or not needs.b[i] else "b") for i in range(r)]
+    for i in range(r):
+        for which, wanted in (("a", needs.a[i]), ("b", needs.b[i])):
+            if wanted and (i, which) not in requests:
+                requests.append((i, which))
+    return requests
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_owner(owners: tuple[int, ...], sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """For each element of a flat buffer of segments, the component it belongs to (cached per layout)."""
+    return torch.repeat_interleave(torch.tensor(owners), torch.tensor(sizes)).to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_lengths(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(sizes, device=device)
+
+
+def finish_factor_grads(
+    raw_flat: torch.Tensor,
+    requests: Sequence[tuple[int, str]],
+    needs: GradRequest,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    alpha: torch.Tensor,
+    scale: float,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor]:
+    """dA_i = c_i·M_i, dB_i = c_i·R_i and dα_i = s⟨factor_i, raw_i⟩ from the raw gradients of ``requests``,
+    laid out one after another in ``raw_flat`` (each in its factor's shape), as a few whole-buffer ops
+    rather than a few per component. The factor gradients are views of one buffer."""
+    r = len(a_factors)
+    grad_a: list[torch.Tensor | None] = [None] * r
+    grad_b: list[torch.Tensor | None] = [None] * r
+    if not requests:
+        return grad_a, grad_b, torch.zeros_like(alpha)
+    factors = [(a_factors if which == "a" else b_factors)[i] for i, which in requests]
+    sizes = tuple(f.numel() for f in factors)
+    owner = _segment_owner(tuple(i for i, _ in requests), sizes, raw_flat.device)
+    grads = (raw_flat * coeffs.to(raw_flat.dtype)[owner]).to(a_factors[0].dtype).split(sizes)
+    for (i, which), factor, grad in zip(requests, factors, grads, strict=True):
+        if (needs.a if which == "a" else needs.b)[i]:  # not the ones only the gate asked for
+            (grad_a if which == "a" else grad_b)[i] = grad.view(factor.shape)
+    if not needs.gate:
+        return grad_a, grad_b, torch.zeros_like(alpha)
+    gate_part = raw_flat[: sum(sizes[:r])].to(alpha.dtype) * torch.cat([f.reshape(-1) for f in factors[:r]])
+    dots = torch.segment_reduce(gate_part, "sum", lengths=_segment_lengths(sizes[:r], raw_flat.device))
+    return grad_a, grad_b, scale * dots.to(alpha.dtype)
+
+
 def moka_forward_torch(
     x2d: torch.Tensor,
     adapter_x2d: torch.Tensor | None,
@@ -219,47 +279,43 @@ def moka_backward_torch(
 
     grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
     grad_xa = torch.zeros_like(xa) if (need_adapter_x and separate) else None
-    grad_alpha = torch.zeros_like(alpha)
-    grad_a: list[torch.Tensor | None] = [None] * r
-    grad_b: list[torch.Tensor | None] = [None] * r
+    # Raw factor gradients go straight into one flat buffer (out=), in factor_requests' order, so their
+    # scaling and dα are whole-buffer ops (finish_factor_grads, shared with the Triton backend).
+    requests = factor_requests(needs, r)
+    sizes = [(a_factors if w == "a" else b_factors)[i].numel() for i, w in requests]
+    raw_flat = grad_out.new_empty(sum(sizes))
+    slots = dict(zip(requests, raw_flat.split(sizes), strict=True))
 
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         (a1, a2), (b1, b2) = a.shape, b.shape
-        need_a, need_b = needs.a[i], needs.b[i]
+        m_slot, r_slot = slots.get((i, "a")), slots.get((i, "b"))
         g3 = grad_out.reshape(num_tokens, a1, b1)
         x3 = xa.reshape(num_tokens, a2, b2)
         # Follow the component's cheaper contraction order, so every intermediate is the small one.
-        m_raw = r_raw = None
         if contraction_order(a.shape, b.shape) == "a_first":
             # Q = G·B and V = A·X are (T, a1, b2).
-            q = g3 @ b if (need_a or need_adapter_x or (needs.gate and not need_b)) else None
+            q = g3 @ b if (m_slot is not None or need_adapter_x) else None
             if need_adapter_x:
                 dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
                 torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
-            if q is not None and (need_a or needs.gate):
-                m_raw = _token_sum_outer(q, x3)  # Σ_t Q_t X_tᵀ
-            if need_b:
-                v = _left(a, x3)
-                r_raw = g3.reshape(-1, b1).T @ v.reshape(-1, b2)  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
+            if m_slot is not None:
+                _token_sum_outer(q, x3, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
+            if r_slot is not None:  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
+                torch.mm(g3.reshape(-1, b1).T, _left(a, x3).reshape(-1, b2), out=r_slot.view(b1, b2))
         else:
             # P = Aᵀ·G and U = X·Bᵀ are (T, a2, b1).
-            p = _left(a.T, g3) if (need_b or need_adapter_x or (needs.gate and not need_a)) else None
+            p = _left(a.T, g3) if (r_slot is not None or need_adapter_x) else None
             if need_adapter_x:
                 dx_target = (grad_xa if separate else grad_x).view(num_tokens * a2, b2)
                 dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
-            if p is not None and (need_b or needs.gate):
-                r_raw = p.reshape(-1, b1).T @ x3.reshape(-1, b2)  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
-            if need_a:
-                u = x3 @ b.T
-                m_raw = _token_sum_outer(g3, u)  # Σ_t G_t U_tᵀ
-        if needs.gate:
-            factor, raw = (a, m_raw) if m_raw is not None else (b, r_raw)
-            grad_alpha[i] = scale * (factor.to(alpha.dtype) * raw.to(alpha.dtype)).sum()
-        if need_a:
-            grad_a[i] = m_raw * coeffs[i]
-        if need_b:
-            grad_b[i] = r_raw * coeffs[i]
+            if r_slot is not None:  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
+                torch.mm(p.reshape(-1, b1).T, x3.reshape(-1, b2), out=r_slot.view(b1, b2))
+            if m_slot is not None:
+                _token_sum_outer(g3, x3 @ b.T, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
+    grad_a, grad_b, grad_alpha = finish_factor_grads(
+        raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale
+    )
     grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
     grad_bias = grad_out.sum(0) if needs.bias else None
     return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)

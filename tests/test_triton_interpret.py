@@ -320,8 +320,9 @@ def test_backends_return_exactly_the_requested_gradients(request_name, determini
     theirs = moka_backward_torch(grad_out, x, None, weight, g, 0.7, a_f, b_f, needs)
     pairs = [(ours.x, theirs.x), (ours.bias, theirs.bias), (ours.gate, theirs.gate)]
     pairs += list(zip(ours.a, theirs.a, strict=True)) + list(zip(ours.b, theirs.b, strict=True))
-    for i, (mine, ref) in enumerate(pairs):
-        assert (mine is None) == (ref is None), f"gradient {i}: {mine is None=} but {ref is None=}"
+    asked = [need_x, bias, gate, *need_a, *need_b]
+    for i, ((mine, ref), wanted) in enumerate(zip(pairs, asked, strict=True)):
+        assert (mine is not None) == wanted and (ref is not None) == wanted, f"gradient {i}: asked {wanted}"
         if ref is not None:
             _check(mine, ref.double(), torch.float32, f"gradient {i}")
 

@@ -25,13 +25,19 @@ atomics are used (no split-K, the row-owning adapter schedule), so results are b
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
 from ..nf4 import NF4Tensor, dequantize_nf4
-from ..reference import GradRequest, MoKAGrads, gate_weights, softmax_gate_backward
+from ..reference import (
+    GradRequest,
+    MoKAGrads,
+    factor_requests,
+    finish_factor_grads,
+    gate_weights,
+    softmax_gate_backward,
+)
 from . import nf4_matmul as nf4_ops
 from .kron_mixture import (
     grouped_launch_allowed,
@@ -98,30 +104,6 @@ def _decode_fusion(x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor) -> bool:
     return nf4_ops.split_k_for(x2d.shape[0], weight.shape[0], weight.shape[1]) > 1 and x2d.shape[0] > 0
 
 
-def _factor_requests(needs: GradRequest, r: int) -> list[tuple[int, str]]:
-    """Which raw factor gradients to reduce: with the gate, first one per component (M_i if it is needed
-    anyway, else R_i; dα_i = s⟨A_i, M_i⟩ = s⟨B_i, R_i⟩), then the rest the factors' gradients need."""
-    requests: list[tuple[int, str]] = []
-    if needs.gate:
-        requests = [(i, "a" if needs.a[i] or not needs.b[i] else "b") for i in range(r)]
-    for i in range(r):
-        for which, wanted in (("a", needs.a[i]), ("b", needs.b[i])):
-            if wanted and (i, which) not in requests:
-                requests.append((i, which))
-    return requests
-
-
-@functools.lru_cache(maxsize=1024)
-def _segment_owner(owners: tuple[int, ...], sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """For each element of the flat raw gradients, the component it belongs to (cached per layout)."""
-    return torch.repeat_interleave(torch.tensor(owners), torch.tensor(sizes)).to(device)
-
-
-@functools.lru_cache(maxsize=1024)
-def _segment_lengths(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(sizes, device=device)
-
-
 def moka_backward_triton(
     grad_out: torch.Tensor,
     x2d: torch.Tensor,
@@ -146,27 +128,14 @@ def moka_backward_triton(
     grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx) if needs.x else None
     grad_xa = adapter_dx.to(grad_out.dtype) if (separate and need_adapter_x) else None
 
-    grad_a: list[torch.Tensor | None] = [None] * r
-    grad_b: list[torch.Tensor | None] = [None] * r
-    requests = _factor_requests(needs, r)
-    if not requests:
-        grad_alpha = torch.zeros_like(alpha)
-    else:
-        # All raw factor gradients in one launch, in request order and factor layout, so the scaling,
-        # the casts and dα are a few whole-buffer ops instead of a few per component.
+    requests = factor_requests(needs, r)
+    if requests:  # every raw factor gradient in one launch, in request order and factor layout
         raw_flat, _ = kron_factor_grads(grad_out, xa, a_factors, b_factors, requests)
-        sizes = tuple((a_factors if w == "a" else b_factors)[i].numel() for i, w in requests)
-        owner = _segment_owner(tuple(i for i, _ in requests), sizes, raw_flat.device)
-        grads = (raw_flat * coeffs[owner]).to(a_factors[0].dtype).split(sizes)
-        for (i, which), grad in zip(requests, grads, strict=True):
-            if (needs.a if which == "a" else needs.b)[i]:  # not the gate-only ones
-                factor = (a_factors if which == "a" else b_factors)[i]
-                (grad_a if which == "a" else grad_b)[i] = grad.view(factor.shape)
-        if needs.gate:  # dα_i = s⟨factor, raw⟩ over the first r requests (one factor per component)
-            factors = [(a_factors if w == "a" else b_factors)[i].reshape(-1) for i, w in requests[:r]]
-            gate_part = raw_flat[: sum(sizes[:r])] * torch.cat(factors).to(alpha.dtype)
-            lengths = _segment_lengths(sizes[:r], raw_flat.device)
-            grad_alpha = scale * torch.segment_reduce(gate_part, "sum", lengths=lengths).to(alpha.dtype)
+    else:
+        raw_flat = grad_out.new_empty(0, dtype=torch.float32)
+    grad_a, grad_b, grad_alpha = finish_factor_grads(
+        raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale
+    )
     grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
     grad_bias = grad_out.sum(0) if needs.bias else None
     return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)
