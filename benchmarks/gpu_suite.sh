@@ -6,7 +6,7 @@
 #   tests,layers,e2e,overhead,schedule (default all)
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
-# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit; all five fit in 590 s
+# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit; all five fit in 585 s
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 set -uo pipefail
@@ -27,16 +27,16 @@ if [[ $parts == *,tests,* ]]; then
     2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 if [[ $parts == *,layers,* ]]; then
-  timeout 190 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  timeout 180 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
 fi
 if [[ $parts == *,e2e,* ]]; then
-  timeout 170 python -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
+  timeout 150 python -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
     2>&1 | tee "$out/e2e.log" || status=1
 fi
 if [[ $parts == *,overhead,* ]]; then
   timeout 30 python -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
 fi
 if [[ $parts == *,schedule,* ]]; then
-  timeout 30 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+  timeout 55 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
 fi
 exit $status
