@@ -4,7 +4,9 @@
 program per token, tile and component, fp32 atomics into a zeroed buffer) or ``rowwise`` (a program per
 token, owning its output row through all components). ``ROWWISE_MIN_TOKENS`` picks between them; this
 sweep measures both at each token count, for the adapter forward and its dx, next to our NF4 base GEMM
-alone, so a GPU run can set the threshold from data. Times are medians of ``triton.testing.do_bench``
+alone, so a GPU run can set the threshold from data; at T ≤ 16 also the whole decode forward with the
+adapter's programs inside the NF4 GEMV's launch (``fused``) and as their own launch (``separate``,
+``MOKA_DECODE_FUSION=0``). Times are medians of ``triton.testing.do_bench``
 (ms); on CPU only ``--smoke`` runs (the interpreter, to keep the script working; its times mean nothing).
 
 Writes ``<out>/schedule-<device>.json`` (with the conditions) and ``.md``.
@@ -44,6 +46,15 @@ def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype,
     coeffs = torch.softmax(logits, 0)
     weight = quantize_nf4((torch.randn(n_out, k_in, generator=gen) * 0.02).to(device, dtype))
     row = {"nf4 base": measure(lambda: nf4_matmul(x, weight))}
+    if tokens <= 16:  # the decode forward: adapter programs inside the GEMV's launch, or their own launch
+        from moka_kernels.ops.fused_linear import moka_forward_triton
+
+        for fused in ("1", "0"):
+            os.environ["MOKA_DECODE_FUSION"] = fused
+            row[f"decode fwd {'fused' if fused == '1' else 'separate'}"] = measure(
+                lambda: moka_forward_triton(x, None, weight, None, logits, 1.0, a_f, b_f)
+            )
+        os.environ.pop("MOKA_DECODE_FUSION")
     previous = os.environ.get("MOKA_ADAPTER_SCHEDULE")
     try:
         for schedule in SCHEDULES:
@@ -68,6 +79,7 @@ def _once(fn) -> float:
 def render(path: Path) -> Path:
     data = json.loads(path.read_text())
     columns = ["nf4 base"] + [f"{kind} {s}" for kind in ("fwd", "dx") for s in SCHEDULES]
+    columns += ["decode fwd fused", "decode fwd separate"]
     lines = [
         f"# Adapter schedules: {path.stem}",
         "",
@@ -82,8 +94,11 @@ def render(path: Path) -> Path:
         ms = row["ms"]
         cells = []
         for name in columns:
-            kind = name.split()[0]
-            best = name != "nf4 base" and ms[name] == min(ms[f"{kind} {s}"] for s in SCHEDULES)
+            if name not in ms:
+                cells.append("—")
+                continue
+            group = [c for c in columns if c.rsplit(" ", 1)[0] == name.rsplit(" ", 1)[0] and c in ms]
+            best = len(group) > 1 and ms[name] == min(ms[c] for c in group)
             cells.append(f"**{ms[name]:.4f}**" if best else f"{ms[name]:.4f}")
         lines.append(f"| {row['n_out']}×{row['k_in']} | {row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
     md = path.with_suffix(".md")

@@ -209,6 +209,29 @@ def test_component_tables_are_built_once_per_layer(deterministic):
     assert _component_table.cache_info().misses == built
 
 
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
+def test_decode_forward_with_the_adapter_inside_the_gemv_launch(gate, monkeypatch):
+    """Decoding on an NF4 base: the adapter's programs run inside the split-K GEMV's launch; the result
+    matches the fp64 reference and the adapter as its own launch (MOKA_DECODE_FUSION=0)."""
+    from moka_kernels.ops.fused_linear import moka_forward_triton
+
+    shapes = [(8, 12, 5, 8), (2, 32, 20, 3), (40, 2, 1, 48)]
+    for tokens in (1, 7, 16):
+        x, w_dense, a_f, b_f, g, bias = make_problem(40, 96, shapes, torch.float32, lead=(tokens,), gate=gate)
+        weight = quantize_nf4(w_dense, blocksize=32)
+        x, a_f, b_f = x.detach(), [t.detach() for t in a_f], [t.detach() for t in b_f]
+        g, bias = (g.detach() if gate else None), bias.detach()
+        fused = moka_forward_triton(x, None, weight, bias, g, 0.7, a_f, b_f)
+        monkeypatch.setenv("MOKA_DECODE_FUSION", "0")
+        separate = moka_forward_triton(x, None, weight, bias, g, 0.7, a_f, b_f)
+        monkeypatch.delenv("MOKA_DECODE_FUSION")
+        a64, b64 = [t.double() for t in a_f], [t.double() for t in b_f]
+        dense64 = dequantize_nf4(weight, torch.float64)
+        ref = moka_linear_materialized(x.double(), dense64, a64, b64, g, bias.double(), 0.7)
+        _check(fused, ref, torch.float32, f"fused T={tokens}")
+        _check(separate, ref, torch.float32, f"separate T={tokens}")
+
+
 def test_adapter_schedule_and_split_k_follow_the_mode(monkeypatch):
     """Default: the atomic schedule for few tokens, the row-owning one from ROWWISE_MIN_TOKENS, split-K
     for decode sizes. Deterministic mode: rowwise at every size and no split-K (both use atomics).

@@ -84,15 +84,38 @@ def variants() -> list[Variant]:
                 if split_k > 1:
                     ptrs["out_ptr"] = "*fp32"
                 flags = dict(BLOCKSIZE=64, HAS_ADD=True, HAS_BIAS=True, DOUBLE_QUANT=True, SPLIT_K=split_k)
+                no_adapter = dict(HAS_ADAPTER=False, AD_GATE=0, AD_R_PAD=1)
+                no_adapter.update(AD_BLOCK_P=16, AD_BLOCK_J=16, AD_BLOCK_L=16, AD_BLOCK_Q=16)
                 out.append(
                     Variant(
                         "_nf4_matmul_kernel",
                         ptrs,
-                        dict(flags, DOT_FP32=False, **cfg.kwargs),
+                        dict(flags, DOT_FP32=False, **no_adapter, **cfg.kwargs),
                         cfg.num_warps,
                         cfg.num_stages,
                     )
                 )
+                if split_k > 1:  # the decode fusion: the adapter's programs in the GEMV's launch
+                    adapter_ptrs = {
+                        "ad_x_ptr": f"*{dtype}",
+                        "ad_table_ptr": "*i64",
+                        "ad_gate_ptr": "*fp32",
+                        "ad_factor_ptr": f"*{dtype}",
+                        "ad_scale": "fp32",
+                    }
+                    for ad_blocks in ((64, 64, 64, 64), (16, 64, 64, 32)):
+                        adapter = dict(HAS_ADAPTER=True, AD_GATE=1, AD_R_PAD=8)
+                        names = ("AD_BLOCK_P", "AD_BLOCK_J", "AD_BLOCK_L", "AD_BLOCK_Q")
+                        adapter.update(zip(names, ad_blocks, strict=True))
+                        out.append(
+                            Variant(
+                                "_nf4_matmul_kernel",
+                                dict(ptrs, **adapter_ptrs),
+                                dict(flags, HAS_ADD=False, DOT_FP32=False, **adapter, **cfg.kwargs),
+                                cfg.num_warps,
+                                cfg.num_stages,
+                            )
+                        )
         for cfg in NF4_MATMUL_T_CONFIGS:
             ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
             flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False)

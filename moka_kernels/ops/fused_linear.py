@@ -9,8 +9,8 @@ Forward, whatever r is:
   for an NF4 base (decoding the packed bytes in registers), ``torch.addmm`` (cuBLAS, beta = 1) for a dense
   base;
 * decoding (an NF4 base whose GEMM takes the split-K path, T ≤ 16): the base's split-K programs and the
-  adapter's programs both add into one zeroed fp32 buffer (``nf4_matmul_accumulate`` then the atomic
-  adapter schedule), which is cast once: four launches against the base alone's three.
+  adapter's atomic-schedule programs both add into one zeroed fp32 buffer, in one launch
+  (``nf4_matmul_accumulate(..., adapter=adapter_launch(...))``), which is cast once.
 
 Why the epilogue and not ΔW folded into the dequantized tile: folding needs ΔW tiles, i.e. r small
 GEMMs per W tile recomputed by every M-tile, which only pays at very large T; the epilogue costs one write
@@ -25,6 +25,7 @@ atomics are used (no split-K, the row-owning adapter schedule), so results are b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,7 @@ from ..reference import (
 )
 from . import nf4_matmul as nf4_ops
 from .kron_mixture import (
+    adapter_launch,
     grouped_launch_allowed,
     kron_factor_grads,
     kron_mixture_backward_dx,
@@ -88,10 +90,15 @@ def moka_forward_triton(
     x2d = x2d.contiguous()
     xa = x2d if adapter_x2d is None else adapter_x2d.contiguous()
     if _decode_fusion(x2d, weight):
-        # Decoding: the split-K base GEMM and all adapter components add into one fp32 buffer.
+        # Decoding: the split-K base GEMV and all adapter components add into one fp32 buffer, in one
+        # launch whose extra programs run the adapter (MOKA_DECODE_FUSION=0: the adapter as its own launch).
         acc = torch.zeros((x2d.shape[0], weight.shape[0]), dtype=torch.float32, device=x2d.device)
-        nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
-        kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
+        if os.environ.get("MOKA_DECODE_FUSION", "1") != "0":
+            launch = adapter_launch(xa, acc, a_factors, b_factors, gate_logits, scale)
+            nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias, adapter=launch)
+        else:
+            nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
+            kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
         return acc.to(x2d.dtype)
     adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale)
     return _base_matmul(x2d, weight, adapter, bias)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,6 +62,8 @@ from ..reference import contraction_order
 from . import INTERPRET, dot_in_fp32, new_output
 
 __all__ = [
+    "AdapterLaunch",
+    "adapter_launch",
     "adapter_schedule",
     "grouped_launch_allowed",
     "kron_factor_grads",
@@ -156,7 +159,50 @@ def _kron_sandwich_grouped_kernel(
 ):
     """All r components in one launch: program (token, tile, component), component fastest so the r
     programs adding into one token's row run together and their atomics meet in L2."""
-    pid = tl.program_id(0)
+    grouped_sandwich_program(
+        tl.program_id(0),
+        m_ptr,
+        out_ptr,
+        table_ptr,
+        gate_ptr,
+        factor_ptr,
+        scale,
+        R,
+        max_tiles,
+        stride_mt,
+        stride_ot,
+        GATE,
+        R_PAD,
+        DOT_FP32,
+        BLOCK_P,
+        BLOCK_J,
+        BLOCK_L,
+        BLOCK_Q,
+    )
+
+
+@triton.jit
+def grouped_sandwich_program(
+    pid,
+    m_ptr,
+    out_ptr,
+    table_ptr,
+    gate_ptr,
+    factor_ptr,
+    scale,
+    R,
+    max_tiles,
+    stride_mt,
+    stride_ot,
+    GATE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Program ``pid`` of the atomic schedule (also run inside the NF4 GEMV's launch when decoding)."""
     comp = pid % R
     rest = pid // R
     tile = rest % max_tiles
@@ -634,6 +680,63 @@ def sandwich_grouped(
 def _row_layout(shape: tuple[int, int]) -> torch.Tensor:
     """A storage-less stand-in with the output's shape and strides, to lay out jobs before it exists."""
     return torch.empty_strided(shape, (shape[1], 1), dtype=torch.float32, device="meta")
+
+
+@dataclass
+class AdapterLaunch:
+    """The atomic adapter schedule's arguments, for running its programs inside another launch (the NF4
+    GEMV's, when decoding). ``none`` gives placeholders for a launch without the adapter."""
+
+    rows: torch.Tensor
+    table: torch.Tensor
+    gate: torch.Tensor
+    factor: torch.Tensor
+    scale: float
+    num_components: int
+    max_tiles: int
+    programs: int
+    stride_rows: int
+    constexprs: dict
+
+    @staticmethod
+    def none(like: torch.Tensor) -> AdapterLaunch:
+        blocks = dict(AD_GATE=0, AD_R_PAD=1, AD_BLOCK_P=16, AD_BLOCK_J=16, AD_BLOCK_L=16, AD_BLOCK_Q=16)
+        return AdapterLaunch(like, like, like, like, 0.0, 1, 0, 0, 0, blocks)
+
+
+def adapter_launch(
+    x2d: torch.Tensor,
+    out: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    scale: float,
+) -> AdapterLaunch:
+    """The forward Σ_i c_i (A_i ⊗ B_i) x_t, c = scale·softmax(g), as atomic programs adding into ``out``
+    (fp32, T × N), to be run by a launch that hosts them (``nf4_matmul_accumulate``)."""
+    assert out.dtype == torch.float32 and x2d.stride(1) == 1 and out.stride(1) == 1
+    jobs = _forward_jobs(x2d, out, a_factors, b_factors)
+    table, (bp, bj, bl, bq), max_tiles = _sandwich_table(jobs)
+    r = len(jobs)
+    return AdapterLaunch(
+        rows=x2d,
+        table=table,
+        gate=gate_logits if gate_logits is not None else table,
+        factor=a_factors[0],
+        scale=float(scale),
+        num_components=r,
+        max_tiles=max_tiles,
+        programs=r * max_tiles * x2d.shape[0],
+        stride_rows=x2d.stride(0),
+        constexprs=dict(
+            AD_GATE=1 if gate_logits is not None else 2,
+            AD_R_PAD=triton.next_power_of_2(r),
+            AD_BLOCK_P=bp,
+            AD_BLOCK_J=bj,
+            AD_BLOCK_L=bl,
+            AD_BLOCK_Q=bq,
+        ),
+    )
 
 
 def _forward_jobs(x2d: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:

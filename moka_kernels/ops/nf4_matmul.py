@@ -18,7 +18,9 @@ Kernels.
   bytes of the W tile are loaded, the W tile is decoded in registers (a 16-entry table gather, not a select
   tree) to x's dtype, and fed to ``tl.dot``. ``add`` (the adapter output) and bias join in the epilogue.
   For few tokens (decoding), the launcher splits K across SPLIT_K programs that ``atomic_add`` into an fp32
-  buffer, so the GPU is filled although M is tiny.
+  buffer, so the GPU is filled although M is tiny. With ``HAS_ADAPTER`` the grid has extra K-slices whose
+  programs run the MoKA adapter's atomic schedule (``kron_mixture.grouped_sandwich_program``) into the same
+  buffer: base and adapter in one launch.
 * ``_nf4_matmul_t_kernel``: dx[M, K] = dy[M, N] · W, reading the same bytes (no transposed copy). Each
   program owns a BLOCK_M × BLOCK_K tile of dx and walks N.
 
@@ -38,6 +40,7 @@ import triton.language as tl
 
 from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
 from . import INTERPRET, dot_in_fp32, new_output
+from .kron_mixture import AdapterLaunch, grouped_sandwich_program
 
 __all__ = [
     "NF4_MATMUL_CONFIGS",
@@ -153,6 +156,15 @@ def _nf4_matmul_kernel(
     nested_code_ptr,
     offset_ptr,
     code_ptr,
+    ad_x_ptr,  # HAS_ADAPTER: the adapter's input rows, and the arguments of the atomic adapter schedule
+    ad_table_ptr,
+    ad_gate_ptr,
+    ad_factor_ptr,
+    ad_scale,
+    ad_r,
+    ad_max_tiles,
+    ad_programs,
+    ad_stride_xm,
     M,
     N,
     K,
@@ -169,6 +181,13 @@ def _nf4_matmul_kernel(
     DOUBLE_QUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # IEEE fp32 dot: fp32 inputs, or half inputs under the interpreter
+    HAS_ADAPTER: tl.constexpr,  # decode fusion: programs with pid_k >= SPLIT_K run the adapter (atomics)
+    AD_GATE: tl.constexpr,
+    AD_R_PAD: tl.constexpr,
+    AD_BLOCK_P: tl.constexpr,
+    AD_BLOCK_J: tl.constexpr,
+    AD_BLOCK_L: tl.constexpr,
+    AD_BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -176,6 +195,83 @@ def _nf4_matmul_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    # The grid's K-slices from SPLIT_K on (HAS_ADAPTER only) are the adapter's programs: they add into the
+    # same fp32 buffer as the split-K partial sums, so base and adapter share one launch, side by side.
+    if HAS_ADAPTER:
+        if pid_k >= SPLIT_K:
+            flat = ((pid_k - SPLIT_K) * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+            if flat < ad_programs:
+                grouped_sandwich_program(
+                    flat,
+                    ad_x_ptr,
+                    out_ptr,
+                    ad_table_ptr,
+                    ad_gate_ptr,
+                    ad_factor_ptr,
+                    ad_scale,
+                    ad_r,
+                    ad_max_tiles,
+                    ad_stride_xm,
+                    stride_om,
+                    AD_GATE,
+                    AD_R_PAD,
+                    DOT_FP32,
+                    AD_BLOCK_P,
+                    AD_BLOCK_J,
+                    AD_BLOCK_L,
+                    AD_BLOCK_Q,
+                )
+        else:
+            _nf4_matmul_program(
+                pid_m, pid_n, pid_k, x_ptr, out_ptr, add_ptr, bias_ptr, packed_ptr, absmax_ptr,
+                nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, M, N, K, stride_xm, stride_xk,
+                stride_om, stride_on, stride_am, stride_an, BLOCKSIZE, HAS_ADD, HAS_BIAS, DOUBLE_QUANT,
+                SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _nf4_matmul_program(
+            pid_m, pid_n, pid_k, x_ptr, out_ptr, add_ptr, bias_ptr, packed_ptr, absmax_ptr,
+            nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, M, N, K, stride_xm, stride_xk,
+            stride_om, stride_on, stride_am, stride_an, BLOCKSIZE, HAS_ADD, HAS_BIAS, DOUBLE_QUANT,
+            SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _nf4_matmul_program(
+    pid_m,
+    pid_n,
+    pid_k,
+    x_ptr,
+    out_ptr,
+    add_ptr,
+    bias_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_om,
+    stride_on,
+    stride_am,
+    stride_an,
+    BLOCKSIZE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One BLOCK_M × BLOCK_N output tile over K-slice ``pid_k`` of the base GEMM."""
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -326,14 +422,16 @@ def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) 
     return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
 
 
-def _launch_forward(x, w, target, add, bias, split_k) -> None:
+def _launch_forward(x, w, target, add, bias, split_k, adapter: AdapterLaunch | None = None) -> None:
     m, k = x.shape
     n = w.shape[0]
     add_arg = add if add is not None else target
     bias_arg = bias if bias is not None else target
+    ad = adapter or AdapterLaunch.none(x)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split_k)
+        tiles_m, tiles_n = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles_m, tiles_n, split_k + triton.cdiv(ad.programs, tiles_m * tiles_n))
 
     _nf4_matmul_kernel[grid](
         x,
@@ -341,6 +439,15 @@ def _launch_forward(x, w, target, add, bias, split_k) -> None:
         add_arg,
         bias_arg,
         *_nf4_args(w),
+        ad.rows,
+        ad.table,
+        ad.gate,
+        ad.factor,
+        ad.scale,
+        ad.num_components,
+        ad.max_tiles,
+        ad.programs,
+        ad.stride_rows,
         m,
         n,
         k,
@@ -357,6 +464,8 @@ def _launch_forward(x, w, target, add, bias, split_k) -> None:
         DOUBLE_QUANT=w.double_quant,
         SPLIT_K=split_k,
         DOT_FP32=dot_in_fp32(x.dtype),
+        HAS_ADAPTER=adapter is not None,
+        **ad.constexprs,
     )
 
 
@@ -381,14 +490,21 @@ def nf4_matmul(
     return out
 
 
-def nf4_matmul_accumulate(x: torch.Tensor, w: NF4Tensor, acc: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """acc += x · dequant(w)ᵀ (+ bias), by split-K fp32 atomics: the decode path that lets the adapter add
-    into the same buffer (no separate adapter output, no epilogue read). acc: fp32 (M, N)."""
+def nf4_matmul_accumulate(
+    x: torch.Tensor,
+    w: NF4Tensor,
+    acc: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    adapter: AdapterLaunch | None = None,
+) -> None:
+    """acc += x · dequant(w)ᵀ (+ bias) (+ the adapter), by split-K fp32 atomics: the decode path. With
+    ``adapter`` (from ``kron_mixture.adapter_launch`` on acc), the adapter's atomic programs run as extra
+    programs of the same launch. acc: fp32 (M, N), zeroed or holding partial sums."""
     m, k = x.shape
     n = w.shape[0]
     assert acc.dtype == torch.float32 and acc.shape == (m, n)
     if m > 0:
-        _launch_forward(x, w, acc, None, bias, max(2, split_k_for(m, n, k)))
+        _launch_forward(x, w, acc, None, bias, max(2, split_k_for(m, n, k)), adapter)
 
 
 def nf4_matmul_t(
