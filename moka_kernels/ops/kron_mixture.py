@@ -75,6 +75,50 @@ __all__ = [
 
 
 @triton.jit
+def _dot_acc(acc, a, b, DOT_FP32: tl.constexpr):
+    """acc + a · b in fp32; DOT_FP32 takes the IEEE-precision dot (fp32 inputs, or half under the interpreter)."""
+    if DOT_FP32:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a, b)
+
+
+@triton.jit
+def _tile_product(
+    a_ptr,
+    b_ptr,
+    offs_m,  # (BLOCK_M,) rows of A
+    offs_n,  # (BLOCK_N,) columns of B
+    M,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """(A · B)[offs_m, offs_n] in fp32, walking K in BLOCK_K steps; zero outside A and B."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_tile = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        b_tile = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=(offs_k[:, None] < K) & (offs_n[None, :] < N),
+            other=0.0,
+        )
+        acc = _dot_acc(acc, a_tile, b_tile, DOT_FP32)
+    return acc
+
+
+@triton.jit
 def _sandwich_tile(
     m_row,  # token t's M_t
     s1_ptr,
@@ -101,33 +145,17 @@ def _sandwich_tile(
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for j0 in range(0, J, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        inner = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.float32)
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            m_tile = tl.load(
-                m_row + offs_j[:, None] * stride_mj + offs_l[None, :] * stride_ml,
-                mask=(offs_j[:, None] < J) & (offs_l[None, :] < L),
-                other=0.0,
-            )
-            s2_tile = tl.load(
-                s2_ptr + offs_l[:, None] * stride_s2l + offs_q[None, :] * stride_s2q,
-                mask=(offs_l[:, None] < L) & (offs_q[None, :] < Q),
-                other=0.0,
-            )
-            if DOT_FP32:
-                inner += tl.dot(m_tile.to(tl.float32), s2_tile.to(tl.float32), input_precision="ieee")
-            else:
-                inner += tl.dot(m_tile, s2_tile)
+        inner = _tile_product(
+            m_row, s2_ptr, offs_j, offs_q, J, L, Q, stride_mj, stride_ml, stride_s2l, stride_s2q,
+            DOT_FP32, BLOCK_J, BLOCK_L, BLOCK_Q,
+        )  # fmt: skip
         s1_tile = tl.load(
             s1_ptr + offs_p[:, None] * stride_s1p + offs_j[None, :] * stride_s1j,
             mask=(offs_p[:, None] < P) & (offs_j[None, :] < J),
             other=0.0,
         )
-        inner = inner.to(s1_tile.dtype)  # the reference rounds its intermediate to the input dtype too
-        if DOT_FP32:
-            acc += tl.dot(s1_tile.to(tl.float32), inner.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(s1_tile, inner)
+        # the reference rounds its intermediate to the input dtype too
+        acc = _dot_acc(acc, s1_tile, inner.to(s1_tile.dtype), DOT_FP32)
     return acc
 
 
@@ -402,33 +430,17 @@ def _kron_token_reduce_grouped_kernel(
             r_row = r_ptr + t * stride_rt
             for j0 in range(0, J, BLOCK_J):
                 offs_j = j0 + tl.arange(0, BLOCK_J)
-                lhs = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    l_tile = tl.load(
-                        l_row + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk,
-                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-                        other=0.0,
-                    )
-                    s_tile = tl.load(
-                        s_ptr + offs_k[:, None] * stride_sk + offs_j[None, :] * stride_sj,
-                        mask=(offs_k[:, None] < K) & (offs_j[None, :] < J),
-                        other=0.0,
-                    )
-                    if DOT_FP32:
-                        lhs += tl.dot(l_tile.to(tl.float32), s_tile.to(tl.float32), input_precision="ieee")
-                    else:
-                        lhs += tl.dot(l_tile, s_tile)
+                lhs = _tile_product(
+                    l_row, s_ptr, offs_m, offs_j, M, K, J, stride_lm, stride_lk, stride_sk, stride_sj,
+                    DOT_FP32, BLOCK_M, BLOCK_K, BLOCK_J,
+                )  # fmt: skip
                 r_tile = tl.load(
                     r_row + offs_j[:, None] * stride_rj + offs_n[None, :] * stride_rn,
                     mask=(offs_j[:, None] < J) & (offs_n[None, :] < N),
                     other=0.0,
                 )
-                lhs = lhs.to(r_tile.dtype)  # the reference rounds its intermediate to the input dtype too
-                if DOT_FP32:
-                    acc += tl.dot(lhs.to(tl.float32), r_tile.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(lhs, r_tile)
+                # the reference rounds its intermediate to the input dtype too
+                acc = _dot_acc(acc, lhs.to(r_tile.dtype), r_tile, DOT_FP32)
         out_ptrs = (
             ws_ptr
             + split * stride_ws
