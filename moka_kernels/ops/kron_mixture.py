@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -564,10 +564,10 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
 
 
 def grouped_launch_allowed() -> bool:
-    """Whether the adapter may run as one launch with fp32 atomics (summation order varies run to run).
+    """Whether fp32 atomics may sum the adapter (and the split-K GEMV): the order then varies run to run.
 
-    ``torch.use_deterministic_algorithms(True)`` turns it off: then each component is its own launch and
-    the sum is formed in a fixed order, bit for bit reproducible.
+    ``torch.use_deterministic_algorithms(True)`` turns them off: the adapter takes the rowwise schedule,
+    which forms each row's sum in a fixed order, bit for bit reproducible.
     """
     return not torch.are_deterministic_algorithms_enabled()
 
@@ -645,6 +645,63 @@ def _sandwich_table(jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int, 
     return _component_table(tuple(rows), out.device), (bp, bj, bl, bq), max(r[-1] for r in rows)
 
 
+@dataclass
+class AdapterLaunch:
+    """One adapter launch's arguments: the component table, tile sizes and gate, for the standalone kernels
+    (``sandwich_grouped``) or for atomic programs hosted by another launch (the NF4 GEMV's, when decoding:
+    ``adapter_launch``). ``none`` gives placeholders for a launch without the adapter."""
+
+    rows: torch.Tensor  # the per-token input rows every component reads
+    out: torch.Tensor  # the fp32 output rows every component writes
+    table: torch.Tensor
+    gate: torch.Tensor
+    factor: torch.Tensor
+    scale: float
+    num_components: int
+    max_tiles: int
+    gate_mode: int  # 0: gate holds c (fp32); 1: c = scale·softmax(gate); 2: c_i = scale / r
+    blocks: tuple[int, int, int, int]  # BLOCK_P, BLOCK_J, BLOCK_L, BLOCK_Q
+
+    @property
+    def programs(self) -> int:
+        """Programs of the atomic schedule: token × tile × component."""
+        return self.num_components * self.max_tiles * self.out.shape[0]
+
+    @property
+    def stride_rows(self) -> int:
+        return self.rows.stride(0)
+
+    def kernel_constexprs(self, prefix: str = "") -> dict:
+        names = ("GATE", "R_PAD", "BLOCK_P", "BLOCK_J", "BLOCK_L", "BLOCK_Q")
+        values = (self.gate_mode, triton.next_power_of_2(self.num_components), *self.blocks)
+        return {prefix + name: value for name, value in zip(names, values, strict=True)}
+
+    @property
+    def constexprs(self) -> dict:
+        """The hosting NF4 kernel's ``AD_*`` constexprs."""
+        return self.kernel_constexprs("AD_")
+
+    @staticmethod
+    def none(like: torch.Tensor) -> AdapterLaunch:
+        return AdapterLaunch(like, like.new_empty((0, 1)), like, like, like, 0.0, 1, 0, 0, (16, 16, 16, 16))
+
+
+def _prepare(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: int, scale: float) -> AdapterLaunch:
+    table, blocks, max_tiles = _sandwich_table(jobs)
+    return AdapterLaunch(
+        rows=jobs[0][0].tensor,
+        out=jobs[0][3].tensor,
+        table=table,
+        gate=gate if gate is not None else table,
+        factor=jobs[0][1].tensor,
+        scale=float(scale),
+        num_components=len(jobs),
+        max_tiles=max_tiles,
+        gate_mode=gate_mode,
+        blocks=blocks,
+    )
+
+
 def sandwich_grouped(
     jobs: Sequence[Job],
     gate: torch.Tensor | None,
@@ -659,61 +716,21 @@ def sandwich_grouped(
     1: c = scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in :func:`adapter_schedule`; the
     atomic one always adds, so its output must start zeroed (or hold partial sums).
     """
-    m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
-    num_tokens, num_components = out.shape[0], len(jobs)
-    if num_tokens == 0:
+    if jobs[0][3].tensor.shape[0] == 0:
         return
-    table, (bp, bj, bl, bq), max_tiles = _sandwich_table(jobs)
-    common = dict(
-        GATE=gate_mode,
-        R_PAD=triton.next_power_of_2(num_components),
-        DOT_FP32=dot_in_fp32(m_rows.dtype),
-        BLOCK_P=bp,
-        BLOCK_J=bj,
-        BLOCK_L=bl,
-        BLOCK_Q=bq,
-        num_warps=4,
-    )
-    gate_arg = gate if gate is not None else table
-    stride_mt, stride_ot = jobs[0][0].stride_t, jobs[0][3].stride_t
+    ad = _prepare(jobs, gate, gate_mode, scale)
+    args = (ad.rows, ad.out, ad.table, ad.gate, ad.factor, ad.scale, ad.num_components)
+    strides = (ad.stride_rows, jobs[0][3].stride_t)
+    dot_fp32 = dot_in_fp32(ad.rows.dtype)
     if schedule == "atomic":
         assert accumulate, "the atomic schedule adds into its output"
-        _kron_sandwich_grouped_kernel[(num_components * max_tiles * num_tokens,)](
-            m_rows, out, table, gate_arg, jobs[0][1].tensor, float(scale), num_components, max_tiles,
-            stride_mt, stride_ot, **common,
-        )  # fmt: skip
+        _kron_sandwich_grouped_kernel[(ad.programs,)](
+            *args, ad.max_tiles, *strides, DOT_FP32=dot_fp32, **ad.kernel_constexprs(), num_warps=4
+        )
     else:
-        _kron_sandwich_rowwise_kernel[(num_tokens,)](
-            m_rows, out, table, gate_arg, jobs[0][1].tensor, float(scale), num_components,
-            stride_mt, stride_ot, ACCUMULATE=accumulate, **common,
-        )  # fmt: skip
-
-
-def _row_layout(shape: tuple[int, int]) -> torch.Tensor:
-    """A storage-less stand-in with the output's shape and strides, to lay out jobs before it exists."""
-    return torch.empty_strided(shape, (shape[1], 1), dtype=torch.float32, device="meta")
-
-
-@dataclass
-class AdapterLaunch:
-    """The atomic adapter schedule's arguments, for running its programs inside another launch (the NF4
-    GEMV's, when decoding). ``none`` gives placeholders for a launch without the adapter."""
-
-    rows: torch.Tensor
-    table: torch.Tensor
-    gate: torch.Tensor
-    factor: torch.Tensor
-    scale: float
-    num_components: int
-    max_tiles: int
-    programs: int
-    stride_rows: int
-    constexprs: dict
-
-    @staticmethod
-    def none(like: torch.Tensor) -> AdapterLaunch:
-        blocks = dict(AD_GATE=0, AD_R_PAD=1, AD_BLOCK_P=16, AD_BLOCK_J=16, AD_BLOCK_L=16, AD_BLOCK_Q=16)
-        return AdapterLaunch(like, like, like, like, 0.0, 1, 0, 0, 0, blocks)
+        _kron_sandwich_rowwise_kernel[(ad.out.shape[0],)](
+            *args, *strides, ACCUMULATE=accumulate, DOT_FP32=dot_fp32, **ad.kernel_constexprs(), num_warps=4
+        )
 
 
 def adapter_launch(
@@ -728,27 +745,7 @@ def adapter_launch(
     (fp32, T × N), to be run by a launch that hosts them (``nf4_matmul_accumulate``)."""
     assert out.dtype == torch.float32 and x2d.stride(1) == 1 and out.stride(1) == 1
     jobs = _forward_jobs(x2d, out, a_factors, b_factors)
-    table, (bp, bj, bl, bq), max_tiles = _sandwich_table(jobs)
-    r = len(jobs)
-    return AdapterLaunch(
-        rows=x2d,
-        table=table,
-        gate=gate_logits if gate_logits is not None else table,
-        factor=a_factors[0],
-        scale=float(scale),
-        num_components=r,
-        max_tiles=max_tiles,
-        programs=r * max_tiles * x2d.shape[0],
-        stride_rows=x2d.stride(0),
-        constexprs=dict(
-            AD_GATE=1 if gate_logits is not None else 2,
-            AD_R_PAD=triton.next_power_of_2(r),
-            AD_BLOCK_P=bp,
-            AD_BLOCK_J=bj,
-            AD_BLOCK_L=bl,
-            AD_BLOCK_Q=bq,
-        ),
-    )
+    return _prepare(jobs, gate_logits, 1 if gate_logits is not None else 2, scale)
 
 
 def _forward_jobs(x2d: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:
@@ -778,7 +775,7 @@ def _dx_jobs(grad_out: torch.Tensor, out: torch.Tensor, a_factors, b_factors) ->
 
 
 def _run_jobs(
-    jobs: list[Job],
+    make_jobs: Callable[[torch.Tensor], list[Job]],
     coeffs: torch.Tensor | None,
     gate_logits: torch.Tensor | None,
     scale: float,
@@ -786,19 +783,18 @@ def _run_jobs(
     shape: tuple[int, int],
     device: torch.device,
 ) -> torch.Tensor:
-    """Run the jobs in one launch into ``out`` (added to) or a new fp32 tensor; returns it."""
+    """Run the jobs (laid out on the output) in one launch into ``out`` (added to) or a new fp32 tensor."""
     schedule = adapter_schedule(shape[0])
-    accumulate = out is not None
+    accumulate = out is not None or schedule == "atomic"
     if out is None:
         out = (torch.zeros if schedule == "atomic" else new_output)(shape, dtype=torch.float32, device=device)
     else:
         assert out.dtype == torch.float32 and tuple(out.shape) == shape
-    jobs = [(m, s1, s2, _View(out, o.rows, o.cols, o.stride_r, o.stride_c, o.stride_t)) for m, s1, s2, o in jobs]
+    jobs = make_jobs(out)
     if coeffs is not None:
-        sandwich_grouped(jobs, coeffs, 0, 1.0, schedule, accumulate or schedule == "atomic")
+        sandwich_grouped(jobs, coeffs, 0, 1.0, schedule, accumulate)
     else:
-        mode = 1 if gate_logits is not None else 2
-        sandwich_grouped(jobs, gate_logits, mode, scale, schedule, accumulate or schedule == "atomic")
+        sandwich_grouped(jobs, gate_logits, 1 if gate_logits is not None else 2, scale, schedule, accumulate)
     return out
 
 
@@ -818,7 +814,7 @@ def kron_mixture_forward(
     when ``gate_logits`` is None). With ``out`` (fp32, T × N) the result is added into it.
     """
     shape = (x2d.shape[0], a_factors[0].shape[0] * b_factors[0].shape[0])
-    jobs = _forward_jobs(x2d, _row_layout(shape), a_factors, b_factors)
+    jobs = functools.partial(_forward_jobs, x2d, a_factors=a_factors, b_factors=b_factors)
     return _run_jobs(jobs, coeffs, gate_logits, scale, out, shape, x2d.device)
 
 
@@ -832,7 +828,7 @@ def kron_mixture_backward_dx(
 ) -> torch.Tensor:
     """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``)."""
     shape = (grad_out.shape[0], a_factors[0].shape[1] * b_factors[0].shape[1])
-    jobs = _dx_jobs(grad_out, _row_layout(shape), a_factors, b_factors)
+    jobs = functools.partial(_dx_jobs, grad_out, a_factors=a_factors, b_factors=b_factors)
     return _run_jobs(jobs, coeffs, None, 1.0, out, shape, grad_out.device)
 
 
