@@ -19,6 +19,12 @@ Routes, one layer, forward alone and fwd+bwd (gradients for x, every factor and 
 * ``peft lora r16``: PEFT's LoRA layer on the dense base (bitsandbytes' own CUDA kernels would not be
   seen by the dispatch mode, so QLoRA is left out rather than undercounted).
 
+Host time per call (``host_us``): the same calls timed with every Triton launch replaced by a no-op, for
+the routes whose device work is all Triton kernels and small aten ops (HOST_ROUTES). It is the Python and
+dispatcher time our code spends per call: what a GPU cannot hide when its kernels are shorter (decoding,
+small layers). Triton's own launcher (argument binding, cache lookup, the driver call) is not in it, as
+it needs a GPU; the aten ops do run (on CPU, on tensors of a few hundred elements).
+
 Writes ``<out>/launches.json`` (with the conditions) and ``.md``.
 """
 
@@ -34,6 +40,7 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ and not torch
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +61,7 @@ ROUTES = [
     "moka nf4 torch",
     "peft lora r16",
 ]
+HOST_ROUTES = ["nf4 base (ours)", "moka nf4 triton", "moka nf4 triton deterministic"]
 
 # aten ops that run no kernel: allocations, and metadata-only ops not flagged as views in their schema.
 NO_KERNEL = {
@@ -107,6 +115,8 @@ def _patch_triton_launches(counter_ref: list) -> None:
         original = cls.run
 
         def run(self, *args, _original=original, **kwargs):
+            if _SKIP_TRITON[0]:
+                return None
             counter = counter_ref[0]
             if counter is None or counter.inside_triton:
                 return _original(self, *args, **kwargs)
@@ -122,6 +132,7 @@ def _patch_triton_launches(counter_ref: list) -> None:
 
 
 _ACTIVE: list = [None]
+_SKIP_TRITON: list = [False]
 
 
 def count(fn) -> LaunchCounter:
@@ -138,8 +149,30 @@ def count(fn) -> LaunchCounter:
     return counter
 
 
-def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.device, dtype) -> dict:
-    """{route: {"launches", "syncs", "triton", "aten"}} for one layer and token count."""
+def host_us(fn, calls: int = 200, repeats: int = 7) -> float:
+    """Microseconds of host time per call of fn with every Triton launch a no-op (best of ``repeats``)."""
+    _patch_triton_launches(_ACTIVE)
+    fn()  # compile/autotune and fill the caches with the kernels running
+    _SKIP_TRITON[0] = True
+    try:
+        for _ in range(calls // 4):
+            fn()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - start) / calls)
+    finally:
+        _SKIP_TRITON[0] = False
+    return best * 1e6
+
+
+def count_routes(
+    n_out: int, k_in: int, tokens: int, r: int, device: torch.device, dtype, host_calls: int = 200
+) -> dict:
+    """{route: {"launches", "syncs", "triton", "aten"[, "host_us", "fwd_host_us"]}} for one layer and token
+    count (host times for HOST_ROUTES)."""
     from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
 
     gen = torch.Generator().manual_seed(0)
@@ -201,6 +234,9 @@ def count_routes(n_out: int, k_in: int, tokens: int, r: int, device: torch.devic
             "triton": c.triton,
             "aten": dict(sorted(c.ops.items())),
         }
+        if name in HOST_ROUTES and host_calls:
+            out[name]["host_us"] = host_us(lambda fn=fn: fn(True), host_calls)
+            out[name]["fwd_host_us"] = host_us(lambda fn=fn: fn(False), host_calls)
     return out
 
 
@@ -223,6 +259,20 @@ def render(path: Path) -> Path:
             c = row["routes"][name]
             cells.append(f"{c['fwd_launches']} / {c['launches']}" + (f" [{c['syncs']} syncs]" if c["syncs"] else ""))
         lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
+    host_rows = [row for row in data["rows"] if "host_us" in row["routes"][HOST_ROUTES[0]]]
+    if host_rows:
+        lines += [
+            "",
+            "Host time per call, forward / forward+backward (µs): our Python and the dispatcher with every Triton "
+            "launch a no-op (Triton's own launcher, which needs a GPU, not included; aten ops run on CPU). "
+            "Best of 7 rounds of repeated calls.",
+            "",
+            "| layer | T | " + " | ".join(HOST_ROUTES) + " |",
+            "|---|---|" + "---|" * len(HOST_ROUTES),
+        ]
+        for row in host_rows:
+            cells = [f"{row['routes'][n]['fwd_host_us']:.1f} / {row['routes'][n]['host_us']:.1f}" for n in HOST_ROUTES]
+            lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
     md = path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return md
@@ -246,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n_out, k_in in layers:
         for tokens in (1, 64):  # split-K decode path, and the prefill/training path
-            routes = count_routes(n_out, k_in, tokens, args.components, device, dtype)
+            routes = count_routes(n_out, k_in, tokens, args.components, device, dtype, 20 if args.smoke else 200)
             rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": tokens, "routes": routes})
             print(
                 f"{n_out}x{k_in} T={tokens}: "
