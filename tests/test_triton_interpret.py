@@ -244,7 +244,7 @@ def test_adapter_schedule_and_split_k_follow_the_mode(monkeypatch):
     x, coeffs = torch.randn(3, k_in), torch.rand(len(shapes))
     launched = []
     original = km.sandwich_grouped
-    monkeypatch.setattr(km, "sandwich_grouped", lambda *a, **k: launched.append(a[4]) or original(*a, **k))
+    monkeypatch.setattr(km, "sandwich_grouped", lambda *a, **k: launched.append(a[1]) or original(*a, **k))
     monkeypatch.delenv("MOKA_ADAPTER_SCHEDULE", raising=False)
     was = torch.are_deterministic_algorithms_enabled()
     try:

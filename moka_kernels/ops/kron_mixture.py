@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -451,9 +452,52 @@ def _kron_token_reduce_grouped_kernel(
         tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain ints: triton.cdiv is a constexpr function, microseconds per host call
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def block_for(dim: int, cap: int = 64) -> int:
     """Tile size for one factor dimension: a power of two in [16, cap] (tl.dot needs >= 16 on GPUs)."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    return max(16, min(cap, _next_power_of_2(dim)))
+
+
+class _PlanCache:
+    """Launch plans (component table, tile sizes, tile counts) keyed on everything they are built from.
+
+    Building a plan walks every component in Python (tens of µs); a layer's calls all share a few keys,
+    so a call pays one dictionary lookup instead. Oldest plans are dropped beyond ``maxsize``."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self.misses = 0
+        self._plans: OrderedDict[Hashable, object] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], object]):
+        plan = self._plans.get(key)
+        if plan is None:
+            self.misses += 1
+            plan = self._plans[key] = build()
+            if len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_PLANS = _PlanCache()
+
+
+def factor_signature(a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor]) -> tuple:
+    """What a plan reads of the factors: addresses, shapes and strides (never values), per component."""
+    return tuple(
+        (a.data_ptr(), *a.shape, *a.stride(), b.data_ptr(), *b.shape, *b.stride())
+        for a, b in zip(a_factors, b_factors, strict=True)
+    )
 
 
 class _View:
@@ -485,22 +529,32 @@ def _num_splits(num_tokens: int, tiles: int) -> int:
 ReduceJob = tuple[_View, _View, _View, bool]  # (L_t, S, R_t, store the result transposed)
 
 
-def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Σ_t (L_t · S) · R_t for every job, in one launch and one sum over the token splits.
+@dataclass(frozen=True)
+class _ReducePlan:
+    """A token reduction's launch plan: the component table, which per-token tensor the kernel reads as
+    its first and second, where each result lies in the flat output, tile sizes and tile counts."""
 
-    Returns the flat fp32 results and one contiguous view of it per job: (L.rows, R.cols), or its
-    transpose when the job asks (so a result lands in its factor's row-major layout).
-    """
+    table: torch.Tensor
+    per_token: tuple[int, ...]  # indices into the caller's per-token tensors
+    views: tuple[tuple[int, tuple[int, int]], ...]  # (offset, shape) of each job's result
+    size: int
+    total_tiles: int
+    max_tiles: int
+    blocks: tuple[int, int, int, int]  # BLOCK_M, BLOCK_K, BLOCK_J, BLOCK_N
+
+
+def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> _ReducePlan:
+    """The plan of ``jobs``, whose per-token operands are views of ``sources`` (dy and x)."""
     operands = [v.tensor for job in jobs for v in job[:3]]
     assert all(t.dtype == operands[0].dtype for t in operands), "the kernel casts every address to one type"
-    device = operands[0].device
-    per_token: list[torch.Tensor] = []  # the (at most two) tensors L_t and R_t come from, by identity
+    per_token: list[int] = []  # the (at most two) sources L_t and R_t come from, in first-use order
     for left, _, right, _ in jobs:
         for view in (left, right):
-            if not any(view.tensor is t for t in per_token):
-                per_token.append(view.tensor)
+            index = next(i for i, t in enumerate(sources) if view.tensor is t)
+            if index not in per_token:
+                per_token.append(index)
     assert len(per_token) <= 2, "reductions read at most two per-token tensors (dy and x)"
-    which = {id(t): i for i, t in enumerate(per_token)}
+    which = {id(sources[index]): slot for slot, index in enumerate(per_token)}
     bm = max(block_for(left.rows) for left, _, _, _ in jobs)
     bk = max(block_for(left.cols) for left, _, _, _ in jobs)
     bj = max(block_for(shared.cols) for _, shared, _, _ in jobs)
@@ -509,7 +563,7 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
     for left, shared, right, transposed in jobs:
         m_dim, n_dim = left.rows, right.cols
         assert shared.rows == left.cols and right.rows == shared.cols
-        tiles_n = triton.cdiv(n_dim, bn)
+        tiles_n = _cdiv(n_dim, bn)
         rows.append(
             (
                 which[id(left.tensor)],
@@ -531,28 +585,49 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
                 1 if transposed else n_dim,
                 m_dim if transposed else 1,
                 tiles_n,
-                triton.cdiv(m_dim, bm) * tiles_n,
+                _cdiv(m_dim, bm) * tiles_n,
             )
         )
         views.append((offset, (n_dim, m_dim) if transposed else (m_dim, n_dim)))
         offset += m_dim * n_dim
-    max_tiles = max(r[-1] for r in rows)
-    splits = _num_splits(num_tokens, sum(r[-1] for r in rows))
-    per_split = triton.cdiv(max(num_tokens, 1), splits)
-    splits = triton.cdiv(max(num_tokens, 1), per_split)
-    workspace = new_output((splits, offset), torch.float32, device)
-    _kron_token_reduce_grouped_kernel[(len(jobs) * max_tiles * splits,)](
-        per_token[0],
-        per_token[-1],
-        _component_table(tuple(rows), device),
+    return _ReducePlan(
+        table=_component_table(tuple(rows), operands[0].device),
+        per_token=tuple(per_token),
+        views=tuple(views),
+        size=offset,
+        total_tiles=sum(r[-1] for r in rows),
+        max_tiles=max(r[-1] for r in rows),
+        blocks=(bm, bk, bj, bn),
+    )
+
+
+def token_reduce_grouped(
+    plan: _ReducePlan, sources: Sequence[torch.Tensor], factor: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ_t (L_t · S) · R_t for every job of the plan, in one launch and one sum over the token splits.
+
+    ``sources`` are the per-token tensors the plan was built on; ``factor`` any factor (the kernel reads
+    every factor as its dtype). Returns the flat fp32 results and one contiguous view of it per job:
+    (L.rows, R.cols), or its transpose when the job asks (so a result lands in its factor's layout).
+    """
+    first, last = sources[plan.per_token[0]], sources[plan.per_token[-1]]
+    splits = _num_splits(num_tokens, plan.total_tiles)
+    per_split = _cdiv(max(num_tokens, 1), splits)
+    splits = _cdiv(max(num_tokens, 1), per_split)
+    workspace = new_output((splits, plan.size), torch.float32, first.device)
+    bm, bk, bj, bn = plan.blocks
+    _kron_token_reduce_grouped_kernel[(len(plan.views) * plan.max_tiles * splits,)](
+        first,
+        last,
+        plan.table,
         workspace,
-        operands[0],
+        factor,
         num_tokens,
         per_split,
-        len(jobs),
-        max_tiles,
+        len(plan.views),
+        plan.max_tiles,
         workspace.stride(0),
-        DOT_FP32=dot_in_fp32(operands[0].dtype),
+        DOT_FP32=dot_in_fp32(factor.dtype),
         BLOCK_M=bm,
         BLOCK_K=bk,
         BLOCK_J=bj,
@@ -560,7 +635,7 @@ def token_reduce_grouped(jobs: Sequence[ReduceJob], num_tokens: int) -> tuple[to
         num_warps=4,
     )
     flat = workspace.sum(0) if splits > 1 else workspace[0]
-    return flat, [flat[o : o + shape[0] * shape[1]].view(shape) for o, shape in views]
+    return flat, [flat[o : o + shape[0] * shape[1]].view(shape) for o, shape in plan.views]
 
 
 def grouped_launch_allowed() -> bool:
@@ -609,8 +684,17 @@ def adapter_schedule(num_tokens: int) -> str:
     return "atomic"
 
 
-def _sandwich_table(jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
-    """The device table of the jobs, the tile sizes (the largest any job needs) and the most tiles of a job."""
+@dataclass(frozen=True)
+class _SandwichPlan:
+    """A sandwich launch's plan: the component table, tile sizes (the largest any component needs) and
+    the most tiles of a component."""
+
+    table: torch.Tensor
+    blocks: tuple[int, int, int, int]  # BLOCK_P, BLOCK_J, BLOCK_L, BLOCK_Q
+    max_tiles: int
+
+
+def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
     factors = [t for _, s1, s2, _ in jobs for t in (s1.tensor, s2.tensor)]
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs) and out.dtype == torch.float32
@@ -621,7 +705,7 @@ def _sandwich_table(jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int, 
     bq = max(block_for(s2.cols) for _, _, s2, _ in jobs)
     rows = []
     for m, s1, s2, o in jobs:
-        tiles_q = triton.cdiv(s2.cols, bq)
+        tiles_q = _cdiv(s2.cols, bq)
         rows.append(
             (
                 s1.tensor.data_ptr(),
@@ -639,10 +723,25 @@ def _sandwich_table(jobs: Sequence[Job]) -> tuple[torch.Tensor, tuple[int, int, 
                 o.stride_r,
                 o.stride_c,
                 tiles_q,
-                triton.cdiv(s1.rows, bp) * tiles_q,
+                _cdiv(s1.rows, bp) * tiles_q,
             )
         )
-    return _component_table(tuple(rows), out.device), (bp, bj, bl, bq), max(r[-1] for r in rows)
+    return _SandwichPlan(_component_table(tuple(rows), out.device), (bp, bj, bl, bq), max(r[-1] for r in rows))
+
+
+def _adapter_plan(kind: str, rows: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> _SandwichPlan:
+    """The plan of the adapter forward (``kind="forward"``: rows = x, out = y) or dx (``"dx"``: rows = dy,
+    out = dx). A plan holds no activation address, so a layer's calls share it."""
+    key = (
+        kind,
+        factor_signature(a_factors, b_factors),
+        a_factors[0].dtype,
+        rows.stride(1),
+        out.stride(1),
+        out.device,
+    )
+    make_jobs = _forward_jobs if kind == "forward" else _dx_jobs
+    return _PLANS.get(key, lambda: _sandwich_plan(make_jobs(rows, out, a_factors, b_factors)))
 
 
 @dataclass
@@ -673,7 +772,7 @@ class AdapterLaunch:
 
     def kernel_constexprs(self, prefix: str = "") -> dict:
         names = ("GATE", "R_PAD", "BLOCK_P", "BLOCK_J", "BLOCK_L", "BLOCK_Q")
-        values = (self.gate_mode, triton.next_power_of_2(self.num_components), *self.blocks)
+        values = (self.gate_mode, _next_power_of_2(self.num_components), *self.blocks)
         return {prefix + name: value for name, value in zip(names, values, strict=True)}
 
     @property
@@ -686,41 +785,41 @@ class AdapterLaunch:
         return AdapterLaunch(like, like.new_empty((0, 1)), like, like, like, 0.0, 1, 0, 0, (16, 16, 16, 16))
 
 
-def _prepare(jobs: Sequence[Job], gate: torch.Tensor | None, gate_mode: int, scale: float) -> AdapterLaunch:
-    table, blocks, max_tiles = _sandwich_table(jobs)
-    return AdapterLaunch(
-        rows=jobs[0][0].tensor,
-        out=jobs[0][3].tensor,
-        table=table,
-        gate=gate if gate is not None else table,
-        factor=jobs[0][1].tensor,
-        scale=float(scale),
-        num_components=len(jobs),
-        max_tiles=max_tiles,
-        gate_mode=gate_mode,
-        blocks=blocks,
-    )
-
-
-def sandwich_grouped(
-    jobs: Sequence[Job],
+def _prepare(
+    plan: _SandwichPlan,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    factor: torch.Tensor,
     gate: torch.Tensor | None,
     gate_mode: int,
     scale: float,
-    schedule: str = "atomic",
-    accumulate: bool = True,
-) -> None:
+) -> AdapterLaunch:
+    return AdapterLaunch(
+        rows=rows,
+        out=out,
+        table=plan.table,
+        gate=gate if gate is not None else plan.table,
+        factor=factor,
+        scale=float(scale),
+        num_components=plan.table.shape[0],
+        max_tiles=plan.max_tiles,
+        gate_mode=gate_mode,
+        blocks=plan.blocks,
+    )
+
+
+def sandwich_grouped(ad: AdapterLaunch, schedule: str = "atomic", accumulate: bool = True) -> None:
     """out_t (+)= Σ_i c_i · S1_i · M_t,i · S2_i for every token t, all components in one launch.
 
-    All jobs share the per-token tensor (M) and the fp32 output. ``gate_mode`` 0: ``gate`` holds c (fp32);
-    1: c = scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in :func:`adapter_schedule`; the
-    atomic one always adds, so its output must start zeroed (or hold partial sums).
+    All components share the per-token tensor (M, ``ad.rows``) and the fp32 output (``ad.out``). Gate
+    mode 0: ``ad.gate`` holds c (fp32); 1: c = scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in
+    :func:`adapter_schedule`; the atomic one always adds, so its output must start zeroed (or hold
+    partial sums).
     """
-    if jobs[0][3].tensor.shape[0] == 0:
+    if ad.out.shape[0] == 0:
         return
-    ad = _prepare(jobs, gate, gate_mode, scale)
     args = (ad.rows, ad.out, ad.table, ad.gate, ad.factor, ad.scale, ad.num_components)
-    strides = (ad.stride_rows, jobs[0][3].stride_t)
+    strides = (ad.stride_rows, ad.out.stride(0))
     dot_fp32 = dot_in_fp32(ad.rows.dtype)
     if schedule == "atomic":
         assert accumulate, "the atomic schedule adds into its output"
@@ -744,8 +843,9 @@ def adapter_launch(
     """The forward Σ_i c_i (A_i ⊗ B_i) x_t, c = scale·softmax(g), as atomic programs adding into ``out``
     (fp32, T × N), to be run by a launch that hosts them (``nf4_matmul_accumulate``)."""
     assert out.dtype == torch.float32 and x2d.stride(1) == 1 and out.stride(1) == 1
-    jobs = _forward_jobs(x2d, out, a_factors, b_factors)
-    return _prepare(jobs, gate_logits, 1 if gate_logits is not None else 2, scale)
+    plan = _adapter_plan("forward", x2d, out, a_factors, b_factors)
+    gate_mode = 1 if gate_logits is not None else 2
+    return _prepare(plan, x2d, out, a_factors[0], gate_logits, gate_mode, scale)
 
 
 def _forward_jobs(x2d: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> list[Job]:
@@ -774,27 +874,31 @@ def _dx_jobs(grad_out: torch.Tensor, out: torch.Tensor, a_factors, b_factors) ->
     return jobs
 
 
-def _run_jobs(
-    make_jobs: Callable[[torch.Tensor], list[Job]],
+def _run_adapter(
+    kind: str,
+    rows: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
     coeffs: torch.Tensor | None,
     gate_logits: torch.Tensor | None,
     scale: float,
     out: torch.Tensor | None,
-    shape: tuple[int, int],
-    device: torch.device,
+    width: int,
 ) -> torch.Tensor:
-    """Run the jobs (laid out on the output) in one launch into ``out`` (added to) or a new fp32 tensor."""
+    """Run the adapter forward or dx in one launch into ``out`` (added to) or a new fp32 (T, width) tensor."""
+    shape = (rows.shape[0], width)
     schedule = adapter_schedule(shape[0])
     accumulate = out is not None or schedule == "atomic"
     if out is None:
-        out = (torch.zeros if schedule == "atomic" else new_output)(shape, dtype=torch.float32, device=device)
+        out = (torch.zeros if schedule == "atomic" else new_output)(shape, dtype=torch.float32, device=rows.device)
     else:
         assert out.dtype == torch.float32 and tuple(out.shape) == shape
-    jobs = make_jobs(out)
+    plan = _adapter_plan(kind, rows, out, a_factors, b_factors)
     if coeffs is not None:
-        sandwich_grouped(jobs, coeffs, 0, 1.0, schedule, accumulate)
+        ad = _prepare(plan, rows, out, a_factors[0], coeffs, 0, 1.0)
     else:
-        sandwich_grouped(jobs, gate_logits, 1 if gate_logits is not None else 2, scale, schedule, accumulate)
+        ad = _prepare(plan, rows, out, a_factors[0], gate_logits, 1 if gate_logits is not None else 2, scale)
+    sandwich_grouped(ad, schedule, accumulate)
     return out
 
 
@@ -813,9 +917,8 @@ def kron_mixture_forward(
     c is ``coeffs`` (fp32, r) if given, else scale·softmax(gate_logits), computed in the kernel (scale / r
     when ``gate_logits`` is None). With ``out`` (fp32, T × N) the result is added into it.
     """
-    shape = (x2d.shape[0], a_factors[0].shape[0] * b_factors[0].shape[0])
-    jobs = functools.partial(_forward_jobs, x2d, a_factors=a_factors, b_factors=b_factors)
-    return _run_jobs(jobs, coeffs, gate_logits, scale, out, shape, x2d.device)
+    width = a_factors[0].shape[0] * b_factors[0].shape[0]
+    return _run_adapter("forward", x2d, a_factors, b_factors, coeffs, gate_logits, scale, out, width)
 
 
 def kron_mixture_backward_dx(
@@ -827,9 +930,8 @@ def kron_mixture_backward_dx(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``)."""
-    shape = (grad_out.shape[0], a_factors[0].shape[1] * b_factors[0].shape[1])
-    jobs = functools.partial(_dx_jobs, grad_out, a_factors=a_factors, b_factors=b_factors)
-    return _run_jobs(jobs, coeffs, None, 1.0, out, shape, grad_out.device)
+    width = a_factors[0].shape[1] * b_factors[0].shape[1]
+    return _run_adapter("dx", grad_out, a_factors, b_factors, coeffs, None, 1.0, out, width)
 
 
 def kron_factor_grads(
@@ -846,6 +948,16 @@ def kron_factor_grads(
     Each product is grouped so that its per-token intermediate is the component's small one (a1×b2 for
     ``a_first``, a2×b1 for ``b_first``): the other grouping is the transposed reduction, stored transposed.
     """
+    sources = (grad_out, xa)
+    key = ("reduce", tuple(requests), factor_signature(a_factors, b_factors), a_factors[0].dtype)
+    key += (grad_out.stride(), xa.stride(), grad_out is xa, grad_out.device)
+    plan = _PLANS.get(
+        key, lambda: _reduce_plan(_factor_grad_jobs(grad_out, xa, a_factors, b_factors, requests), sources)
+    )
+    return token_reduce_grouped(plan, sources, a_factors[0], grad_out.shape[0])
+
+
+def _factor_grad_jobs(grad_out, xa, a_factors, b_factors, requests) -> list[ReduceJob]:
     jobs: list[ReduceJob] = []
     for i, which in requests:
         a, b = a_factors[i], b_factors[i]
@@ -864,4 +976,4 @@ def kron_factor_grads(
                 jobs.append((g_t.t(), _mat(a), x_t, False))
         else:
             raise ValueError(f"requests: expected (component, 'a' or 'b'), got {(i, which)!r}")
-    return token_reduce_grouped(jobs, grad_out.shape[0])
+    return jobs
