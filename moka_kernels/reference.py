@@ -205,6 +205,26 @@ def _segment_lengths(sizes: tuple[int, ...], device: torch.device) -> torch.Tens
     return torch.tensor(sizes, device=device)
 
 
+def split_factor_grads(
+    grads_flat: torch.Tensor,
+    requests: Sequence[tuple[int, str]],
+    needs: GradRequest,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The factor gradients as views of ``grads_flat`` (the requests' gradients one after another, each in
+    its factor's layout); None where not asked for (requests only the gate needed)."""
+    grad_a: list[torch.Tensor | None] = [None] * len(a_factors)
+    grad_b: list[torch.Tensor | None] = [None] * len(b_factors)
+    offset = 0
+    for i, which in requests:
+        factor = (a_factors if which == "a" else b_factors)[i]
+        if (needs.a if which == "a" else needs.b)[i]:
+            (grad_a if which == "a" else grad_b)[i] = grads_flat[offset : offset + factor.numel()].view(factor.shape)
+        offset += factor.numel()
+    return grad_a, grad_b
+
+
 def finish_factor_grads(
     raw_flat: torch.Tensor,
     requests: Sequence[tuple[int, str]],
@@ -218,20 +238,16 @@ def finish_factor_grads(
     """dA_i = c_i·M_i, dB_i = c_i·R_i and dα_i = s⟨factor_i, raw_i⟩ from the raw gradients of ``requests``,
     laid out one after another in ``raw_flat`` (each in its factor's shape), as a few whole-buffer ops
     rather than a few per component. The factor gradients are views of one buffer."""
-    r = len(a_factors)
-    grad_a: list[torch.Tensor | None] = [None] * r
-    grad_b: list[torch.Tensor | None] = [None] * r
     if not requests:
-        return grad_a, grad_b, torch.zeros_like(alpha)
+        return [None] * len(a_factors), [None] * len(b_factors), torch.zeros_like(alpha)
     factors = [(a_factors if which == "a" else b_factors)[i] for i, which in requests]
     sizes = tuple(f.numel() for f in factors)
     owner = _segment_owner(tuple(i for i, _ in requests), sizes, raw_flat.device)
-    grads = (raw_flat * coeffs.to(raw_flat.dtype)[owner]).to(a_factors[0].dtype).split(sizes)
-    for (i, which), factor, grad in zip(requests, factors, grads, strict=True):
-        if (needs.a if which == "a" else needs.b)[i]:  # not the ones only the gate asked for
-            (grad_a if which == "a" else grad_b)[i] = grad.view(factor.shape)
+    grads_flat = (raw_flat * coeffs.to(raw_flat.dtype)[owner]).to(a_factors[0].dtype)
+    grad_a, grad_b = split_factor_grads(grads_flat, requests, needs, a_factors, b_factors)
     if not needs.gate:
         return grad_a, grad_b, torch.zeros_like(alpha)
+    r = len(a_factors)
     gate_part = raw_flat[: sum(sizes[:r])].to(alpha.dtype) * torch.cat([f.reshape(-1) for f in factors[:r]])
     dots = torch.segment_reduce(gate_part, "sum", lengths=_segment_lengths(sizes[:r], raw_flat.device))
     return grad_a, grad_b, scale * dots.to(alpha.dtype)

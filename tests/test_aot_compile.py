@@ -39,7 +39,9 @@ def test_every_variant_compiles_and_fits(aot_results):
     assert not failures, json.dumps(failures[:5], indent=1)
     assert returncode == 0
     for r in results:
-        assert 0 < r["shared_bytes"] <= {80: 163 * 1024, 90: 227 * 1024}[r["capability"]]
+        assert r["shared_bytes"] <= {80: 163 * 1024, 90: 227 * 1024}[r["capability"]]
+        if r["kernel"] != "_factor_grad_finish_kernel":  # the only kernel without tl.dot may need none
+            assert r["shared_bytes"] > 0, r
 
 
 def test_every_autotune_config_and_kernel_is_covered(aot_results):

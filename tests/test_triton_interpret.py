@@ -17,6 +17,7 @@ import moka_kernels.ops as ops
 from moka.config import auto_component_shapes
 from moka_kernels import dequantize_nf4, moka_linear, quantize_nf4, select_backend
 from moka_kernels.ops.kron_mixture import (
+    kron_factor_backward,
     kron_factor_grads,
     kron_mixture_backward_dx,
     kron_mixture_forward,
@@ -167,6 +168,73 @@ def test_kron_forward_gate_and_accumulation(case, logits_dtype, deterministic):
         c * g.double() @ torch.kron(a.double(), b.double()) for c, a, b in zip(coeffs.double(), a_f, b_f, strict=True)
     )
     _check(dx_buffer, expected_dx, torch.float32, "dx out=")
+    dx_gate = kron_mixture_backward_dx(g, a_f, b_f, gate_logits=logits, scale=1.7)
+    expected_dx = sum(
+        c * g.double() @ torch.kron(a.double(), b.double()) for c, a, b in zip(1.7 * alpha, a_f, b_f, strict=True)
+    )
+    _check(dx_gate, expected_dx, torch.float32, "dx softmax gate")
+
+
+def _raw_factor_grads64(g, x, a_f, b_f, requests):
+    """fp64 M_i = Σ_t G_t B_i X_tᵀ and R_i = Σ_t G_tᵀ A_i X_t for each request."""
+    out = []
+    for i, which in requests:
+        (a1, a2), (b1, b2) = a_f[i].shape, b_f[i].shape
+        g3, x3 = g.double().reshape(-1, a1, b1), x.double().reshape(-1, a2, b2)
+        if which == "a":
+            out.append(torch.einsum("tuq,qv,tpv->up", g3, b_f[i].double(), x3))
+        else:
+            out.append(torch.einsum("tuq,up,tpv->qv", g3, a_f[i].double(), x3))
+    return out
+
+
+@pytest.mark.parametrize("gate", ["fp32", "bf16", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["24x36-r3-mixed", "48x80-r4-wide"])
+def test_factor_backward_finishing_pass(case, dtype, gate):
+    """dA_i = c_i M_i, dB_i = c_i R_i (factor dtype and layout) and the logits' gradient
+    dg = α ⊙ (dα − ⟨α, dα⟩), dα_i = s⟨F_i, raw_i⟩, from the token reduction's partial sums (several
+    splits under the interpreter), against fp64; factors transposed in memory; gate-only requests."""
+    n_out, k_in, shapes = MIXTURES[case]
+    r = len(shapes)
+    a_f, b_f = _factors(shapes, dtype)
+    # column-major factors: the gate's dot must follow each factor's strides
+    a_f, b_f = [a.t().contiguous().t() for a in a_f], [b.t().contiguous().t() for b in b_f]
+    logits = None if gate == "none" else torch.randn(r).to(torch.float32 if gate == "fp32" else torch.bfloat16)
+    scale = 1.3
+    alpha = torch.softmax(logits.double(), 0) if logits is not None else torch.full((r,), 1.0 / r, dtype=torch.float64)
+    requests = [(i, "a" if i % 2 else "b") for i in range(r)] + [(0, "a" if r > 1 else "b"), (r - 1, "a")]
+    requests = list(dict.fromkeys(requests))
+    for tokens in TOKENS:
+        x, g = torch.randn(tokens, k_in).to(dtype), torch.randn(tokens, n_out).to(dtype)
+        grads, gate_grad = kron_factor_backward(g, x, a_f, b_f, requests, logits, scale, gate_grad=logits is not None)
+        assert grads.dtype == dtype and grads.numel() == sum((a_f if w == "a" else b_f)[i].numel() for i, w in requests)
+        raw = _raw_factor_grads64(g, x, a_f, b_f, requests)
+        # a token reduction can cancel heavily (R is a scalar when B is 1×1): error relative to Σ|terms|
+        terms = _raw_factor_grads64(g.abs(), x.abs(), [a.abs() for a in a_f], [b.abs() for b in b_f], requests)
+        offset = 0
+        for (i, which), raw_i, terms_i in zip(requests, raw, terms, strict=True):
+            got = grads[offset : offset + raw_i.numel()].view(raw_i.shape)
+            offset += raw_i.numel()
+            c = scale * alpha[i]
+            _check_reduction(got, c * raw_i, c * terms_i, dtype, f"d{which.upper()}[{i}] T={tokens}")
+        if logits is None:
+            assert gate_grad is None
+            continue
+        factors = [(a_f if w == "a" else b_f)[i].double() for i, w in requests[:r]]
+        d_alpha = scale * torch.stack([(f * m).sum() for f, m in zip(factors, raw[:r], strict=True)])
+        expected = alpha * (d_alpha - (alpha * d_alpha).sum())
+        assert gate_grad.dtype == logits.dtype and gate_grad.shape == (r,)
+        dot_terms = torch.stack([(f.abs() * m).sum() for f, m in zip(factors, terms[:r], strict=True)])
+        tol_dtype = torch.float32 if dtype == torch.float32 and gate == "fp32" else torch.bfloat16
+        _check_reduction(gate_grad, expected, scale * dot_terms, tol_dtype, f"dg T={tokens}")
+
+
+def test_factor_backward_checks_the_gate_requests():
+    a_f, b_f = _factors(MIXTURES["24x36-r3-mixed"][2], torch.float32)
+    x, g, logits = torch.randn(2, 36), torch.randn(2, 24), torch.zeros(3)
+    with pytest.raises(ValueError, match="gate_grad: needs gate_logits and requests starting with one per component"):
+        kron_factor_backward(g, x, a_f, b_f, [(1, "a"), (0, "a"), (2, "a")], logits, 1.0, gate_grad=True)
 
 
 def test_component_tables_are_per_layer():

@@ -59,6 +59,7 @@ def _kernels():
         "_kron_sandwich_rowwise_kernel": kron_mixture._kron_sandwich_rowwise_kernel,
         "_kron_sandwich_grouped_kernel": kron_mixture._kron_sandwich_grouped_kernel,
         "_kron_token_reduce_grouped_kernel": kron_mixture._kron_token_reduce_grouped_kernel,
+        "_factor_grad_finish_kernel": kron_mixture._factor_grad_finish_kernel,
     }
 
 
@@ -143,6 +144,25 @@ def variants() -> list[Variant]:
             }
             flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
             out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3))
+        # the finishing pass: logits (fp32 or the input dtype) with the gate's gradient, logits without it,
+        # and the uniform gate
+        for gate_mode, logits, need_gate_grad in (
+            (1, "fp32", True),
+            (1, dtype, True),
+            (1, "fp32", False),
+            (2, "", False),
+        ):
+            ptrs = {
+                "ws_ptr": "*fp32",
+                "table_ptr": "*i64",
+                "gate_ptr": f"*{logits}" if logits else "*i64",
+                "grad_ptr": f"*{dtype}",
+                "gate_grad_ptr": f"*{logits}" if need_gate_grad else f"*{dtype}",
+                "factor_ptr": f"*{dtype}",
+                "scale": "fp32",
+            }
+            flags = dict(GATE=gate_mode, NEED_GATE_GRAD=need_gate_grad, R_PAD=8, BLOCK=1024)
+            out.append(Variant("_factor_grad_finish_kernel", ptrs, flags, 4, 3))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
     for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)

@@ -17,8 +17,10 @@ GEMMs per W tile recomputed by every M-tile, which only pays at very large T; th
 and one read of a T × N fp32 tensor (docs/design.md has the roofline numbers).
 
 Backward: dx = dy · W0 with the adapter's dx (``kron_mixture_backward_dx``, one launch) added in the NF4
-transposed GEMM's epilogue; every raw factor gradient M_i, R_i in one token-reduction launch, in factor
-layout in one buffer; dA, dB, dα and dg by a few whole-buffer ops. Nothing of size r·T·N is ever
+transposed GEMM's epilogue; every raw factor gradient M_i, R_i in one token-reduction launch, then
+dA, dB (in factor layout, in one buffer) and dg in one finishing launch (``kron_factor_backward``). The
+coefficients c are formed from the logits inside each kernel, so a layer's backward runs three or four
+launches (plus dy's column sum with a bias) and no small torch ops. Nothing of size r·T·N is ever
 written, and W0 is re-decoded instead of saved. Under ``torch.use_deterministic_algorithms(True)`` no
 atomics are used (no split-K, the row-owning adapter schedule), so results are bitwise reproducible.
 """
@@ -31,19 +33,12 @@ from collections.abc import Sequence
 import torch
 
 from ..nf4 import NF4Tensor, dequantize_nf4
-from ..reference import (
-    GradRequest,
-    MoKAGrads,
-    factor_requests,
-    finish_factor_grads,
-    gate_weights,
-    softmax_gate_backward,
-)
+from ..reference import GradRequest, MoKAGrads, factor_requests, split_factor_grads
 from . import nf4_matmul as nf4_ops
 from .kron_mixture import (
     adapter_launch,
     grouped_launch_allowed,
-    kron_factor_grads,
+    kron_factor_backward,
     kron_mixture_backward_dx,
     kron_mixture_forward,
 )
@@ -126,23 +121,21 @@ def moka_backward_triton(
     grad_out = grad_out.contiguous()
     separate = adapter_x2d is not None
     xa = (adapter_x2d if separate else x2d).contiguous()
-    r = len(a_factors)
-    alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
-    coeffs = (alpha * scale).float()
     need_adapter_x = needs.adapter_x if separate else needs.x
 
-    adapter_dx = kron_mixture_backward_dx(grad_out, a_factors, b_factors, coeffs) if need_adapter_x else None
+    # c = scale·softmax(g) is formed inside every kernel from the logits: no small torch ops here
+    adapter_dx = None
+    if need_adapter_x:
+        adapter_dx = kron_mixture_backward_dx(grad_out, a_factors, b_factors, gate_logits=gate_logits, scale=scale)
     grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx) if needs.x else None
     grad_xa = adapter_dx.to(grad_out.dtype) if (separate and need_adapter_x) else None
 
-    requests = factor_requests(needs, r)
-    if requests:  # every raw factor gradient in one launch, in request order and factor layout
-        raw_flat, _ = kron_factor_grads(grad_out, xa, a_factors, b_factors, requests)
-    else:
-        raw_flat = grad_out.new_empty(0, dtype=torch.float32)
-    grad_a, grad_b, grad_alpha = finish_factor_grads(
-        raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale
-    )
-    grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
+    requests = factor_requests(needs, len(a_factors))
+    grad_a, grad_b, grad_gate = [None] * len(a_factors), [None] * len(b_factors), None
+    if requests:  # two launches: every raw factor gradient, then c·raw and the gate's gradient
+        grads_flat, grad_gate = kron_factor_backward(
+            grad_out, xa, a_factors, b_factors, requests, gate_logits, scale, gate_grad=needs.gate
+        )
+        grad_a, grad_b = split_factor_grads(grads_flat, requests, needs, a_factors, b_factors)
     grad_bias = grad_out.sum(0) if needs.bias else None
     return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)

@@ -67,6 +67,7 @@ __all__ = [
     "adapter_launch",
     "adapter_schedule",
     "grouped_launch_allowed",
+    "kron_factor_backward",
     "kron_factor_grads",
     "kron_mixture_backward_dx",
     "kron_mixture_forward",
@@ -452,6 +453,82 @@ def _kron_token_reduce_grouped_kernel(
         tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# The table of ``_factor_grad_finish_kernel``: one int64 row per raw gradient (request), columns
+#  0 offset in the flat buffers, 1 elements, 2 component, 3 its factor's address, 4 the factor's columns,
+#  5-6 its strides (row, column).
+FINISH_COLUMNS = 7
+
+
+@triton.jit
+def _split_sum(ws_ptr, offs, mask, splits, stride_ws):
+    """Σ over the token splits of the fp32 partial sums at ``offs``, in split order."""
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for split in range(1, splits):
+        total += tl.load(ws_ptr + split * stride_ws + offs, mask=mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _factor_grad_finish_kernel(
+    ws_ptr,  # fp32 (splits, total): the token reduction's partial sums of every raw gradient
+    table_ptr,  # int64 (S, FINISH_COLUMNS)
+    gate_ptr,  # the gate logits (GATE 1)
+    grad_ptr,  # (total,) in the factors' dtype: dA_i = c_i·M_i, dB_i = c_i·R_i at each request's offset
+    gate_grad_ptr,  # (R,) in the logits' dtype (NEED_GATE_GRAD)
+    factor_ptr,  # any factor: the element type the table's addresses point to
+    scale,
+    R,
+    S,
+    splits,
+    stride_ws,
+    GATE: tl.constexpr,
+    NEED_GATE_GRAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Programs 0..S-1: one request each, raw = Σ_splits partial, grad = c·raw in the factor dtype.
+    Program S (NEED_GATE_GRAD, requests 0..R-1 one per component): dα_i = s⟨factor_i, raw_i⟩, then the
+    softmax backward dg = α ⊙ (dα − ⟨α, dα⟩) with α = softmax(g) in fp32; one program, so the sums have
+    a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    if pid < S:
+        row = table_ptr + pid * 7
+        offset = tl.load(row + 0)
+        numel = tl.load(row + 1)
+        coeff = _component_coefficient(gate_ptr, tl.load(row + 2), scale, R, GATE, R_PAD)
+        for start in range(0, numel, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < numel
+            raw = _split_sum(ws_ptr, offset + offs, mask, splits, stride_ws)
+            tl.store(grad_ptr + offset + offs, (raw * coeff).to(grad_ptr.dtype.element_ty), mask=mask)
+    if NEED_GATE_GRAD:  # noqa: SIM102 - a constexpr branch, pruned at compile time
+        if pid == S:
+            offs_r = tl.arange(0, R_PAD)
+            d_alpha = tl.zeros((R_PAD,), dtype=tl.float32)
+            for comp in range(0, R):
+                row = table_ptr + comp * 7
+                offset = tl.load(row + 0)
+                numel = tl.load(row + 1)
+                f_ptr = tl.load(row + 3).to(factor_ptr.dtype)
+                cols = tl.load(row + 4)
+                stride_r = tl.load(row + 5)
+                stride_c = tl.load(row + 6)
+                dot = tl.zeros((BLOCK,), dtype=tl.float32)
+                for start in range(0, numel, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    mask = offs < numel
+                    raw = _split_sum(ws_ptr, offset + offs, mask, splits, stride_ws)
+                    f_offs = (offs // cols) * stride_r + (offs % cols) * stride_c
+                    factor = tl.load(f_ptr + f_offs, mask=mask, other=0.0)
+                    dot += raw * factor.to(tl.float32)
+                d_alpha = tl.where(offs_r == comp, scale * tl.sum(dot, 0), d_alpha)
+            logits = tl.load(gate_ptr + offs_r, mask=offs_r < R, other=-float("inf")).to(tl.float32)
+            exps = tl.exp(logits - tl.max(logits, 0))
+            alpha = exps / tl.sum(exps, 0)
+            grad = alpha * (d_alpha - tl.sum(alpha * d_alpha, 0))
+            tl.store(gate_grad_ptr + offs_r, grad.to(gate_grad_ptr.dtype.element_ty), mask=offs_r < R)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # plain ints: triton.cdiv is a constexpr function, microseconds per host call
 
@@ -601,14 +678,13 @@ def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> 
     )
 
 
-def token_reduce_grouped(
+def _reduce_partials(
     plan: _ReducePlan, sources: Sequence[torch.Tensor], factor: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Σ_t (L_t · S) · R_t for every job of the plan, in one launch and one sum over the token splits.
+) -> torch.Tensor:
+    """The plan's reductions in one launch: fp32 partial sums (splits, total), one per share of the tokens.
 
     ``sources`` are the per-token tensors the plan was built on; ``factor`` any factor (the kernel reads
-    every factor as its dtype). Returns the flat fp32 results and one contiguous view of it per job:
-    (L.rows, R.cols), or its transpose when the job asks (so a result lands in its factor's layout).
+    every factor as its dtype).
     """
     first, last = sources[plan.per_token[0]], sources[plan.per_token[-1]]
     splits = _num_splits(num_tokens, plan.total_tiles)
@@ -634,7 +710,19 @@ def token_reduce_grouped(
         BLOCK_N=bn,
         num_warps=4,
     )
-    flat = workspace.sum(0) if splits > 1 else workspace[0]
+    return workspace
+
+
+def token_reduce_grouped(
+    plan: _ReducePlan, sources: Sequence[torch.Tensor], factor: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ_t (L_t · S) · R_t for every job of the plan, in one launch and one sum over the token splits.
+
+    Returns the flat fp32 results and one contiguous view of it per job: (L.rows, R.cols), or its
+    transpose when the job asks (so a result lands in its factor's row-major layout).
+    """
+    workspace = _reduce_partials(plan, sources, factor, num_tokens)
+    flat = workspace.sum(0) if workspace.shape[0] > 1 else workspace[0]
     return flat, [flat[o : o + shape[0] * shape[1]].view(shape) for o, shape in plan.views]
 
 
@@ -925,13 +1013,18 @@ def kron_mixture_backward_dx(
     grad_out: torch.Tensor,
     a_factors: Sequence[torch.Tensor],
     b_factors: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
+    coeffs: torch.Tensor | None = None,
     *,
+    gate_logits: torch.Tensor | None = None,
+    scale: float = 1.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ_i coeffs[i] Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``)."""
+    """Σ_i c_i Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``).
+
+    c as in :func:`kron_mixture_forward`: ``coeffs``, else scale·softmax(gate_logits) in the kernel.
+    """
     width = a_factors[0].shape[1] * b_factors[0].shape[1]
-    return _run_adapter("dx", grad_out, a_factors, b_factors, coeffs, None, 1.0, out, width)
+    return _run_adapter("dx", grad_out, a_factors, b_factors, coeffs, gate_logits, scale, out, width)
 
 
 def kron_factor_grads(
@@ -949,12 +1042,87 @@ def kron_factor_grads(
     ``a_first``, a2×b1 for ``b_first``): the other grouping is the transposed reduction, stored transposed.
     """
     sources = (grad_out, xa)
+    plan = _factor_grad_plan(grad_out, xa, a_factors, b_factors, requests)
+    return token_reduce_grouped(plan.reduce, sources, a_factors[0], grad_out.shape[0])
+
+
+def kron_factor_backward(
+    grad_out: torch.Tensor,
+    xa: torch.Tensor,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    requests: Sequence[tuple[int, str]],
+    gate_logits: torch.Tensor | None,
+    scale: float,
+    *,
+    gate_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""The finished factor gradients of ``requests``, in two launches: the token reduction
+    (:func:`kron_factor_grads`'s raw M_i, R_i) and one pass over its partial sums that forms
+
+    .. math::  dA_i = c_i M_i, \quad dB_i = c_i R_i, \quad c = s \cdot \mathrm{softmax}(g)
+
+    flat in request order, each in its factor's layout and dtype (c_i = s / r without a gate). With
+    ``gate_grad`` (the gate's logits given, and ``requests`` starting with one per component in order, as
+    ``reference.factor_requests`` makes them) it also returns the logits' gradient
+
+    .. math::  d\alpha_i = s \langle F_i, \mathrm{raw}_i \rangle, \quad
+               dg = \alpha \odot (d\alpha - \langle \alpha, d\alpha \rangle)
+
+    with F_i the factor of request i (A_i for M_i, B_i for R_i). Same results as
+    ``reference.finish_factor_grads`` and ``reference.softmax_gate_backward`` on the raw sums.
+    """
+    r = len(a_factors)
+    if gate_grad and (gate_logits is None or [i for i, _ in requests[:r]] != list(range(r))):
+        raise ValueError("gate_grad: needs gate_logits and requests starting with one per component, in order")
+    sources = (grad_out, xa)
+    plan = _factor_grad_plan(grad_out, xa, a_factors, b_factors, requests)
+    workspace = _reduce_partials(plan.reduce, sources, a_factors[0], grad_out.shape[0])
+    grads = new_output((plan.reduce.size,), a_factors[0].dtype, grad_out.device)
+    gate = gate_logits if gate_logits is not None else plan.finish
+    gate_out = new_output((r,), gate_logits.dtype, grad_out.device) if gate_grad else grads
+    num_requests = len(requests)
+    _factor_grad_finish_kernel[(num_requests + int(gate_grad),)](
+        workspace,
+        plan.finish,
+        gate,
+        grads,
+        gate_out,
+        a_factors[0],
+        float(scale),
+        r,
+        num_requests,
+        workspace.shape[0],
+        workspace.stride(0),
+        GATE=1 if gate_logits is not None else 2,
+        NEED_GATE_GRAD=gate_grad,
+        R_PAD=_next_power_of_2(r),
+        BLOCK=1024,
+        num_warps=4,
+    )
+    return grads, (gate_out if gate_grad else None)
+
+
+@dataclass(frozen=True)
+class _FactorGradPlan:
+    reduce: _ReducePlan
+    finish: torch.Tensor  # int64 (requests, FINISH_COLUMNS)
+
+
+def _factor_grad_plan(grad_out, xa, a_factors, b_factors, requests) -> _FactorGradPlan:
     key = ("reduce", tuple(requests), factor_signature(a_factors, b_factors), a_factors[0].dtype)
     key += (grad_out.stride(), xa.stride(), grad_out is xa, grad_out.device)
-    plan = _PLANS.get(
-        key, lambda: _reduce_plan(_factor_grad_jobs(grad_out, xa, a_factors, b_factors, requests), sources)
-    )
-    return token_reduce_grouped(plan, sources, a_factors[0], grad_out.shape[0])
+
+    def build() -> _FactorGradPlan:
+        jobs = _factor_grad_jobs(grad_out, xa, a_factors, b_factors, requests)
+        reduce = _reduce_plan(jobs, (grad_out, xa))
+        rows = []
+        for (i, which), (offset, _) in zip(requests, reduce.views, strict=True):
+            factor = (a_factors if which == "a" else b_factors)[i]
+            rows.append((offset, factor.numel(), i, factor.data_ptr(), factor.shape[1], *factor.stride()))
+        return _FactorGradPlan(reduce, _component_table(tuple(rows), grad_out.device))
+
+    return _PLANS.get(key, build)
 
 
 def _factor_grad_jobs(grad_out, xa, a_factors, b_factors, requests) -> list[ReduceJob]:
