@@ -216,12 +216,11 @@ def split_factor_grads(
     its factor's layout); None where not asked for (requests only the gate needed)."""
     grad_a: list[torch.Tensor | None] = [None] * len(a_factors)
     grad_b: list[torch.Tensor | None] = [None] * len(b_factors)
-    offset = 0
-    for i, which in requests:
-        factor = (a_factors if which == "a" else b_factors)[i]
+    factors = [(a_factors if which == "a" else b_factors)[i] for i, which in requests]
+    chunks = grads_flat.split([f.numel() for f in factors])
+    for (i, which), factor, chunk in zip(requests, factors, chunks, strict=True):
         if (needs.a if which == "a" else needs.b)[i]:
-            (grad_a if which == "a" else grad_b)[i] = grads_flat[offset : offset + factor.numel()].view(factor.shape)
-        offset += factor.numel()
+            (grad_a if which == "a" else grad_b)[i] = chunk.view(factor.shape)
     return grad_a, grad_b
 
 
