@@ -53,6 +53,8 @@ __all__ = [
     "moka_backward_torch",
     "moka_forward_torch",
     "moka_linear_materialized",
+    "softmax_gate_backward",
+    "split_factor_grads",
 ]
 
 
@@ -295,7 +297,8 @@ def moka_backward_torch(
     grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
     grad_xa = torch.zeros_like(xa) if (need_adapter_x and separate) else None
     # Raw factor gradients go straight into one flat buffer (out=), in factor_requests' order, so their
-    # scaling and dα are whole-buffer ops (finish_factor_grads, shared with the Triton backend).
+    # scaling and dα are whole-buffer ops (finish_factor_grads: the reference of the Triton backend's
+    # finishing kernel, kron_factor_backward).
     requests = factor_requests(needs, r)
     sizes = [(a_factors if w == "a" else b_factors)[i].numel() for i, w in requests]
     raw_flat = grad_out.new_empty(sum(sizes))

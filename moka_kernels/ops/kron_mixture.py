@@ -43,8 +43,14 @@ each grouped so that its intermediate is the component's small one; the other gr
 reduction (e.g. Mᵀ = Σ_t (X_t Bᵀ) G_tᵀ when X Bᵀ is the small intermediate), stored transposed so every
 result lands in its factor's layout. All requested reductions run in one launch over a table like the
 sandwich's, into one flat fp32 buffer. The token axis is split across programs, each writing an fp32
-partial sum that one ``sum`` reduces; no atomics, so results are deterministic. Then dA = c·M, dB = c·R,
-dα = s⟨A, M⟩ = s⟨B, R⟩, as whole-buffer ops.
+partial sum; no atomics, so results are deterministic.
+
+**Finishing pass** (``_factor_grad_finish_kernel``): a program per requested gradient sums its token
+splits and writes dA = c·M or dB = c·R in the factor's dtype and layout; one more program forms
+dα_i = s⟨A_i, M_i⟩ = s⟨B_i, R_i⟩ for the gate's r requests and the softmax backward
+dg = α ⊙ (dα − ⟨α, dα⟩). The coefficients c = s·softmax(g) are formed from the logits inside every kernel,
+so a layer's backward needs no small torch ops. Launch plans (tables, tile sizes) are cached per layer
+(``_PlanCache``), so a call's host work is a signature of its factors and a dictionary lookup.
 """
 
 from __future__ import annotations
