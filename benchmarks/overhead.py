@@ -25,7 +25,7 @@ from moka_kernels import library, moka_linear
 from moka_kernels.reference import GradRequest
 
 from .providers import build_case
-from .run import RESULTS, conditions, make_timer
+from .run import RESULTS, conditions, make_timer, write_json
 
 ROUTES = ["backend functions", "eager route", "custom-op route", "moka_linear", "peft lora r16"]
 
@@ -110,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     measure = make_timer(device, min_run_time)
     layers = [(48, 64)] if args.smoke else [(576, 576), (2048, 2048)]
     tokens = [1] if args.smoke else [1, 16]
+    conds = conditions(device, dtype, min_run_time)
+    conds.update(components=args.components, smoke=args.smoke, complete=False)
+    path = args.out / f"overhead-{'smoke' if args.smoke else args.device}.json"
     rows = []
     for n_out, k_in in layers:
         for t in tokens:
             ms = measure_routes(n_out, k_in, t, args.components, device, dtype, measure)
             rows.append({"n_out": n_out, "k_in": k_in, "tokens": t, "ms": ms})
             print(f"{n_out}x{k_in} T={t}: " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
-    conds = conditions(device, dtype, min_run_time)
-    conds.update(components=args.components, smoke=args.smoke)
-    stem = f"overhead-{'smoke' if args.smoke else args.device}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stem}.json"
-    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+            write_json(path, conds, rows)
+    conds["complete"] = True
+    write_json(path, conds, rows)
     print(f"wrote {path} and {render(path)}", flush=True)
     return 0
 

@@ -176,11 +176,17 @@ def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: in
             os.environ["MOKA_BACKEND"] = previous
 
 
-def write_results(path: Path, conds: dict, rows: list[dict]) -> None:
+def write_json(path: Path, conds: dict, rows: list[dict]) -> None:
+    """Replace ``path`` (.json) with the conditions and rows in one rename, so that a run killed by its time
+    limit (the GPU suite's parts have one) leaves every row measured so far, marked ``complete: false``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
     tmp.replace(path.with_suffix(".json"))
+
+
+def write_results(path: Path, conds: dict, rows: list[dict]) -> None:
+    write_json(path, conds, rows)
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = 0.05 if args.smoke else args.min_run_time
     measure = make_timer(device, min_run_time)
     conds = conditions(device, dtype, min_run_time)
-    conds.update(components=args.components, smoke=args.smoke)
+    conds.update(components=args.components, smoke=args.smoke, complete=False)
+    path = args.out / (args.tag or f"layers-{key}")
     rows: list[dict] = []
     for n_out, k_in in LAYERS[key]:
         for tokens in TOKENS[key]:
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += layer_rows
                 times = "  ".join(f"{r['mode']} {r['ms']:8.3f}" for r in layer_rows)
                 print(f"{n_out:>5}x{k_in:<5} T={tokens:<5} {provider + '[' + base + ']':24s} {times} ms", flush=True)
-    path = args.out / (args.tag or f"layers-{key}")
+            write_json(path, conds, rows)
+    conds["complete"] = True
     write_results(path, conds, rows)
     from .plot import render
 

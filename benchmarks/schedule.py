@@ -26,7 +26,7 @@ import torch
 from moka.config import auto_component_shapes
 from moka_kernels import quantize_nf4
 
-from .run import RESULTS, conditions, make_timer
+from .run import RESULTS, conditions, make_timer, write_json
 
 SCHEDULES = ("atomic", "rowwise")
 
@@ -126,17 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     measure = _once if args.smoke else make_timer(device, 0.01)
     layers = [(64, 128)] if args.smoke else [(4096, 4096), (4096, 14336)]
     tokens = [1, 64] if args.smoke else [1, 16, 128, 512, 2048, 4096]
+    conds = conditions(device, dtype, 0.01)
+    conds.update(components=args.components, smoke=args.smoke, complete=False)
+    path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"
     rows = []
     for n_out, k_in in layers:
         for t in tokens:
             ms = measure_schedules(n_out, k_in, t, args.components, device, dtype, measure)
             rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": t, "ms": ms})
             print(f"{n_out}x{k_in} T={t}: " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()), flush=True)
-    conds = conditions(device, dtype, 0.01)
-    conds.update(components=args.components, smoke=args.smoke)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"
-    path.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+            write_json(path, conds, rows)
+    conds["complete"] = True
+    write_json(path, conds, rows)
     print(f"wrote {path} and {render(path)}", flush=True)
     return 0
 

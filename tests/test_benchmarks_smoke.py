@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import plot, run
@@ -34,6 +35,25 @@ def test_layer_runner_smoke_writes_results_and_renders(tmp_path, monkeypatch):
     assert md.startswith("# Layer benchmarks") and "| 48×64 | 16 |" in md  # the FLOP-share table's row
     assert (tmp_path / "layers-smoke-fwdbwd.png").stat().st_size > 1000
     assert (tmp_path / "layers-smoke.csv").read_text().startswith("provider,")
+
+
+def test_layer_runner_keeps_the_rows_of_a_killed_run(tmp_path, monkeypatch):
+    """The GPU suite kills a part at its time limit: every row measured before that is already on disk,
+    marked incomplete."""
+    calls = []
+
+    def run_layer(provider, base, n_out, k_in, tokens, *args):
+        if tokens == 16:
+            raise KeyboardInterrupt  # stands in for the kill
+        calls.append(provider)
+        return [{"provider": provider, "base": base, "tokens": tokens, "mode": "fwd", "ms": 1.0}]
+
+    monkeypatch.setattr(run, "run_layer", run_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--smoke", "--out", str(tmp_path), "--providers", "dense_linear,lokr_materialized"])
+    data = json.loads((tmp_path / "layers-smoke.json").read_text())
+    assert data["conditions"]["complete"] is False
+    assert [row["provider"] for row in data["rows"]] == calls and len(calls) == 2
 
 
 def test_cpu_peak_bytes_is_the_most_held_at_once():
