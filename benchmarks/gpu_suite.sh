@@ -6,7 +6,8 @@
 #   tests,layers,e2e,overhead,schedule (default all)
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests.xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
-# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit; all five fit in 585 s
+# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
+# the rows it measured, marked "complete": false); all five fit in 585 s
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 set -uo pipefail
@@ -23,11 +24,11 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_availabl
 PY
 status=0
 if [[ $parts == *,tests,* ]]; then
-  timeout 170 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
+  timeout 160 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
     2>&1 | tee "$out/gpu_tests.log" || status=1
 fi
 if [[ $parts == *,layers,* ]]; then
-  timeout 180 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  timeout 170 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
 fi
 if [[ $parts == *,e2e,* ]]; then
   timeout 150 python -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
@@ -37,6 +38,6 @@ if [[ $parts == *,overhead,* ]]; then
   timeout 30 python -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
 fi
 if [[ $parts == *,schedule,* ]]; then
-  timeout 55 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+  timeout 75 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
 fi
 exit $status

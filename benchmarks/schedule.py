@@ -6,7 +6,9 @@ token, owning its output row through all components). ``ROWWISE_MIN_TOKENS`` pic
 sweep measures both at each token count, for the adapter forward and its dx, next to our NF4 base GEMM
 alone, so a GPU run can set the threshold from data; at T ≤ 16 also the whole decode forward with the
 adapter's programs inside the NF4 GEMV's launch (``fused``) and as their own launch (``separate``,
-``MOKA_DECODE_FUSION=0``). Times are medians of ``triton.testing.do_bench``
+``MOKA_DECODE_FUSION=0``); and the adapter forward with the tile sizes of the previous policy
+(``fwd-maxtiles``: each the largest any component needs, ``MOKA_TILE_POLICY=max``) against the chooser's
+(least padded work). Times are medians of ``triton.testing.do_bench``
 (ms); on CPU only ``--smoke`` runs (the interpreter, to keep the script working; its times mean nothing).
 
 Writes ``<out>/schedule-<device>.json`` (with the conditions) and ``.md``.
@@ -55,17 +57,21 @@ def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype,
                 lambda: moka_forward_triton(x, None, weight, None, logits, 1.0, a_f, b_f)
             )
         os.environ.pop("MOKA_DECODE_FUSION")
-    previous = os.environ.get("MOKA_ADAPTER_SCHEDULE")
+    previous = {name: os.environ.get(name) for name in ("MOKA_ADAPTER_SCHEDULE", "MOKA_TILE_POLICY")}
     try:
         for schedule in SCHEDULES:
             os.environ["MOKA_ADAPTER_SCHEDULE"] = schedule
             row[f"fwd {schedule}"] = measure(lambda: kron_mixture_forward(x, a_f, b_f, gate_logits=logits))
             row[f"dx {schedule}"] = measure(lambda: kron_mixture_backward_dx(dy, a_f, b_f, coeffs))
+            os.environ["MOKA_TILE_POLICY"] = "max"
+            row[f"fwd-maxtiles {schedule}"] = measure(lambda: kron_mixture_forward(x, a_f, b_f, gate_logits=logits))
+            os.environ.pop("MOKA_TILE_POLICY")
     finally:
-        if previous is None:
-            os.environ.pop("MOKA_ADAPTER_SCHEDULE", None)
-        else:
-            os.environ["MOKA_ADAPTER_SCHEDULE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return row
 
 
@@ -78,7 +84,7 @@ def _once(fn) -> float:
 
 def render(path: Path) -> Path:
     data = json.loads(path.read_text())
-    columns = ["nf4 base"] + [f"{kind} {s}" for kind in ("fwd", "dx") for s in SCHEDULES]
+    columns = ["nf4 base"] + [f"{kind} {s}" for kind in ("fwd", "fwd-maxtiles", "dx") for s in SCHEDULES]
     columns += ["decode fwd fused", "decode fwd separate"]
     lines = [
         f"# Adapter schedules: {path.stem}",

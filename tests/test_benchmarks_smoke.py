@@ -276,14 +276,16 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
 
 
 def test_schedule_sweep_smoke(tmp_path):
-    """Both adapter schedules run through the sweep script (interpreter); on CPU only --smoke runs."""
+    """Both adapter schedules and both tile policies run through the sweep script (interpreter); on CPU only
+    --smoke runs."""
     from benchmarks import schedule
 
     assert schedule.main(["--device", "cpu", "--out", str(tmp_path)]) == 2
     assert schedule.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "schedule-smoke.json").read_text())
     assert [row["tokens"] for row in data["rows"]] == [1, 64]
-    expected = {"nf4 base", "fwd atomic", "fwd rowwise", "dx atomic", "dx rowwise"}
+    expected = {"nf4 base", "fwd atomic", "fwd rowwise", "dx atomic", "dx rowwise", "fwd-maxtiles atomic"}
+    expected |= {"fwd-maxtiles rowwise"}
     decode = {"decode fwd fused", "decode fwd separate"}
     for row in data["rows"]:
         assert set(row["ms"]) == (expected | decode if row["tokens"] <= 16 else expected)

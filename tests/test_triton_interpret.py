@@ -136,6 +136,76 @@ def test_kron_mixture_kernels(case, dtype, deterministic):
             _check_reduction(r_raw, r_ref, r_scale, dtype, f"R[{i}] T={tokens}")
 
 
+def _executed_macs(dims, blocks) -> int:
+    (p, j, l_, q), (bp, bj, bl, bq) = dims, blocks
+    tiles = -(-p // bp) * -(-q // bq)
+    return tiles * -(-j // bj) * (-(-l_ // bl) * bj * bl * bq + bp * bj * bq)
+
+
+def _sandwich_dims(shapes):
+    """(P, J, L, Q) of each component's forward sandwich, in its contraction order."""
+    out = []
+    for a1, a2, b1, b2 in shapes:
+        out.append((a1, a2, b2, b1) if contraction_order((a1, a2), (b1, b2)) == "b_first" else (b1, b2, a2, a1))
+    return out
+
+
+def test_tile_sizes_follow_the_least_padded_work(monkeypatch):
+    """One set of tile sizes serves every component of a launch. At LLaMA-7B's 4096², r = 5 (components
+    from 16×256 to 64×64) tiles sized for the largest component executed 10.8× the adapter's
+    multiply-adds; the chooser's pick executes at most 1.35×. A component that fits one tile exactly gets
+    that tile (no padding, no recomputation); a bad policy name is refused."""
+    import moka_kernels.ops.kron_mixture as km
+
+    dims = _sandwich_dims(auto_component_shapes(4096, 4096, 5))
+    ideal = sum(j * l_ * q + p * j * q for p, j, l_, q in dims)
+    monkeypatch.setenv("MOKA_TILE_POLICY", "max")
+    largest = km.choose_blocks(dims)
+    assert largest == (64, 64, 64, 64) and sum(_executed_macs(d, largest) for d in dims) > 10 * ideal
+    monkeypatch.delenv("MOKA_TILE_POLICY")
+    chosen = km.choose_blocks(dims)
+    assert sum(_executed_macs(d, chosen) for d in dims) <= 1.35 * ideal, chosen
+    big = km.choose_blocks([(128, 64, 64, 128)])  # one tile would need a 128×128 fp32 accumulator
+    assert big[0] * big[3] <= km.ACC_ELEMENTS and big in km._candidate_blocks(), big
+    # the AOT check compiles LARGEST_BLOCKS: every candidate is no larger, size by size, than one of them
+    for blocks in km._candidate_blocks():
+        assert any(all(b <= m for b, m in zip(blocks, top, strict=True)) for top in km.LARGEST_BLOCKS), blocks
+    assert km.choose_blocks([(64, 64, 64, 64)]) == (64, 64, 64, 64)
+    assert km.choose_blocks([(128, 32, 64, 32)]) == (128, 32, 64, 32)
+    monkeypatch.setenv("MOKA_TILE_POLICY", "largest")
+    with pytest.raises(ValueError, match="MOKA_TILE_POLICY: expected one of"):
+        km.choose_blocks(dims)
+
+
+@pytest.mark.parametrize("case", ["48x80-r4-wide", "36x24-r5-auto"])
+def test_kron_kernels_under_both_tile_policies(case, monkeypatch):
+    """Forward, dx and the finished factor gradients agree under both tile policies (different tile
+    sizes, the same masked kernels) with the fp64 reference."""
+    n_out, k_in, shapes = MIXTURES[case]
+    a_f, b_f = _factors(shapes, torch.float32)
+    logits = torch.randn(len(shapes))
+    alpha = torch.softmax(logits.double(), 0)
+    x, g = torch.randn(7, k_in), torch.randn(7, n_out)
+    requests = [(i, "a") for i in range(len(shapes))] + [(i, "b") for i in range(len(shapes))]
+    raw = _raw_factor_grads64(g, x, a_f, b_f, requests)
+    for policy in ("max", "min-work"):
+        monkeypatch.setenv("MOKA_TILE_POLICY", policy)
+        _check(
+            kron_mixture_forward(x, a_f, b_f, gate_logits=logits), _mixture64(x, a_f, b_f, alpha), torch.float32, policy
+        )
+        expected_dx = sum(
+            c * g.double() @ torch.kron(a.double(), b.double()) for c, a, b in zip(alpha, a_f, b_f, strict=True)
+        )
+        _check(kron_mixture_backward_dx(g, a_f, b_f, gate_logits=logits), expected_dx, torch.float32, policy + " dx")
+        grads, _ = kron_factor_backward(g, x, a_f, b_f, requests, logits, 1.0, gate_grad=True)
+        _check(
+            grads.double(),
+            torch.cat([(alpha[i] * m).reshape(-1) for (i, _), m in zip(requests, raw, strict=True)]),
+            torch.float32,
+            policy + " grads",
+        )
+
+
 def _mixture64(x, a_f, b_f, coeffs):
     return sum(c * kron_component(x.double(), a.double(), b.double()) for c, a, b in zip(coeffs, a_f, b_f, strict=True))
 

@@ -65,6 +65,7 @@ def _kernels():
 
 def variants() -> list[Variant]:
     """Every autotune config of the NF4 GEMMs, and the tile shapes the Kronecker launchers can pick."""
+    from . import kron_mixture
     from .nf4_matmul import NF4_MATMUL_CONFIGS, NF4_MATMUL_T_CONFIGS
 
     nf4_pointers = {
@@ -104,7 +105,7 @@ def variants() -> list[Variant]:
                         "ad_factor_ptr": f"*{dtype}",
                         "ad_scale": "fp32",
                     }
-                    for ad_blocks in ((64, 64, 64, 64), (16, 64, 64, 32)):
+                    for ad_blocks in kron_mixture.LARGEST_BLOCKS:
                         adapter = dict(HAS_ADAPTER=True, AD_GATE=1, AD_R_PAD=8)
                         names = ("AD_BLOCK_P", "AD_BLOCK_J", "AD_BLOCK_L", "AD_BLOCK_Q")
                         adapter.update(zip(names, ad_blocks, strict=True))
@@ -121,7 +122,9 @@ def variants() -> list[Variant]:
             ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
             flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False)
             out.append(Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages))
-        blocks = [(16, 16, 16, 16), (64, 64, 64, 64), (64, 16, 32, 64), (16, 64, 64, 32)]
+        # the smallest tiles, the largest the tile chooser can pick (shared memory grows with each size, so
+        # these bound every choice) and a typical pick (4096², r = 5)
+        blocks = [(16, 16, 16, 16), *kron_mixture.LARGEST_BLOCKS, (128, 16, 64, 16)]
         for bp, bj, bl, bq in blocks:
             for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
                 ptrs = {

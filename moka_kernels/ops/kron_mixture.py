@@ -548,6 +548,64 @@ def block_for(dim: int, cap: int = 64) -> int:
     return max(16, min(cap, _next_power_of_2(dim)))
 
 
+# Tile sizes. Both contractions have one shape: an output tile BLOCK_P × BLOCK_Q of S_1 (P×J) · (M (J×L) ·
+# S_2 (L×Q)), walking J in BLOCK_J steps, each step's inner product walking L in BLOCK_L steps (the
+# reduction is the same shape transposed). One launch runs every component with one set of tile sizes.
+TILE_POLICIES = ("min-work", "max")
+ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q: the fp32 accumulator, 32 registers a thread at 4 warps
+DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
+LARGEST_BLOCKS = ((64, 64, 64, 64), (128, 64, 64, 32), (32, 64, 64, 128))  # every choice fits in one
+
+
+def tile_policy() -> str:
+    """``MOKA_TILE_POLICY``: ``min-work`` (default, :func:`choose_blocks`) or ``max`` (each tile size the
+    largest any component needs, up to 64: the policy before, kept for the GPU sweep)."""
+    policy = os.environ.get("MOKA_TILE_POLICY", "min-work")
+    if policy not in TILE_POLICIES:
+        raise ValueError(f"MOKA_TILE_POLICY: expected one of {TILE_POLICIES}, got {policy!r}")
+    return policy
+
+
+@functools.lru_cache(maxsize=1)
+def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
+    sizes = (16, 32, 64, 128)
+    out = []
+    for bp in sizes:
+        for bj in sizes[:3]:
+            for bl in sizes[:3]:
+                for bq in sizes:
+                    if bp * bq <= ACC_ELEMENTS:
+                        out.append((bp, bj, bl, bq))
+    return tuple(out)
+
+
+def padded_work(dims: tuple[int, int, int, int], blocks: tuple[int, int, int, int]) -> int:
+    r"""Multiply-adds one token's output of one component costs with these tiles, padding included, plus
+    DOT_OVERHEAD_MACS per ``tl.dot`` call. dims = (P, J, L, Q), blocks = (BLOCK_P, BLOCK_J, BLOCK_L, BLOCK_Q):
+
+    .. math::  \lceil P/b_P \rceil \lceil Q/b_Q \rceil \lceil J/b_J \rceil
+               \big(\lceil L/b_L \rceil (b_J b_L b_Q + o) + b_P b_J b_Q + o\big)
+
+    Each tile recomputes its J-block of M·S_2 for its own P rows, so ⌈P/b_P⌉ multiplies that part."""
+    p, j, l_, q = dims
+    bp, bj, bl, bq = blocks
+    inner_steps = _cdiv(l_, bl)
+    per_j_block = inner_steps * (bj * bl * bq + DOT_OVERHEAD_MACS) + bp * bj * bq + DOT_OVERHEAD_MACS
+    return _cdiv(p, bp) * _cdiv(q, bq) * _cdiv(j, bj) * per_j_block
+
+
+def choose_blocks(dims: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """One launch's tile sizes for jobs of these (P, J, L, Q): with the ``min-work`` policy the candidate
+    (each a power of two from 16, BLOCK_P · BLOCK_Q ≤ ACC_ELEMENTS) of least total :func:`padded_work`.
+
+    Components of one layer differ in shape (a 16×256 factor beside a 64×64 one), and tiles sized for the
+    largest pad the others: at 4096², r = 5 the previous policy (``max``) executed 10.8× the adapter's
+    multiply-adds, this one 1.3× (docs/design.md §5.2)."""
+    if tile_policy() == "max":
+        return tuple(max(block_for(d[i]) for d in dims) for i in range(4))  # type: ignore[return-value]
+    return min(_candidate_blocks(), key=lambda blocks: (sum(padded_work(d, blocks) for d in dims), blocks))
+
+
 class _PlanCache:
     """Launch plans (component table, tile sizes, tile counts) keyed on everything they are built from.
 
@@ -638,10 +696,8 @@ def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> 
                 per_token.append(index)
     assert len(per_token) <= 2, "reductions read at most two per-token tensors (dy and x)"
     which = {id(sources[index]): slot for slot, index in enumerate(per_token)}
-    bm = max(block_for(left.rows) for left, _, _, _ in jobs)
-    bk = max(block_for(left.cols) for left, _, _, _ in jobs)
-    bj = max(block_for(shared.cols) for _, shared, _, _ in jobs)
-    bn = max(block_for(right.cols) for _, _, right, _ in jobs)
+    # out (M×N) = (L (M×K) · S (K×J)) · R (J×N) is the sandwich's shape transposed: P, J, L, Q = N, J, K, M
+    bn, bj, bk, bm = choose_blocks([(right.cols, shared.cols, left.cols, left.rows) for left, shared, right, _ in jobs])
     rows, views, offset = [], [], 0
     for left, shared, right, transposed in jobs:
         m_dim, n_dim = left.rows, right.cols
@@ -793,10 +849,7 @@ def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     factors = [t for _, s1, s2, _ in jobs for t in (s1.tensor, s2.tensor)]
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs) and out.dtype == torch.float32
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
-    bp = max(block_for(s1.rows) for _, s1, _, _ in jobs)
-    bj = max(block_for(s1.cols) for _, s1, _, _ in jobs)
-    bl = max(block_for(m.cols) for m, _, _, _ in jobs)
-    bq = max(block_for(s2.cols) for _, _, s2, _ in jobs)
+    bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs])
     rows = []
     for m, s1, s2, o in jobs:
         tiles_q = _cdiv(s2.cols, bq)
@@ -828,6 +881,7 @@ def _adapter_plan(kind: str, rows: torch.Tensor, out: torch.Tensor, a_factors, b
     out = dx). A plan holds no activation address, so a layer's calls share it."""
     key = (
         kind,
+        tile_policy(),
         factor_signature(a_factors, b_factors),
         a_factors[0].dtype,
         rows.stride(1),
@@ -1116,7 +1170,7 @@ class _FactorGradPlan:
 
 
 def _factor_grad_plan(grad_out, xa, a_factors, b_factors, requests) -> _FactorGradPlan:
-    key = ("reduce", tuple(requests), factor_signature(a_factors, b_factors), a_factors[0].dtype)
+    key = ("reduce", tile_policy(), tuple(requests), factor_signature(a_factors, b_factors), a_factors[0].dtype)
     key += (grad_out.stride(), xa.stride(), grad_out is xa, grad_out.device)
 
     def build() -> _FactorGradPlan:
