@@ -291,3 +291,20 @@ def test_schedule_sweep_smoke(tmp_path):
         assert set(row["ms"]) == (expected | decode if row["tokens"] <= 16 else expected)
         assert min(row["ms"].values()) > 0
     assert "| 64×128 | 5 | 64 |" in (tmp_path / "schedule-smoke.md").read_text()
+
+
+def test_tile_counts_smoke(tmp_path):
+    """Executed multiply-adds per token under both tile policies: never below the ideal (padding only adds),
+    the default never above the previous policy, and at 4096², r = 5 within 1.35× of the ideal."""
+    from benchmarks import tiles
+
+    assert tiles.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "tiles-smoke.json").read_text())
+    assert [(row["n_out"], row["k_in"]) for row in data["rows"]] == [(4096, 4096), (1024, 4096)]
+    for row in data["rows"]:
+        assert set(row["contractions"]) == {"forward", "dx", "factor grads"}
+        for c in row["contractions"].values():
+            assert c["ideal"] <= c["min-work"]["executed"] <= c["max"]["executed"]
+    forward = data["rows"][0]["contractions"]["forward"]
+    assert forward["min-work"]["executed"] <= 1.35 * forward["ideal"] < forward["max"]["executed"] / 7
+    assert "| 4096×4096 r=5 | forward | 0.078 | 128×16×64×16 | 1.30 |" in (tmp_path / "tiles-smoke.md").read_text()

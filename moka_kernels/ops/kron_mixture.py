@@ -579,7 +579,9 @@ def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
     return tuple(out)
 
 
-def padded_work(dims: tuple[int, int, int, int], blocks: tuple[int, int, int, int]) -> int:
+def padded_work(
+    dims: tuple[int, int, int, int], blocks: tuple[int, int, int, int], dot_overhead: int = DOT_OVERHEAD_MACS
+) -> int:
     r"""Multiply-adds one token's output of one component costs with these tiles, padding included, plus
     DOT_OVERHEAD_MACS per ``tl.dot`` call. dims = (P, J, L, Q), blocks = (BLOCK_P, BLOCK_J, BLOCK_L, BLOCK_Q):
 
@@ -590,7 +592,7 @@ def padded_work(dims: tuple[int, int, int, int], blocks: tuple[int, int, int, in
     p, j, l_, q = dims
     bp, bj, bl, bq = blocks
     inner_steps = _cdiv(l_, bl)
-    per_j_block = inner_steps * (bj * bl * bq + DOT_OVERHEAD_MACS) + bp * bj * bq + DOT_OVERHEAD_MACS
+    per_j_block = inner_steps * (bj * bl * bq + dot_overhead) + bp * bj * bq + dot_overhead
     return _cdiv(p, bp) * _cdiv(q, bq) * _cdiv(j, bj) * per_j_block
 
 
