@@ -272,7 +272,14 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
         assert routes["moka nf4 triton deterministic"]["aten"] == {}
         assert routes["nf4 base (ours)"]["triton"] == 2 and routes["dense base"]["launches"] == 2
         assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 torch"]["launches"] / 3
-    assert "| 64×128 r=5 | 1 | 3 / 4 | 1 / 2 | 2 / 7 |" in (tmp_path / "launches-smoke.md").read_text()
+    md = (tmp_path / "launches-smoke.md").read_text()
+    assert "| 64×128 r=5 | 1 | 3 / 4 | 1 / 2 | 2 / 7 |" in md
+    # host time per call, with the Triton launches as no-ops: measured for the Triton-only routes
+    for row in data["rows"]:
+        for name in launches.HOST_ROUTES:
+            route = row["routes"][name]
+            assert 0 < route["fwd_host_us"] < route["host_us"], (name, route)
+    assert "Host time per call" in md and "| 64×128 r=5 | 64 |" in md.split("Host time per call")[1]
 
 
 def test_schedule_sweep_smoke(tmp_path):
