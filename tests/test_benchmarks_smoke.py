@@ -278,6 +278,9 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
     for row in data["rows"]:
         for name in launches.HOST_ROUTES:
             route = row["routes"][name]
+            if name == "peft lora r16" and row["tokens"] > 1:
+                assert "host_us" not in route  # its matmuls would be timed on CPU
+                continue
             assert 0 < route["fwd_host_us"] < route["host_us"], (name, route)
     assert "Host time per call" in md and "| 64×128 r=5 | 64 |" in md.split("Host time per call")[1]
 
