@@ -552,9 +552,9 @@ def block_for(dim: int, cap: int = 64) -> int:
 # S_2 (L×Q)), walking J in BLOCK_J steps, each step's inner product walking L in BLOCK_L steps (the
 # reduction is the same shape transposed). One launch runs every component with one set of tile sizes.
 TILE_POLICIES = ("min-work", "max")
-ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q: the fp32 accumulator, 32 registers a thread at 4 warps
+ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 32 registers a thread at 4 warps
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
-LARGEST_BLOCKS = ((64, 64, 64, 64), (128, 64, 64, 32), (32, 64, 64, 128))  # every choice fits in one
+LARGEST_BLOCKS = ((64, 64, 64, 64), (128, 64, 64, 32), (32, 32, 64, 128))  # every choice fits in one
 
 
 def tile_policy() -> str:
@@ -574,7 +574,7 @@ def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
         for bj in sizes[:3]:
             for bl in sizes[:3]:
                 for bq in sizes:
-                    if bp * bq <= ACC_ELEMENTS:
+                    if bp * bq <= ACC_ELEMENTS and bj * bq <= ACC_ELEMENTS:  # accumulator, inner product
                         out.append((bp, bj, bl, bq))
     return tuple(out)
 
@@ -598,7 +598,8 @@ def padded_work(
 
 def choose_blocks(dims: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     """One launch's tile sizes for jobs of these (P, J, L, Q): with the ``min-work`` policy the candidate
-    (each a power of two from 16, BLOCK_P · BLOCK_Q ≤ ACC_ELEMENTS) of least total :func:`padded_work`.
+    (each a power of two from 16; BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q, the two fp32 tiles, at most
+    ACC_ELEMENTS) of least total :func:`padded_work`.
 
     Components of one layer differ in shape (a 16×256 factor beside a 64×64 one), and tiles sized for the
     largest pad the others: at 4096², r = 5 the previous policy (``max``) executed 10.8× the adapter's
