@@ -20,9 +20,10 @@ per-token intermediate (as large as x per component) never leaves the chip.
 
 Components differ in shape, so one launch covers all of them through a **component table**: an int64 row
 per component with its factors' addresses, dimensions, strides and tile counts (cached on the device,
-keyed on its contents; a layer's factors keep their addresses, so training builds it once). Tile sizes
-are the largest any component needs, masked at the edges. The coefficients c = s·softmax(g) are computed
-in the kernel from the logits. Two schedules (:func:`adapter_schedule`):
+keyed on its contents; a layer's factors keep their addresses, so training builds it once). One set of
+tile sizes serves all components, masked at the edges: :func:`choose_blocks` picks the set of least padded
+work (tiles sized for the largest component made a 4096² layer execute 10.8× its multiply-adds). The
+coefficients c = s·softmax(g) are computed in the kernel from the logits. Two schedules (:func:`adapter_schedule`):
 
 * ``_kron_sandwich_grouped_kernel`` ("atomic"): a program per (token, tile, component), component fastest,
   adding with fp32 atomics into a zeroed buffer. r·tiles·T programs fill the GPU at decode sizes; the r
@@ -839,7 +840,7 @@ def adapter_schedule(num_tokens: int) -> str:
 
 @dataclass(frozen=True)
 class _SandwichPlan:
-    """A sandwich launch's plan: the component table, tile sizes (the largest any component needs) and
+    """A sandwich launch's plan: the component table, tile sizes (:func:`choose_blocks`) and
     the most tiles of a component."""
 
     table: torch.Tensor
