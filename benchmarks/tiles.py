@@ -8,7 +8,7 @@ gradients' token reduction: every raw gradient, as a training step with the gate
 launch would take under each policy (``min-work``, the default, and ``max``, the previous one), and per token
 
 * ``ideal``: the multiply-adds of the contraction in its cheaper order (what the PyTorch path does);
-* ``executed``: what the tiles execute (``padded_work`` without its per-dot overhead term), as a multiple of
+* ``executed``: what the tiles execute (``padded_work`` without its per-dot charges), as a multiple of
   ``ideal`` and of the base GEMM's N·K.
 
 Writes ``<out>/tiles.json`` (with the conditions) and ``.md``.
@@ -68,7 +68,7 @@ def count_layer(n_out: int, k_in: int, r: int) -> dict:
                 blocks = km.choose_blocks(dims)
                 row[policy] = {
                     "blocks": list(blocks),
-                    "executed": sum(km.padded_work(d, blocks, dot_overhead=0) for d in dims),
+                    "executed": sum(km.padded_work(d, blocks, dot_overhead=0, min_dot_outputs=0) for d in dims),
                 }
             out[name] = row
     finally:
@@ -133,17 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(torch.device("cpu"), torch.float32, 0.0)
     for key in ("timer", "torch_threads", "dtype"):
         conds.pop(key, None)
-    conds.update(components=args.components, dot_overhead_macs_in_choice=_dot_overhead())
+    conds.update(components=args.components, **_choice_charges())
     path = args.out / ("tiles-smoke.json" if args.smoke else "tiles.json")
     write_json(path, conds, rows)
     print(f"wrote {path} and {render(path)}")
     return 0
 
 
-def _dot_overhead() -> int:
-    from moka_kernels.ops.kron_mixture import DOT_OVERHEAD_MACS
+def _choice_charges() -> dict:
+    from moka_kernels.ops.kron_mixture import DOT_OVERHEAD_MACS, MIN_DOT_OUTPUTS
 
-    return DOT_OVERHEAD_MACS
+    return {"dot_overhead_macs_in_choice": DOT_OVERHEAD_MACS, "min_dot_outputs_in_choice": MIN_DOT_OUTPUTS}
 
 
 if __name__ == "__main__":

@@ -153,8 +153,9 @@ def _sandwich_dims(shapes):
 def test_tile_sizes_follow_the_least_padded_work(monkeypatch):
     """One set of tile sizes serves every component of a launch. At LLaMA-7B's 4096², r = 5 (components
     from 16×256 to 64×64) tiles sized for the largest component executed 10.8× the adapter's
-    multiply-adds; the chooser's pick executes at most 1.35×. A component that fits one tile exactly gets
-    that tile (no padding, no recomputation); a bad policy name is refused."""
+    multiply-adds; the chooser's pick (which also keeps every dot's output wide enough for 4 warps) executes
+    at most 1.65×. A component that fits one tile exactly gets that tile (no padding, no recomputation); a
+    bad policy name is refused."""
     import moka_kernels.ops.kron_mixture as km
 
     dims = _sandwich_dims(auto_component_shapes(4096, 4096, 5))
@@ -164,7 +165,7 @@ def test_tile_sizes_follow_the_least_padded_work(monkeypatch):
     assert largest == (64, 64, 64, 64) and sum(_executed_macs(d, largest) for d in dims) > 10 * ideal
     monkeypatch.delenv("MOKA_TILE_POLICY")
     chosen = km.choose_blocks(dims)
-    assert sum(_executed_macs(d, chosen) for d in dims) <= 1.35 * ideal, chosen
+    assert sum(_executed_macs(d, chosen) for d in dims) <= 1.65 * ideal, chosen
     big = km.choose_blocks([(128, 64, 64, 128)])  # one tile would need a 128×128 fp32 accumulator
     assert big[0] * big[3] <= km.ACC_ELEMENTS and big in km._candidate_blocks(), big
     # the AOT check compiles LARGEST_BLOCKS: every candidate is no larger, size by size, than one of them

@@ -124,7 +124,7 @@ def variants() -> list[Variant]:
             out.append(Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages))
         # the smallest tiles, the largest the tile chooser can pick (shared memory grows with each size, so
         # these bound every choice) and a typical pick (4096², r = 5)
-        blocks = [(16, 16, 16, 16), *kron_mixture.LARGEST_BLOCKS, (128, 16, 64, 16)]
+        blocks = [(16, 16, 16, 16), *kron_mixture.LARGEST_BLOCKS, (128, 16, 64, 32)]
         for bp, bj, bl, bq in blocks:
             for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
                 ptrs = {

@@ -555,6 +555,7 @@ def block_for(dim: int, cap: int = 64) -> int:
 TILE_POLICIES = ("min-work", "max")
 ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 32 registers a thread at 4 warps
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
+MIN_DOT_OUTPUTS = 4 * 16 * 8  # 4 warps × one 16×8 MMA tile each: a smaller dot output leaves warps idle
 LARGEST_BLOCKS = ((64, 64, 64, 64), (128, 64, 64, 32), (32, 32, 64, 128))  # every choice fits in one
 
 
@@ -581,19 +582,25 @@ def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
 
 
 def padded_work(
-    dims: tuple[int, int, int, int], blocks: tuple[int, int, int, int], dot_overhead: int = DOT_OVERHEAD_MACS
+    dims: tuple[int, int, int, int],
+    blocks: tuple[int, int, int, int],
+    dot_overhead: int = DOT_OVERHEAD_MACS,
+    min_dot_outputs: int = MIN_DOT_OUTPUTS,
 ) -> int:
     r"""Multiply-adds one token's output of one component costs with these tiles, padding included, plus
-    DOT_OVERHEAD_MACS per ``tl.dot`` call. dims = (P, J, L, Q), blocks = (BLOCK_P, BLOCK_J, BLOCK_L, BLOCK_Q):
+    ``dot_overhead`` (o) per ``tl.dot`` call, each dot's output counted as at least ``min_dot_outputs`` (m)
+    elements (a smaller one leaves warps idle). dims = (P, J, L, Q), blocks = (BLOCK_P, BLOCK_J, BLOCK_L,
+    BLOCK_Q):
 
     .. math::  \lceil P/b_P \rceil \lceil Q/b_Q \rceil \lceil J/b_J \rceil
-               \big(\lceil L/b_L \rceil (b_J b_L b_Q + o) + b_P b_J b_Q + o\big)
+               \big(\lceil L/b_L \rceil (\max(b_J b_Q, m)\, b_L + o) + \max(b_P b_Q, m)\, b_J + o\big)
 
-    Each tile recomputes its J-block of M·S_2 for its own P rows, so ⌈P/b_P⌉ multiplies that part."""
+    Each tile recomputes its J-block of M·S_2 for its own P rows, so ⌈P/b_P⌉ multiplies that part. With
+    o = m = 0 it is the multiply-adds the tiles execute."""
     p, j, l_, q = dims
     bp, bj, bl, bq = blocks
-    inner_steps = _cdiv(l_, bl)
-    per_j_block = inner_steps * (bj * bl * bq + dot_overhead) + bp * bj * bq + dot_overhead
+    inner = max(bj * bq, min_dot_outputs) * bl + dot_overhead
+    per_j_block = _cdiv(l_, bl) * inner + max(bp * bq, min_dot_outputs) * bj + dot_overhead
     return _cdiv(p, bp) * _cdiv(q, bq) * _cdiv(j, bj) * per_j_block
 
 
@@ -604,7 +611,7 @@ def choose_blocks(dims: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, 
 
     Components of one layer differ in shape (a 16×256 factor beside a 64×64 one), and tiles sized for the
     largest pad the others: at 4096², r = 5 the previous policy (``max``) executed 10.8× the adapter's
-    multiply-adds, this one 1.3× (docs/design.md §5.2)."""
+    multiply-adds, this one 1.6× (docs/design.md §5.2)."""
     if tile_policy() == "max":
         return tuple(max(block_for(d[i]) for d in dims) for i in range(4))  # type: ignore[return-value]
     return min(_candidate_blocks(), key=lambda blocks: (sum(padded_work(d, blocks) for d in dims), blocks))
