@@ -62,6 +62,11 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
 
 
+def _as_dtype(factors: nn.ParameterList, dtype: torch.dtype) -> list[torch.Tensor]:
+    # ParameterList's own iteration goes through __getitem__ index parsing: ~1.5 µs a factor, every call
+    return [p if p.dtype == dtype else p.to(dtype) for p in factors._parameters.values()]
+
+
 class MoKALinear(nn.Module):
     r"""A linear layer whose frozen base is adapted by a gated mixture of Kronecker products.
 
@@ -202,8 +207,8 @@ class MoKALinear(nn.Module):
         out = moka_linear(
             x,
             self.base_weight(),
-            [a.to(dtype) for a in self.a_factors],
-            [b.to(dtype) for b in self.b_factors],
+            _as_dtype(self.a_factors, dtype),
+            _as_dtype(self.b_factors, dtype),
             self.gate_logits,
             None if bias is None else bias.to(dtype),
             self.scale,
