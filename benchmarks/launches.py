@@ -16,6 +16,9 @@ Routes, one layer, forward alone and fwd+bwd (gradients for x, every factor and 
   (what CUDA tensors take);
 * ``moka nf4 triton deterministic``: the same under ``torch.use_deterministic_algorithms(True)``;
 * ``moka dense triton``, ``moka nf4 torch`` (the PyTorch path);
+* ``moka nf4 module`` (host time only: a dispatch mode would send it through the custom op): a
+  ``MoKALinear`` on the NF4 base, what a patched model calls (the module, input validation, then the eager
+  route), on the Triton backend;
 * ``peft lora r16``: PEFT's LoRA layer on the dense base (bitsandbytes' own CUDA kernels would not be
   seen by the dispatch mode, so QLoRA is left out rather than undercounted).
 
@@ -47,6 +50,7 @@ from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moka import MoKAConfig, MoKALinear
 from moka.config import auto_component_shapes
 from moka_kernels import library, quantize_nf4
 
@@ -62,7 +66,8 @@ ROUTES = [
     "moka nf4 torch",
     "peft lora r16",
 ]
-HOST_ROUTES = ["nf4 base (ours)", "moka nf4 triton", "moka nf4 triton deterministic", "peft lora r16"]
+HOST_ROUTES = ["nf4 base (ours)", "moka nf4 triton", "moka nf4 triton deterministic", "moka nf4 module"]
+HOST_ROUTES += ["peft lora r16"]
 
 # aten ops that run no kernel: allocations, and metadata-only ops not flagged as views in their schema.
 NO_KERNEL = {
@@ -214,6 +219,27 @@ def count_routes(
         if backward:
             out.backward(dy)
 
+    module = MoKALinear(nf4, MoKAConfig(num_components=r))
+    with torch.no_grad():  # both factors nonzero, as after some training
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05, generator=gen)
+
+    def moka_module(backward):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        previous = os.environ.get("MOKA_BACKEND")
+        os.environ["MOKA_BACKEND"] = "triton"
+        try:
+            out = module(x)
+            if backward:
+                out.backward(dy)
+        finally:
+            if previous is None:
+                os.environ.pop("MOKA_BACKEND")
+            else:
+                os.environ["MOKA_BACKEND"] = previous
+
     x_d = x.detach()
     calls = {
         "nf4 base (ours)": lambda backward: (nf4_matmul(x_d, nf4), backward and nf4_matmul_t(dy, nf4)),
@@ -239,6 +265,11 @@ def count_routes(
         if name in HOST_ROUTES and host_calls and (name != "peft lora r16" or tokens == 1):
             out[name]["host_us"] = host_us(lambda fn=fn: fn(True), host_calls)
             out[name]["fwd_host_us"] = host_us(lambda fn=fn: fn(False), host_calls)
+    if host_calls:
+        out["moka nf4 module"] = {
+            "host_us": host_us(lambda: moka_module(True), host_calls),
+            "fwd_host_us": host_us(lambda: moka_module(False), host_calls),
+        }
     return out
 
 
@@ -307,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": tokens, "routes": routes})
             print(
                 f"{n_out}x{k_in} T={tokens}: "
-                + "  ".join(f"{k} {v['fwd_launches']}/{v['launches']}" for k, v in routes.items())
+                + "  ".join(f"{k} {routes[k]['fwd_launches']}/{routes[k]['launches']}" for k in ROUTES)
             )
     conds = conditions(device, dtype, 0.0)
     conds.pop("timer", None)

@@ -256,8 +256,8 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
     assert r == 5 and [row["tokens"] for row in data["rows"]] == [1, 64]
     for row in data["rows"]:
         routes = row["routes"]
-        assert set(routes) == set(launches.ROUTES)
-        assert all(c["syncs"] == 0 for c in routes.values()), "a host sync in a layer call"
+        assert set(routes) == {*launches.ROUTES, "moka nf4 module"}  # the module: host time only
+        assert all(routes[name]["syncs"] == 0 for name in launches.ROUTES), "a host sync in a layer call"
         # base fwd + adapter fwd (one launch when decoding), adapter dx + base dX + the reductions + finish
         assert routes["moka nf4 triton"]["triton"] == (5 if row["tokens"] == 1 else 6)
         # forward over the base alone: decoding is one kernel into the zeroed split-K buffer (the base
