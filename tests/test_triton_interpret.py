@@ -328,7 +328,8 @@ def test_component_tables_are_per_layer():
 def test_component_tables_are_built_once_per_layer(deterministic):
     """A layer's tables hold only per-layer constants (factor addresses, shapes, strides), never
     activation addresses: new activations and token counts reuse them, so training copies no table to
-    the device after its first step."""
+    the device after its first step, and builds no launch plan either."""
+    import moka_kernels.ops.kron_mixture as km
     from moka_kernels import library
     from moka_kernels.ops.kron_mixture import _component_table
 
@@ -342,10 +343,11 @@ def test_component_tables_are_built_once_per_layer(deterministic):
         out.backward(torch.randn_like(out))
 
     step(5)
-    built = _component_table.cache_info().misses
+    built, planned = _component_table.cache_info().misses, km._PLANS.misses
     for tokens in (5, 9, 5):
         step(tokens)
     assert _component_table.cache_info().misses == built
+    assert km._PLANS.misses == planned  # and no launch plan is rebuilt in Python (host time)
 
 
 @pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])

@@ -637,9 +637,6 @@ class _PlanCache:
                 self._plans.popitem(last=False)
         return plan
 
-    def clear(self) -> None:
-        self._plans.clear()
-
 
 _PLANS = _PlanCache()
 
