@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -52,26 +53,16 @@ def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype,
         from moka_kernels.ops.fused_linear import moka_forward_triton
 
         for fused in ("1", "0"):
-            os.environ["MOKA_DECODE_FUSION"] = fused
-            row[f"decode fwd {'fused' if fused == '1' else 'separate'}"] = measure(
-                lambda: moka_forward_triton(x, None, weight, None, logits, 1.0, a_f, b_f)
-            )
-        os.environ.pop("MOKA_DECODE_FUSION")
-    previous = {name: os.environ.get(name) for name in ("MOKA_ADAPTER_SCHEDULE", "MOKA_TILE_POLICY")}
-    try:
-        for schedule in SCHEDULES:
-            os.environ["MOKA_ADAPTER_SCHEDULE"] = schedule
+            with mock.patch.dict(os.environ, {"MOKA_DECODE_FUSION": fused}):
+                row[f"decode fwd {'fused' if fused == '1' else 'separate'}"] = measure(
+                    lambda: moka_forward_triton(x, None, weight, None, logits, 1.0, a_f, b_f)
+                )
+    for schedule in SCHEDULES:
+        with mock.patch.dict(os.environ, {"MOKA_ADAPTER_SCHEDULE": schedule, "MOKA_TILE_POLICY": "min-work"}):
             row[f"fwd {schedule}"] = measure(lambda: kron_mixture_forward(x, a_f, b_f, gate_logits=logits))
             row[f"dx {schedule}"] = measure(lambda: kron_mixture_backward_dx(dy, a_f, b_f, coeffs))
-            os.environ["MOKA_TILE_POLICY"] = "max"
+        with mock.patch.dict(os.environ, {"MOKA_ADAPTER_SCHEDULE": schedule, "MOKA_TILE_POLICY": "max"}):
             row[f"fwd-maxtiles {schedule}"] = measure(lambda: kron_mixture_forward(x, a_f, b_f, gate_logits=logits))
-            os.environ.pop("MOKA_TILE_POLICY")
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return row
 
 

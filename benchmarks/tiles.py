@@ -17,13 +17,17 @@ Writes ``<out>/tiles.json`` (with the conditions) and ``.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from moka.config import auto_component_shapes
+from moka_kernels.ops import kron_mixture as km
+from moka_kernels.reference import GradRequest, factor_requests
 
 from .run import RESULTS, conditions, write_json
 
@@ -34,9 +38,6 @@ POLICIES = ("min-work", "max")
 
 def contraction_dims(n_out: int, k_in: int, r: int) -> dict[str, list[tuple[int, int, int, int]]]:
     """(P, J, L, Q) of every job of each contraction, from the kernels' own job builders."""
-    from moka_kernels.ops import kron_mixture as km
-    from moka_kernels.reference import GradRequest, factor_requests
-
     shapes = auto_component_shapes(n_out, k_in, r)
     a_f = [torch.zeros(a1, a2) for a1, a2, _, _ in shapes]
     b_f = [torch.zeros(b1, b2) for _, _, b1, b2 in shapes]
@@ -56,32 +57,21 @@ def contraction_dims(n_out: int, k_in: int, r: int) -> dict[str, list[tuple[int,
 
 def count_layer(n_out: int, k_in: int, r: int) -> dict:
     """{contraction: {"ideal", policy: {"blocks", "executed"}}} in multiply-adds per token."""
-    from moka_kernels.ops import kron_mixture as km
-
     out = {}
-    previous = os.environ.get("MOKA_TILE_POLICY")
-    try:
-        for name, dims in contraction_dims(n_out, k_in, r).items():
-            row: dict = {"ideal": sum(j * l_ * q + p * j * q for p, j, l_, q in dims)}
-            for policy in POLICIES:
-                os.environ["MOKA_TILE_POLICY"] = policy
+    for name, dims in contraction_dims(n_out, k_in, r).items():
+        row: dict = {"ideal": sum(j * l_ * q + p * j * q for p, j, l_, q in dims)}
+        for policy in POLICIES:
+            with mock.patch.dict(os.environ, {"MOKA_TILE_POLICY": policy}):
                 blocks = km.choose_blocks(dims)
-                row[policy] = {
-                    "blocks": list(blocks),
-                    "executed": sum(km.padded_work(d, blocks, dot_overhead=0, min_dot_outputs=0) for d in dims),
-                }
-            out[name] = row
-    finally:
-        if previous is None:
-            os.environ.pop("MOKA_TILE_POLICY", None)
-        else:
-            os.environ["MOKA_TILE_POLICY"] = previous
+            row[policy] = {
+                "blocks": list(blocks),
+                "executed": sum(km.padded_work(d, blocks, dot_overhead=0, min_dot_outputs=0) for d in dims),
+            }
+        out[name] = row
     return out
 
 
 def render(path: Path) -> Path:
-    import json
-
     data = json.loads(path.read_text())
     lines = [
         f"# Adapter multiply-adds executed per token: {path.stem}",
@@ -133,17 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(torch.device("cpu"), torch.float32, 0.0)
     for key in ("timer", "torch_threads", "dtype"):
         conds.pop(key, None)
-    conds.update(components=args.components, **_choice_charges())
+    conds.update(
+        components=args.components,
+        dot_overhead_macs_in_choice=km.DOT_OVERHEAD_MACS,
+        min_dot_outputs_in_choice=km.MIN_DOT_OUTPUTS,
+    )
     path = args.out / ("tiles-smoke.json" if args.smoke else "tiles.json")
     write_json(path, conds, rows)
     print(f"wrote {path} and {render(path)}")
     return 0
-
-
-def _choice_charges() -> dict:
-    from moka_kernels.ops.kron_mixture import DOT_OVERHEAD_MACS, MIN_DOT_OUTPUTS
-
-    return {"dot_overhead_macs_in_choice": DOT_OVERHEAD_MACS, "min_dot_outputs_in_choice": MIN_DOT_OUTPUTS}
 
 
 if __name__ == "__main__":
