@@ -133,8 +133,10 @@ def materialized_delta_weight(
 ) -> torch.Tensor:
     """ΔW = s · Σ_i α_i · kron(A_i, B_i), shape (N, K). For tests and merging only."""
     alpha = gate_weights(gate_logits, len(a_factors), a_factors[0].device, a_factors[0].dtype)
+    # .contiguous(): torch.kron raises on a column-major first operand (a view error inside kron)
     delta = sum(
-        alpha[i].to(a.dtype) * torch.kron(a, b) for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True))
+        alpha[i].to(a.dtype) * torch.kron(a.contiguous(), b.contiguous())
+        for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True))
     )
     return delta * scale
 

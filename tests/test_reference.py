@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moka.config import auto_component_shapes
-from moka_kernels import contraction_order, library, moka_linear, quantize_nf4
+from moka_kernels import contraction_order, delta_weight, library, moka_linear, quantize_nf4
 from moka_kernels.reference import kron_component, moka_linear_materialized
 
 CASES = {
@@ -63,6 +63,19 @@ def test_adapter_alone_matches_kron_for_both_orders():
         a, b = torch.randn(*a_shape, dtype=torch.float64), torch.randn(*b_shape, dtype=torch.float64)
         assert contraction_order(a_shape, b_shape) != contraction_order(b_shape, a_shape) or a_shape == b_shape
         torch.testing.assert_close(kron_component(x, a, b), x @ torch.kron(a, b).T)
+
+
+def test_delta_weight_of_column_major_factors():
+    """torch.kron raises on a column-major first operand; ΔW must not depend on the factors' layout."""
+    a = [torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)]
+    b = [torch.randn(3, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)]
+    gate = torch.randn(2, dtype=torch.float64)
+    expected = delta_weight(a, b, gate, 0.5)
+    column_major_a = [t.T.contiguous().T for t in a]  # B row-major: the mix kron fails on
+    assert not column_major_a[0].is_contiguous()
+    torch.testing.assert_close(delta_weight(column_major_a, b, gate, 0.5), expected)
+    alpha = torch.softmax(gate, 0)
+    torch.testing.assert_close(expected, 0.5 * sum(alpha[i] * torch.kron(a[i], b[i]) for i in range(2)))
 
 
 def test_contraction_order_picks_cheaper():
