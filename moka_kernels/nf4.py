@@ -332,12 +332,13 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
-    # One gather per byte from a 256 × 2 table of (high, low) code values: less memory traffic than
-    # unpacking nibbles to int64 indices (numel is even: blocksize divides it). Decoded in chunks of whole
-    # blocks straight into the output, so the int32 indices and the fp32 values never exist for the whole
-    # weight at once: the peak is the output plus one chunk (a full-size fp32 + int32 pass held 2.5× the
-    # fp32 weight, or 3× with a bf16 output).
-    table = _byte_pair_table(q.device)
+    # One gather per byte from a 256-entry table of (high, low) code-value pairs, each pair read as one
+    # int64 (a 1-D gather of 8-byte words is ~2.5× faster on CPU than index_select of 2-float rows, and
+    # far faster than unpacking nibbles to int64 indices). Decoded in chunks of whole blocks straight into
+    # the output, so the int32 indices and the fp32 values never exist for the whole weight at once: the
+    # peak is the output plus one chunk (a full-size fp32 + int32 pass held 2.5× the fp32 weight, or 3×
+    # with a bf16 output).
+    pair_words = _byte_pair_table(q.device).view(torch.int64).reshape(-1)
     flat = q.packed.reshape(-1)
     scales = q.block_scales().reshape(-1, 1)
     out = torch.empty(q.numel(), dtype=dtype or q.dtype, device=q.device)
@@ -349,10 +350,10 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
         codes = flat[first * q.blocksize // 2 : last * q.blocksize // 2].int()
         if in_place:
             target = out_blocks[first:last]
-            torch.index_select(table, 0, codes, out=target.view(-1, 2))
+            torch.index_select(pair_words, 0, codes, out=target.view(-1).view(torch.int64))
             target.mul_(scales[first:last])
         else:
-            values = table.index_select(0, codes).view(-1, q.blocksize)
+            values = pair_words.index_select(0, codes).view(torch.float32).view(-1, q.blocksize)
             out_blocks[first:last] = values.mul_(scales[first:last])
             del values  # before the next chunk is allocated
         del codes
