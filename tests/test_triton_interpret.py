@@ -6,10 +6,15 @@ shapes, with kernel outputs pre-filled with NaN so that an unwritten tile fails.
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from conftest import assert_close_rel
 from helpers import leaves, make_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -540,3 +545,76 @@ def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("MOKA_BACKEND", "triton")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         select_backend(torch.zeros(1))
+
+
+# -- property test: random layers through every launch option ---------------------------------------
+@st.composite
+def triton_problems(draw):
+    """A random fp32 layer (any factorizations, 1-wide factors included), token count, gate/bias/adapter
+    input, frozen factors, adapter schedule, tile policy and deterministic mode."""
+    n_out, k_in = draw(st.integers(1, 72)), draw(st.integers(2, 72))
+    shapes = []
+    for _ in range(draw(st.integers(1, 4))):
+        a1 = draw(st.sampled_from([d for d in range(1, n_out + 1) if n_out % d == 0]))
+        a2 = draw(st.sampled_from([d for d in range(1, k_in + 1) if k_in % d == 0]))
+        shapes.append((a1, a2, n_out // a1, k_in // a2))
+    tokens = draw(st.sampled_from([1, 2, 5, 17, 40]))
+    frozen = draw(st.lists(st.booleans(), min_size=2 * len(shapes), max_size=2 * len(shapes)))
+    deterministic = draw(st.booleans())
+    schedule = None if deterministic else draw(st.sampled_from([None, "atomic", "rowwise"]))
+    options = dict(gate=draw(st.booleans()), bias=draw(st.booleans()), separate=draw(st.booleans()))
+    return (
+        n_out,
+        k_in,
+        shapes,
+        tokens,
+        frozen,
+        deterministic,
+        schedule,
+        draw(st.sampled_from(["min-work", "max"])),
+        options,
+    )
+
+
+@settings(max_examples=12, deadline=None)
+@given(triton_problems())
+def test_property_triton_equals_materialized(problem):
+    n_out, k_in, shapes, tokens, frozen, deterministic, schedule, policy, options = problem
+    x, weight, a_f, b_f, g, b = make_problem(
+        n_out, k_in, shapes, torch.float32, lead=(tokens,), gate=options["gate"], bias=options["bias"]
+    )
+    for factor, is_frozen in zip([*a_f, *b_f], frozen, strict=True):
+        factor.requires_grad_(not is_frozen)
+    x_adapter = torch.randn_like(x).requires_grad_(True) if options["separate"] else None
+    env = {"MOKA_BACKEND": "triton", "MOKA_TILE_POLICY": policy, "MOKA_ADAPTER_SCHEDULE": schedule or ""}
+    was = torch.are_deterministic_algorithms_enabled()
+    try:  # outputs are NaN-poisoned by the autouse fixture
+        torch.use_deterministic_algorithms(deterministic)
+        with mock.patch.dict(os.environ, env):
+            out = moka_linear(x, weight, a_f, b_f, g, b, 0.7, adapter_input=x_adapter)
+            inputs = [t for t in (x, *a_f, *b_f, g, b, x_adapter) if t is not None and t.requires_grad]
+            grad_out = torch.randn_like(out)
+            ours = torch.autograd.grad(out, inputs, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    ref_inputs = {id(t): t.detach().double().requires_grad_(True) for t in inputs}
+    x64, xa64 = ref_inputs.get(id(x), x.detach().double()), None
+    a64 = [ref_inputs.get(id(t), t.detach().double()) for t in a_f]
+    b64 = [ref_inputs.get(id(t), t.detach().double()) for t in b_f]
+    g64 = None if g is None else ref_inputs[id(g)]
+    bias64 = None if b is None else ref_inputs[id(b)]
+    ref = moka_linear_materialized(x64, weight.double(), a64, b64, g64, bias64, 0.7)
+    if x_adapter is not None:  # the adapter sees x_a, the base sees x
+        xa64 = ref_inputs[id(x_adapter)]
+        zero = torch.zeros_like(weight, dtype=torch.float64)
+        ref = ref + moka_linear_materialized(xa64 - x64, zero, a64, b64, g64, None, 0.7)
+    _check(out, ref, torch.float32, "forward")
+    theirs = torch.autograd.grad(ref, [ref_inputs[id(t)] for t in inputs], grad_out.double(), allow_unused=True)
+    for i, (mine, truth) in enumerate(zip(ours, theirs, strict=True)):
+        truth = torch.zeros_like(mine, dtype=torch.float64) if truth is None else truth
+        # the gate's and 1×1 factors' gradients are long reductions: 4× the tolerance (as the reshape form's)
+        tol = 4 * TOL[torch.float32] if (g is not None and inputs[i] is g) or inputs[i].numel() == 1 else None
+        if tol is None:
+            _check(mine, truth, torch.float32, f"grad of input {i}")
+        else:
+            assert_close_rel(mine, truth, tol, f"grad of input {i}")
