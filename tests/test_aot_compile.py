@@ -1,5 +1,6 @@
-"""Every Triton kernel and autotune config compiles for sm_80 and sm_90 on this CPU-only machine, and its
-shared memory fits the target. This catches GPU-only errors the interpreter does not."""
+"""Every Triton kernel and autotune config compiles for sm_80 and sm_90 on this CPU-only machine, its
+shared memory fits the target, and no Kronecker kernel spills registers at any tile set the chooser can
+pick. This catches GPU-only errors (and slowdowns) the interpreter does not."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_every_autotune_config_and_kernel_is_covered(aot_results):
     for kernel, n_configs in [("_nf4_matmul_kernel", n_fwd), ("_nf4_matmul_t_kernel", n_bwd)]:
         for cc in (80, 90):
             tiles = {
-                (r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_K"])
+                (*(r["constexprs"][n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), r["num_warps"], r["num_stages"])
                 for r in results
                 if r["kernel"] == kernel and r["capability"] == cc
             }
@@ -69,3 +70,64 @@ def test_every_autotune_config_and_kernel_is_covered(aot_results):
     defined = set(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, env=env, text=True).split())
     assert "_kron_sandwich_grouped_kernel" in defined
     assert kernels == defined
+
+
+def _candidates_and_constexprs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json, moka_kernels.ops.kron_mixture as k;"
+        "print(json.dumps([[b, k.reduce_block_constexprs(b)] for b in k._candidate_blocks()]))"
+    )
+    return json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, env=env, text=True))
+
+
+def test_kronecker_kernels_compile_without_spills_at_every_choosable_tile_set(aot_results):
+    """Every tile set the chooser can pick is compiled in bf16 for both sandwich kernels and the reduction
+    (with the launcher's own mapping of the sets onto the reduction's tiles), and none spills registers
+    beyond a few words. Spill counts are real: the NF4 GEMM's large autotune configs do spill."""
+    results, _ = aot_results
+    candidates = _candidates_and_constexprs()
+    names = ("BLOCK_P", "BLOCK_J", "BLOCK_L", "BLOCK_Q")
+    for cc in (80, 90):
+        for kernel in ("_kron_sandwich_grouped_kernel", "_kron_sandwich_rowwise_kernel"):
+            compiled = {
+                tuple(r["constexprs"][n] for n in names): r
+                for r in results
+                if r["kernel"] == kernel and r["capability"] == cc and r["spill_checked"]
+            }
+            assert {tuple(b) for b, _ in candidates} <= set(compiled), (kernel, cc)
+        reductions = [
+            r for r in results if r["kernel"] == "_kron_token_reduce_grouped_kernel" and r["capability"] == cc
+        ]
+        for _, constexprs in candidates:
+            assert any(all(r["constexprs"][k] == v for k, v in constexprs.items()) for r in reductions), constexprs
+    checked = [r for r in results if r["kernel"].startswith("_kron") and r["spill_checked"]]
+    assert checked and all(r["spill_bytes"] <= 32 and r["registers"] > 0 for r in checked), [
+        r for r in checked if r["spill_bytes"] > 32
+    ][:3]
+    assert any(r["spill_bytes"] > 0 for r in results if r["kernel"] == "_nf4_matmul_kernel")
+
+
+def test_nf4_autotune_lists_hold_spill_free_configs_for_every_token_count(aot_results):
+    """Autotuning may pick a spilling config if it is fastest, but each NF4 GEMM has a spill-free one for
+    decode (BLOCK_M = 16) and for prefill/training (BLOCK_M ≥ 64), and the decode fusion has one for every
+    maximal adapter tile set, on both targets."""
+    results, _ = aot_results
+    for cc in (80, 90):
+        for kernel in ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel"):
+            plain = [
+                r
+                for r in results
+                if r["kernel"] == kernel and r["capability"] == cc and not r["constexprs"].get("HAS_ADAPTER")
+            ]
+            for small in (True, False):
+                rows = [r for r in plain if (r["constexprs"]["BLOCK_M"] <= 16) == small]
+                assert any(r["spill_bytes"] == 0 for r in rows), (kernel, cc, small)
+                if not small:
+                    assert any(r["spill_bytes"] == 0 and r["constexprs"]["BLOCK_M"] >= 64 for r in rows)
+        fused = {}
+        for r in results:
+            if r["kernel"] == "_nf4_matmul_kernel" and r["capability"] == cc and r["constexprs"].get("HAS_ADAPTER"):
+                adapter = tuple(r["constexprs"][f"AD_BLOCK_{n}"] for n in "PJLQ")
+                fused[adapter] = fused.get(adapter, False) or r["spill_bytes"] == 0
+        assert fused and all(fused.values()), fused

@@ -317,4 +317,4 @@ def test_tile_counts_smoke(tmp_path):
             assert c["ideal"] <= c["min-work"]["executed"] <= c["max"]["executed"]
     forward = data["rows"][0]["contractions"]["forward"]
     assert forward["min-work"]["executed"] <= 1.65 * forward["ideal"] < forward["max"]["executed"] / 6
-    assert "| 4096×4096 r=5 | forward | 0.078 | 128×16×64×32 | 1.60 |" in (tmp_path / "tiles-smoke.md").read_text()
+    assert "| 4096×4096 r=5 | forward | 0.078 | 128×16×32×32 | 1.60 |" in (tmp_path / "tiles-smoke.md").read_text()

@@ -173,11 +173,22 @@ def test_tile_sizes_follow_the_least_padded_work(monkeypatch):
     assert sum(_executed_macs(d, chosen) for d in dims) <= 1.65 * ideal, chosen
     big = km.choose_blocks([(128, 64, 64, 128)])  # one tile would need a 128×128 fp32 accumulator
     assert big[0] * big[3] <= km.ACC_ELEMENTS and big in km._candidate_blocks(), big
-    # the AOT check compiles LARGEST_BLOCKS: every candidate is no larger, size by size, than one of them
+    # the register budget (ptxas spills from 8704 tile elements up; test_aot_compile checks every candidate)
+    assert all(km.tile_elements(b) <= km.TILE_ELEMENTS for b in km._candidate_blocks())
+    assert (128, 16, 64, 32) not in km._candidate_blocks() and (128, 16, 32, 32) in km._candidate_blocks()
+    # the AOT check compiles the maximal sets in every variant: every candidate is no larger, size by size
+    top = km.maximal_blocks()
+    assert set(top) <= set(km._candidate_blocks()) and len(top) < len(km._candidate_blocks())
     for blocks in km._candidate_blocks():
-        assert any(all(b <= m for b, m in zip(blocks, top, strict=True)) for top in km.LARGEST_BLOCKS), blocks
-    assert km.choose_blocks([(64, 64, 64, 64)]) == (64, 64, 64, 64)
-    assert km.choose_blocks([(128, 32, 64, 32)]) == (128, 32, 64, 32)
+        assert any(all(b <= m for b, m in zip(blocks, t, strict=True)) for t in top), blocks
+    assert km.choose_blocks([(32, 32, 64, 32)]) == (32, 32, 64, 32)
+    assert km.choose_blocks([(128, 32, 32, 16)]) == (128, 32, 32, 16)
+    assert km.reduce_block_constexprs((128, 16, 32, 64)) == {
+        "BLOCK_N": 128,
+        "BLOCK_J": 16,
+        "BLOCK_K": 32,
+        "BLOCK_M": 64,
+    }
     monkeypatch.setenv("MOKA_TILE_POLICY", "largest")
     with pytest.raises(ValueError, match="MOKA_TILE_POLICY: expected one of"):
         km.choose_blocks(dims)

@@ -2,7 +2,10 @@
 
 ``triton.compile`` with an explicit ``GPUTarget`` runs the whole GPU pipeline (TTIR → TTGIR → LLVM → PTX →
 cubin) on a CPU machine, so GPU-only errors (``tl.dot`` with K < 16, layout or shared-memory overflows)
-show up here. Each result records the compiled kernel's shared memory, checked against the target's limit.
+show up here. Each result records the compiled kernel's shared memory, checked against the target's limit,
+and its registers and spill stores (``ptxas -v`` on the same PTX): a Kronecker kernel at any tile set the
+chooser can pick must not spill (more than a few words); the NF4 GEMMs' autotune configs may, since
+autotuning times them against spill-free ones.
 
 Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions)::
 
@@ -15,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,6 +37,7 @@ class Variant:
     constexprs: dict[str, object]
     num_warps: int
     num_stages: int
+    spill_checked: bool = True  # spills beyond SPILL_TOLERANCE_BYTES fail the check
 
 
 @dataclass
@@ -44,10 +51,16 @@ class Result:
     limit_bytes: int
     seconds: float
     error: str | None = None
+    registers: int = 0
+    spill_bytes: int = 0  # spill stores per thread
+    spill_checked: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.shared_bytes <= self.limit_bytes
+        from .kron_mixture import SPILL_TOLERANCE_BYTES
+
+        fits = self.shared_bytes <= self.limit_bytes
+        return self.error is None and fits and (not self.spill_checked or self.spill_bytes <= SPILL_TOLERANCE_BYTES)
 
 
 def _kernels():
@@ -95,9 +108,10 @@ def variants() -> list[Variant]:
                         dict(flags, DOT_FP32=False, **no_adapter, **cfg.kwargs),
                         cfg.num_warps,
                         cfg.num_stages,
+                        spill_checked=False,
                     )
                 )
-                if split_k > 1:  # the decode fusion: the adapter's programs in the GEMV's launch
+                if split_k > 1 and dtype == "bf16":  # the decode fusion: the adapter's programs in the GEMV's launch
                     adapter_ptrs = {
                         "ad_x_ptr": f"*{dtype}",
                         "ad_table_ptr": "*i64",
@@ -105,7 +119,7 @@ def variants() -> list[Variant]:
                         "ad_factor_ptr": f"*{dtype}",
                         "ad_scale": "fp32",
                     }
-                    for ad_blocks in kron_mixture.LARGEST_BLOCKS:
+                    for ad_blocks in kron_mixture.maximal_blocks():
                         adapter = dict(HAS_ADAPTER=True, AD_GATE=1, AD_R_PAD=8)
                         names = ("AD_BLOCK_P", "AD_BLOCK_J", "AD_BLOCK_L", "AD_BLOCK_Q")
                         adapter.update(zip(names, ad_blocks, strict=True))
@@ -116,17 +130,26 @@ def variants() -> list[Variant]:
                                 dict(flags, HAS_ADD=False, DOT_FP32=False, **adapter, **cfg.kwargs),
                                 cfg.num_warps,
                                 cfg.num_stages,
+                                spill_checked=False,
                             )
                         )
         for cfg in NF4_MATMUL_T_CONFIGS:
             ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
             flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False)
-            out.append(Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages))
-        # the smallest tiles, the largest the tile chooser can pick (shared memory grows with each size, so
-        # these bound every choice) and a typical pick (4096², r = 5)
-        blocks = [(16, 16, 16, 16), *kron_mixture.LARGEST_BLOCKS, (128, 16, 64, 32)]
-        for bp, bj, bl, bq in blocks:
-            for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
+            out.append(
+                Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages, False)
+            )
+        # bf16: every tile set the chooser can pick, gated by the logits' dtype; fp16 and the other gate
+        # modes: the maximal sets (the others are no larger, size by size). The ``max`` policy's largest
+        # set (64⁴, kept for the GPU sweep) must compile but may spill.
+        every = kron_mixture._candidate_blocks() if dtype == "bf16" else ()
+        blocks = {b: (1,) for b in every}
+        blocks.update({b: (0, 1, 2) for b in kron_mixture.maximal_blocks()})
+        blocks[(64, 64, 64, 64)] = (1,)
+        for (bp, bj, bl, bq), gate_modes in blocks.items():
+            checked = (bp, bj, bl, bq) in kron_mixture._candidate_blocks()
+            modes = ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32"))
+            for gate_mode, gate_type in (m for m in modes if m[0] in gate_modes):
                 ptrs = {
                     "m_ptr": f"*{dtype}",
                     "out_ptr": "*fp32",
@@ -136,8 +159,8 @@ def variants() -> list[Variant]:
                     "scale": "fp32",
                 }
                 flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
-                out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3))
-                out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3))
+                out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
+                out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
             ptrs = {
                 "rows0_ptr": f"*{dtype}",
                 "rows1_ptr": f"*{dtype}",
@@ -145,8 +168,8 @@ def variants() -> list[Variant]:
                 "ws_ptr": "*fp32",
                 "like_ptr": f"*{dtype}",
             }
-            flags = dict(DOT_FP32=False, BLOCK_M=bp, BLOCK_K=bj, BLOCK_J=bl, BLOCK_N=bq)
-            out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3))
+            flags = dict(DOT_FP32=False, **kron_mixture.reduce_block_constexprs((bp, bj, bl, bq)))
+            out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3, checked))
         # the finishing pass: logits (fp32 or the input dtype) with the gate's gradient, logits without it,
         # and the uniform gate
         for gate_mode, logits, need_gate_grad in (
@@ -171,7 +194,7 @@ def variants() -> list[Variant]:
         first = next(v for v in out if v.kernel == kernel)
         pointers = {k: ("*fp32" if t in ("*bf16", "*fp16") else t) for k, t in first.pointer_types.items()}
         constexprs = dict(first.constexprs, DOT_FP32=True)
-        out.append(Variant(kernel, pointers, constexprs, first.num_warps, first.num_stages))
+        out.append(Variant(kernel, pointers, constexprs, first.num_warps, first.num_stages, first.spill_checked))
     return out
 
 
@@ -185,7 +208,7 @@ def compile_variant(variant: Variant, capability: int) -> Result:
         name: variant.pointer_types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names
     }
     start = time.perf_counter()
-    shared, error = 0, None
+    shared, error, registers, spills = 0, None, 0, 0
     try:
         compiled = triton.compile(
             triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -195,6 +218,7 @@ def compile_variant(variant: Variant, capability: int) -> Result:
         shared = int(compiled.metadata.shared)
         if "cubin" not in compiled.asm:
             error = "no cubin produced"
+        registers, spills = register_usage(compiled.asm["ptx"], capability)
     except Exception as exc:  # report every failing variant, not just the first
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     return Result(
@@ -207,7 +231,30 @@ def compile_variant(variant: Variant, capability: int) -> Result:
         SHARED_MEMORY_LIMIT[capability],
         round(time.perf_counter() - start, 2),
         error,
+        registers,
+        spills,
+        variant.spill_checked,
     )
+
+
+def register_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes per thread) of a kernel's PTX, from ``ptxas -v`` with the
+    ptxas and flags Triton itself uses for this target (the compiled metadata leaves them unset without a
+    GPU driver)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        command = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2"]
+        command += [f"--gpu-name={sm_arch_from_capability(capability)}", source, "-o", source + ".o"]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"ptxas -v printed no register usage: {log[-300:]!r}")
+    return int(registers.group(1)), int(spills.group(1))
 
 
 def _compile_pair(args: tuple[Variant, int]) -> Result:
@@ -234,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(dict(asdict(r), ok=r.ok)))
         else:
-            status = "ok" if r.ok else f"FAIL {r.error or 'shared memory over limit'}"
-            print(f"sm_{r.capability} {r.kernel:28s} {r.shared_bytes / 1024:7.1f} KB  {status}  {r.constexprs}")
+            why = r.error or ("shared memory over limit" if r.shared_bytes > r.limit_bytes else "register spills")
+            status = "ok" if r.ok else f"FAIL {why}"
+            spills = f"{r.registers:3d} regs {r.spill_bytes:5d} B spilled{'' if r.spill_checked else ' (autotuned)'}"
+            print(
+                f"sm_{r.capability} {r.kernel:28s} {r.shared_bytes / 1024:7.1f} KB  {spills}  {status}  {r.constexprs}"
+            )
     return 0 if all(r.ok for r in results) else 1
 
 

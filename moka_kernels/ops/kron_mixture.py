@@ -554,9 +554,13 @@ def block_for(dim: int, cap: int = 64) -> int:
 # reduction is the same shape transposed). One launch runs every component with one set of tile sizes.
 TILE_POLICIES = ("min-work", "max")
 ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 32 registers a thread at 4 warps
+# Register spills, from ptxas on sm_90 (python -m moka_kernels.ops.aot): every tile set whose five tiles
+# (tile_elements) hold at most 8192 elements compiles for all three kernels spilling at most a few words;
+# from 8704 up most spill hundreds of bytes at the 255-register cap (e.g. 128×16×64×32: 108 B, 64⁴: 236 B).
+TILE_ELEMENTS = 8192
+SPILL_TOLERANCE_BYTES = 32  # ptxas spills 4-24 B of a few small tile sets at 80-128 registers: not a cost
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
 MIN_DOT_OUTPUTS = 4 * 16 * 8  # 4 warps × one 16×8 MMA tile each: a smaller dot output leaves warps idle
-LARGEST_BLOCKS = ((64, 64, 64, 64), (128, 64, 64, 32), (32, 32, 64, 128))  # every choice fits in one
 
 
 def tile_policy() -> str:
@@ -576,9 +580,34 @@ def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
         for bj in sizes[:3]:
             for bl in sizes[:3]:
                 for bq in sizes:
-                    if bp * bq <= ACC_ELEMENTS and bj * bq <= ACC_ELEMENTS:  # accumulator, inner product
-                        out.append((bp, bj, bl, bq))
+                    blocks = (bp, bj, bl, bq)
+                    if bp * bq <= ACC_ELEMENTS and bj * bq <= ACC_ELEMENTS and tile_elements(blocks) <= TILE_ELEMENTS:
+                        out.append(blocks)
     return tuple(out)
+
+
+def tile_elements(blocks: tuple[int, int, int, int]) -> int:
+    """Elements of the tiles one program holds: the fp32 accumulators BLOCK_P × BLOCK_Q and BLOCK_J ×
+    BLOCK_Q and the operand tiles of S_1, M and S_2 (BLOCK_P × BLOCK_J, BLOCK_J × BLOCK_L, BLOCK_L × BLOCK_Q)."""
+    bp, bj, bl, bq = blocks
+    return bp * bq + bj * bq + bp * bj + bj * bl + bl * bq
+
+
+@functools.lru_cache(maxsize=1)
+def maximal_blocks() -> tuple[tuple[int, int, int, int], ...]:
+    """The candidates no other candidate contains size by size: shared memory and registers grow with each
+    size, so these bound every choice (the AOT check compiles them in every variant)."""
+    candidates = _candidate_blocks()
+    return tuple(
+        b for b in candidates if not any(o != b and all(x <= y for x, y in zip(b, o, strict=True)) for o in candidates)
+    )
+
+
+def reduce_block_constexprs(blocks: tuple[int, int, int, int]) -> dict[str, int]:
+    """The reduction kernel's tile constexprs for a :func:`choose_blocks` result: its out (M×N) = (L (M×K)
+    · S (K×J)) · R (J×N) is the sandwich transposed, so (P, J, L, Q) are (N, J, K, M)."""
+    bn, bj, bk, bm = blocks
+    return {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_J": bj, "BLOCK_N": bn}
 
 
 def padded_work(
@@ -607,7 +636,8 @@ def padded_work(
 def choose_blocks(dims: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     """One launch's tile sizes for jobs of these (P, J, L, Q): with the ``min-work`` policy the candidate
     (each a power of two from 16; BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q, the two fp32 tiles, at most
-    ACC_ELEMENTS) of least total :func:`padded_work`.
+    ACC_ELEMENTS; all five tiles at most TILE_ELEMENTS, so no kernel spills registers) of least total
+    :func:`padded_work`. The ``max`` policy (kept for the GPU sweep) is not held to the register budget.
 
     Components of one layer differ in shape (a 16×256 factor beside a 64×64 one), and tiles sized for the
     largest pad the others: at 4096², r = 5 the previous policy (``max``) executed 10.8× the adapter's
@@ -689,7 +719,7 @@ class _ReducePlan:
     size: int
     total_tiles: int
     max_tiles: int
-    blocks: tuple[int, int, int, int]  # BLOCK_M, BLOCK_K, BLOCK_J, BLOCK_N
+    blocks: tuple[int, int, int, int]  # choose_blocks' (P, J, L, Q) = (BLOCK_N, BLOCK_J, BLOCK_K, BLOCK_M)
 
 
 def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> _ReducePlan:
@@ -705,7 +735,8 @@ def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> 
     assert len(per_token) <= 2, "reductions read at most two per-token tensors (dy and x)"
     which = {id(sources[index]): slot for slot, index in enumerate(per_token)}
     # out (M×N) = (L (M×K) · S (K×J)) · R (J×N) is the sandwich's shape transposed: P, J, L, Q = N, J, K, M
-    bn, bj, bk, bm = choose_blocks([(right.cols, shared.cols, left.cols, left.rows) for left, shared, right, _ in jobs])
+    blocks = choose_blocks([(right.cols, shared.cols, left.cols, left.rows) for left, shared, right, _ in jobs])
+    bn, bm = blocks[0], blocks[3]
     rows, views, offset = [], [], 0
     for left, shared, right, transposed in jobs:
         m_dim, n_dim = left.rows, right.cols
@@ -744,7 +775,7 @@ def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> 
         size=offset,
         total_tiles=sum(r[-1] for r in rows),
         max_tiles=max(r[-1] for r in rows),
-        blocks=(bm, bk, bj, bn),
+        blocks=blocks,
     )
 
 
@@ -761,7 +792,6 @@ def _reduce_partials(
     per_split = _cdiv(max(num_tokens, 1), splits)
     splits = _cdiv(max(num_tokens, 1), per_split)
     workspace = new_output((splits, plan.size), torch.float32, first.device)
-    bm, bk, bj, bn = plan.blocks
     _kron_token_reduce_grouped_kernel[(len(plan.views) * plan.max_tiles * splits,)](
         first,
         last,
@@ -774,10 +804,7 @@ def _reduce_partials(
         plan.max_tiles,
         workspace.stride(0),
         DOT_FP32=dot_in_fp32(factor.dtype),
-        BLOCK_M=bm,
-        BLOCK_K=bk,
-        BLOCK_J=bj,
-        BLOCK_N=bn,
+        **reduce_block_constexprs(plan.blocks),
         num_warps=4,
     )
     return workspace

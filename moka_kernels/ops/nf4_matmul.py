@@ -62,6 +62,9 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 
 # GPU configs: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Under the interpreter one small config, so tests
 # cross tile edges on small shapes (the interpreter cannot autotune several configs without a GPU).
+# The W tile is decoded in registers, so large tiles spill (ptxas on sm_90: 128×128×64 at 8 warps spills
+# 352 B, 256×128×64 5 KB); the lists keep them for autotuning to time, beside spill-free tiles for every
+# token count (python -m moka_kernels.ops.aot prints each config's registers and spills).
 NF4_MATMUL_CONFIGS = (
     _configs([(32, 32, 32, 4, 1)])
     if INTERPRET
@@ -70,6 +73,8 @@ NF4_MATMUL_CONFIGS = (
             (16, 64, 128, 4, 4),
             (16, 128, 128, 4, 3),
             (64, 128, 64, 4, 4),
+            (64, 128, 64, 8, 3),
+            (128, 64, 64, 8, 3),
             (128, 128, 64, 8, 3),
             (128, 256, 64, 8, 3),
             (256, 128, 64, 8, 3),
@@ -84,6 +89,7 @@ NF4_MATMUL_T_CONFIGS = (
             (16, 64, 128, 4, 4),
             (16, 128, 128, 4, 3),
             (64, 128, 64, 4, 4),
+            (64, 128, 64, 8, 3),
             (128, 128, 64, 8, 3),
             (128, 256, 64, 8, 2),
             (256, 128, 64, 8, 3),
