@@ -90,6 +90,26 @@ def test_nf4_matmul_forward_and_transposed(n_out, k_in, blocksize, dtype, double
         _check(nf4_matmul_t(dy, w, add=add_t), dy.double() @ dense + add_t.double(), dtype, f"nf4_matmul_t T={tokens}")
 
 
+@pytest.mark.parametrize("rows_64", [False, True], ids=["rows-32bit", "rows-64bit"])
+def test_nf4_matmul_strided_inputs_and_row_offset_width(rows_64, monkeypatch):
+    """Inputs with non-unit column stride are made unit-stride (the kernels index within a row in 32 bits),
+    row-strided views are read in place, and the 64-bit row-offset branch (taken when a matrix spans 2^31
+    elements, forced here) gives the same result."""
+    import moka_kernels.ops.nf4_matmul as nm
+
+    monkeypatch.setattr(nm, "_spans_2g", lambda *tensors: rows_64)
+    w = quantize_nf4(torch.randn(40, 96) * 0.1, 32)
+    dense = dequantize_nf4(w, torch.float32).double()
+    for tokens in (3, 33):
+        x_wide = torch.randn(tokens, 2 * 96)
+        x_rows = x_wide[:, :96]  # row stride 192
+        x_cols = torch.randn(96, tokens).T  # column stride `tokens`
+        for x in (x_rows, x_cols):
+            _check(nf4_matmul(x, w), x.double() @ dense.T, torch.float32, f"nf4_matmul strides {x.stride()}")
+        dy = torch.randn(40, tokens).T
+        _check(nf4_matmul_t(dy, w), dy.double() @ dense, torch.float32, f"nf4_matmul_t strides {dy.stride()}")
+
+
 # -- Kronecker mixture ------------------------------------------------------------------------------
 MIXTURES = {
     "24x36-r1": (24, 36, [(4, 6, 6, 6)]),

@@ -98,7 +98,9 @@ def variants() -> list[Variant]:
                 ptrs = dict(fwd_ptrs, **nf4_pointers)
                 if split_k > 1:
                     ptrs["out_ptr"] = "*fp32"
-                flags = dict(BLOCKSIZE=64, HAS_ADD=True, HAS_BIAS=True, DOUBLE_QUANT=True, SPLIT_K=split_k)
+                flags = dict(
+                    BLOCKSIZE=64, HAS_ADD=True, HAS_BIAS=True, DOUBLE_QUANT=True, SPLIT_K=split_k, ROWS_64=False
+                )
                 no_adapter = dict(HAS_ADAPTER=False, AD_GATE=0, AD_R_PAD=1)
                 no_adapter.update(AD_BLOCK_P=16, AD_BLOCK_J=16, AD_BLOCK_L=16, AD_BLOCK_Q=16)
                 out.append(
@@ -135,7 +137,7 @@ def variants() -> list[Variant]:
                         )
         for cfg in NF4_MATMUL_T_CONFIGS:
             ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
-            flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False)
+            flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False, ROWS_64=False)
             out.append(
                 Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages, False)
             )
@@ -189,6 +191,19 @@ def variants() -> list[Variant]:
             }
             flags = dict(GATE=gate_mode, NEED_GATE_GRAD=need_gate_grad, R_PAD=8, BLOCK=1024)
             out.append(Variant("_factor_grad_finish_kernel", ptrs, flags, 4, 3))
+    # Activations spanning 2^31 elements take 64-bit row offsets: the first config of each NF4 GEMM again.
+    for kernel in ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel"):
+        first = next(v for v in out if v.kernel == kernel)
+        out.append(
+            Variant(
+                kernel,
+                first.pointer_types,
+                dict(first.constexprs, ROWS_64=True),
+                first.num_warps,
+                first.num_stages,
+                False,
+            )
+        )
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
     for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)

@@ -122,7 +122,7 @@ def _decode_nf4_rows(
     nested_code_ptr,
     offset_ptr,
     code_ptr,
-    offs_n,  # (BLOCK_N,) int64 row indices of W
+    offs_n,  # (BLOCK_N,) int32 row indices of W
     k0,  # first column of the tile
     N,
     K,
@@ -133,7 +133,9 @@ def _decode_nf4_rows(
 ):
     """The fp32 tile W[offs_n, k0 : k0 + BLOCK_K], shape (BLOCK_N, BLOCK_K); zero outside W."""
     # Load each byte once, split it into (high, low) nibbles and interleave: element 2j is the high one.
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+    # 32-bit indices (supports() keeps W under 2^31 elements): int64 index tiles cost registers, and made
+    # the large autotune configs spill 2-6× more (ptxas on sm_90).
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     mask_b = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
     byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=mask_b, other=0)
     nibbles = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))
@@ -141,8 +143,8 @@ def _decode_nf4_rows(
     # K % BLOCKSIZE == 0, so each run of GROUP columns of a row shares one scale.
     GROUP: tl.constexpr = min(BLOCK_K, BLOCKSIZE)
     GROUPS: tl.constexpr = BLOCK_K // GROUP
-    group_k = k0 + tl.arange(0, GROUPS).to(tl.int64) * GROUP
-    block = (offs_n[:, None] * K + group_k[None, :]) // BLOCKSIZE
+    group_k = k0 + tl.arange(0, GROUPS) * GROUP
+    block = offs_n[:, None] * (K // BLOCKSIZE) + (group_k // BLOCKSIZE)[None, :]
     mask_s = (offs_n[:, None] < N) & (group_k[None, :] < K)
     scale = _load_block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask_s, DOUBLE_QUANT)
     value = tl.reshape(tl.reshape(value, (BLOCK_N, GROUPS, GROUP)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
@@ -187,6 +189,7 @@ def _nf4_matmul_kernel(
     DOUBLE_QUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,  # IEEE fp32 dot: fp32 inputs, or half inputs under the interpreter
+    ROWS_64: tl.constexpr,  # 64-bit row offsets: x, out or add spans 2^31 elements
     HAS_ADAPTER: tl.constexpr,  # decode fusion: programs with pid_k >= SPLIT_K run the adapter (atomics)
     AD_GATE: tl.constexpr,
     AD_R_PAD: tl.constexpr,
@@ -232,14 +235,14 @@ def _nf4_matmul_kernel(
                 pid_m, pid_n, pid_k, x_ptr, out_ptr, add_ptr, bias_ptr, packed_ptr, absmax_ptr,
                 nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, M, N, K, stride_xm, stride_xk,
                 stride_om, stride_on, stride_am, stride_an, BLOCKSIZE, HAS_ADD, HAS_BIAS, DOUBLE_QUANT,
-                SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+                SPLIT_K, DOT_FP32, ROWS_64, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _nf4_matmul_program(
             pid_m, pid_n, pid_k, x_ptr, out_ptr, add_ptr, bias_ptr, packed_ptr, absmax_ptr,
             nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, M, N, K, stride_xm, stride_xk,
             stride_om, stride_on, stride_am, stride_an, BLOCKSIZE, HAS_ADD, HAS_BIAS, DOUBLE_QUANT,
-            SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+            SPLIT_K, DOT_FP32, ROWS_64, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
@@ -273,20 +276,25 @@ def _nf4_matmul_program(
     DOUBLE_QUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    ROWS_64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N output tile over K-slice ``pid_k`` of the base GEMM."""
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # Row offsets of x/out in 64 bits only if a matrix spans 2^31 elements (ROWS_64, set by the launcher);
+    # column offsets are 32-bit (the launcher gives every matrix unit column stride).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = offs_m.to(tl.int64) if ROWS_64 else offs_m
     k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_span
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + k_span, K), BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         w = _decode_nf4_rows(
             packed_ptr,
             absmax_ptr,
@@ -311,12 +319,11 @@ def _nf4_matmul_program(
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if pid_k == 0:
         if HAS_ADD:
-            acc += tl.load(
-                add_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, mask=out_mask, other=0.0
-            )
+            add_ptrs = add_ptr + rows_m[:, None] * stride_am + offs_n[None, :] * stride_an
+            acc += tl.load(add_ptrs, mask=out_mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -349,19 +356,23 @@ def _nf4_matmul_t_kernel(
     HAS_ADD: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    ROWS_64: tl.constexpr,  # 64-bit row offsets: dy, dx or add spans 2^31 elements
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    # As in _nf4_matmul_program: 64-bit row offsets only under ROWS_64, 32-bit column offsets.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_m = offs_m.to(tl.int64) if ROWS_64 else offs_m
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         dy_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_mask, other=0.0)
+        dy_ptrs = dy_ptr + rows_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+        dy = tl.load(dy_ptrs, mask=dy_mask, other=0.0)
         w = _decode_nf4_rows(
             packed_ptr,
             absmax_ptr,
@@ -384,12 +395,10 @@ def _nf4_matmul_t_kernel(
             acc += tl.dot(dy, w)
     out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if HAS_ADD:
-        acc += tl.load(add_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=out_mask, other=0.0)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty),
-        mask=out_mask,
-    )
+        add_ptrs = add_ptr + rows_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        acc += tl.load(add_ptrs, mask=out_mask, other=0.0)
+    dx_ptrs = dx_ptr + rows_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 @functools.cache
@@ -411,8 +420,9 @@ def _nf4_args(w: NF4Tensor) -> tuple:
 
 
 def supports(w: NF4Tensor) -> bool:
-    """Whether the NF4 kernels take this weight: K a multiple of the blocksize."""
-    return w.shape[1] % w.blocksize == 0
+    """Whether the NF4 kernels take this weight: K a multiple of the blocksize, and fewer than 2^31 elements
+    (the kernels index W in 32 bits)."""
+    return w.shape[1] % w.blocksize == 0 and w.numel() < 2**31
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) -> int:
@@ -428,7 +438,22 @@ def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) 
     return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
 
 
+def _spans_2g(*tensors: torch.Tensor) -> bool:
+    """Whether any matrix's last element lies 2^31 or more elements past its first (64-bit row offsets)."""
+    return any(
+        sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1 for t in tensors
+    )
+
+
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with column stride 1 (copied if need be): the kernels index within a row in 32 bits."""
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
 def _launch_forward(x, w, target, add, bias, split_k, adapter: AdapterLaunch | None = None) -> None:
+    x = _unit_columns(x)
+    assert target.shape[1] <= 1 or target.stride(1) == 1, "outputs need unit column stride"
+    add = None if add is None else _unit_columns(add)
     m, k = x.shape
     n = w.shape[0]
     add_arg = add if add is not None else target
@@ -470,6 +495,7 @@ def _launch_forward(x, w, target, add, bias, split_k, adapter: AdapterLaunch | N
         DOUBLE_QUANT=w.double_quant,
         SPLIT_K=split_k,
         DOT_FP32=dot_in_fp32(x.dtype),
+        ROWS_64=_spans_2g(x, target, add_arg),
         HAS_ADAPTER=adapter is not None,
         **ad.constexprs,
     )
@@ -517,12 +543,14 @@ def nf4_matmul_t(
     dy: torch.Tensor, w: NF4Tensor, add: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """dx = dy · dequant(w) (+ add). dy: (M, N); add: fp32 (M, K); returns (M, K) in dy's dtype."""
+    dy = _unit_columns(dy)
     m, n = dy.shape
     k = w.shape[1]
     out = new_output((m, k), dy.dtype, dy.device) if out is None else out
+    assert k <= 1 or out.stride(1) == 1, "outputs need unit column stride"
     if m == 0:
         return out
-    add_arg = add if add is not None else out
+    add_arg = _unit_columns(add) if add is not None else out
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
@@ -546,6 +574,7 @@ def nf4_matmul_t(
         HAS_ADD=add is not None,
         DOUBLE_QUANT=w.double_quant,
         DOT_FP32=dot_in_fp32(dy.dtype),
+        ROWS_64=_spans_2g(dy, out, add_arg),
     )
     return out
 
