@@ -318,3 +318,24 @@ def test_tile_counts_smoke(tmp_path):
     forward = data["rows"][0]["contractions"]["forward"]
     assert forward["min-work"]["executed"] <= 1.65 * forward["ideal"] < forward["max"]["executed"] / 6
     assert "| 4096×4096 r=5 | forward | 0.078 | 128×16×32×32 | 1.60 |" in (tmp_path / "tiles-smoke.md").read_text()
+
+
+def test_register_counts_smoke(tmp_path):
+    """The register/spill census compiles (no GPU, no interpreter) and renders: the largest tile set is
+    outside the register budget and spills, the smallest is inside and does not."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-W", "ignore", "-m", "benchmarks.registers", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "registers-smoke.json").read_text())["rows"]
+    sandwich = {
+        (tuple(r["tile_set"]), r["capability"]): r for r in rows if r["kernel"] == "_kron_sandwich_grouped_kernel"
+    }
+    assert sandwich[((16, 16, 16, 16), 90)]["spill_bytes"] == 0 < sandwich[((128, 64, 64, 32), 90)]["spill_bytes"]
+    assert all(r["registers"] > 0 and r["error"] is None for r in rows)
+    assert "| kron_sandwich_grouped_kernel | sm_90 | 2 | 1 |" in (tmp_path / "registers-smoke.md").read_text()

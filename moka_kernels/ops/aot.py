@@ -148,30 +148,8 @@ def variants() -> list[Variant]:
         blocks = {b: (1,) for b in every}
         blocks.update({b: (0, 1, 2) for b in kron_mixture.maximal_blocks()})
         blocks[(64, 64, 64, 64)] = (1,)
-        for (bp, bj, bl, bq), gate_modes in blocks.items():
-            checked = (bp, bj, bl, bq) in kron_mixture._candidate_blocks()
-            modes = ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32"))
-            for gate_mode, gate_type in (m for m in modes if m[0] in gate_modes):
-                ptrs = {
-                    "m_ptr": f"*{dtype}",
-                    "out_ptr": "*fp32",
-                    "table_ptr": "*i64",
-                    "gate_ptr": gate_type,
-                    "factor_ptr": f"*{dtype}",
-                    "scale": "fp32",
-                }
-                flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
-                out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
-                out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
-            ptrs = {
-                "rows0_ptr": f"*{dtype}",
-                "rows1_ptr": f"*{dtype}",
-                "table_ptr": "*i64",
-                "ws_ptr": "*fp32",
-                "like_ptr": f"*{dtype}",
-            }
-            flags = dict(DOT_FP32=False, **kron_mixture.reduce_block_constexprs((bp, bj, bl, bq)))
-            out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3, checked))
+        for tile_set, gate_modes in blocks.items():
+            out += kron_variants(tile_set, dtype, gate_modes)
         # the finishing pass: logits (fp32 or the input dtype) with the gate's gradient, logits without it,
         # and the uniform gate
         for gate_mode, logits, need_gate_grad in (
@@ -210,6 +188,41 @@ def variants() -> list[Variant]:
         pointers = {k: ("*fp32" if t in ("*bf16", "*fp16") else t) for k, t in first.pointer_types.items()}
         constexprs = dict(first.constexprs, DOT_FP32=True)
         out.append(Variant(kernel, pointers, constexprs, first.num_warps, first.num_stages, first.spill_checked))
+    return out
+
+
+def kron_variants(blocks: tuple[int, int, int, int], dtype: str = "bf16", gate_modes=(1,)) -> list[Variant]:
+    """The three Kronecker kernels at one tile set (as ``choose_blocks`` returns it): both sandwich schedules
+    for each gate mode (0: coefficients read, 1: logits of ``dtype``, 2: uniform) and the token reduction,
+    its tiles mapped as the launcher maps them. Spill-checked when the chooser can pick the set."""
+    from . import kron_mixture
+
+    checked = blocks in kron_mixture._candidate_blocks()
+    bp, bj, bl, bq = blocks
+    out = []
+    for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
+        if gate_mode not in gate_modes:
+            continue
+        ptrs = {
+            "m_ptr": f"*{dtype}",
+            "out_ptr": "*fp32",
+            "table_ptr": "*i64",
+            "gate_ptr": gate_type,
+            "factor_ptr": f"*{dtype}",
+            "scale": "fp32",
+        }
+        flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
+        out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
+        out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
+    ptrs = {
+        "rows0_ptr": f"*{dtype}",
+        "rows1_ptr": f"*{dtype}",
+        "table_ptr": "*i64",
+        "ws_ptr": "*fp32",
+        "like_ptr": f"*{dtype}",
+    }
+    flags = dict(DOT_FP32=False, **kron_mixture.reduce_block_constexprs(blocks))
+    out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3, checked))
     return out
 
 
@@ -276,8 +289,11 @@ def _compile_pair(args: tuple[Variant, int]) -> Result:
     return compile_variant(*args)
 
 
-def compile_all(capabilities: tuple[int, ...] = (80, 90), workers: int | None = None) -> list[Result]:
-    jobs = [(v, cc) for v in variants() for cc in capabilities]
+def compile_all(
+    capabilities: tuple[int, ...] = (80, 90), workers: int | None = None, chosen: list[Variant] | None = None
+) -> list[Result]:
+    """Compile ``chosen`` (default: every variant) for each capability, in a process pool."""
+    jobs = [(v, cc) for v in (variants() if chosen is None else chosen) for cc in capabilities]
     workers = workers or min(4, os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_compile_pair, jobs))

@@ -572,8 +572,10 @@ def tile_policy() -> str:
     return policy
 
 
-@functools.lru_cache(maxsize=1)
-def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
+@functools.lru_cache(maxsize=2)
+def tile_sets(register_budget: bool = True) -> tuple[tuple[int, int, int, int], ...]:
+    """Power-of-two tile sets (BLOCK_P, BLOCK_Q ≤ 128; BLOCK_J, BLOCK_L ≤ 64) whose two fp32 tiles hold at
+    most ACC_ELEMENTS each, and, with ``register_budget``, whose five tiles hold at most TILE_ELEMENTS."""
     sizes = (16, 32, 64, 128)
     out = []
     for bp in sizes:
@@ -581,9 +583,16 @@ def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
             for bl in sizes[:3]:
                 for bq in sizes:
                     blocks = (bp, bj, bl, bq)
-                    if bp * bq <= ACC_ELEMENTS and bj * bq <= ACC_ELEMENTS and tile_elements(blocks) <= TILE_ELEMENTS:
+                    if bp * bq > ACC_ELEMENTS or bj * bq > ACC_ELEMENTS:  # accumulator, inner product
+                        continue
+                    if not register_budget or tile_elements(blocks) <= TILE_ELEMENTS:
                         out.append(blocks)
     return tuple(out)
+
+
+def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
+    """The tile sets :func:`choose_blocks` picks from."""
+    return tile_sets(True)
 
 
 def tile_elements(blocks: tuple[int, int, int, int]) -> int:
