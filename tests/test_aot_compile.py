@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from moka_kernels.ops.kron_mixture import SPILL_TOLERANCE_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,8 +104,8 @@ def test_kronecker_kernels_compile_without_spills_at_every_choosable_tile_set(ao
         for _, constexprs in candidates:
             assert any(all(r["constexprs"][k] == v for k, v in constexprs.items()) for r in reductions), constexprs
     checked = [r for r in results if r["kernel"].startswith("_kron") and r["spill_checked"]]
-    assert checked and all(r["spill_bytes"] <= 32 and r["registers"] > 0 for r in checked), [
-        r for r in checked if r["spill_bytes"] > 32
+    assert checked and all(r["spill_bytes"] <= SPILL_TOLERANCE_BYTES and r["registers"] > 0 for r in checked), [
+        r for r in checked if r["spill_bytes"] > SPILL_TOLERANCE_BYTES
     ][:3]
     assert any(r["spill_bytes"] > 0 for r in results if r["kernel"] == "_nf4_matmul_kernel")
 
@@ -130,5 +132,5 @@ def test_nf4_autotune_lists_hold_spill_free_configs_for_every_token_count(aot_re
             if r["kernel"] == "_nf4_matmul_kernel" and r["capability"] == cc and r["constexprs"].get("HAS_ADAPTER"):
                 adapter = tuple(r["constexprs"][f"AD_BLOCK_{n}"] for n in "PJLQ")
                 # ptxas spills 16 B of a few sets at ~168 registers (not register pressure): the kernels' tolerance
-                fused[adapter] = fused.get(adapter, False) or r["spill_bytes"] <= 32
+                fused[adapter] = fused.get(adapter, False) or r["spill_bytes"] <= SPILL_TOLERANCE_BYTES
         assert fused and all(fused.values()), fused
