@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from moka_kernels.dispatch import is_finite_real
+
 __all__ = ["LLAMA_TARGET_MODULES", "ComponentShape", "MoKAConfig", "auto_component_shapes"]
 
 # (a1, a2, b1, b2): A_i is a1×a2, B_i is b1×b2, a1·b1 = out_features, a2·b2 = in_features.
@@ -103,8 +105,11 @@ class MoKAConfig:
             raise ValueError(f"on_too_few_shapes: expected 'warn' or 'error', got {self.on_too_few_shapes!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        if not is_finite_real(self.scale):
             raise ValueError(f"scale: expected a finite real number, got {self.scale!r}")
+        self.scale = float(self.scale)  # a NumPy scalar would not serialize to JSON
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"gate: expected True or False, got {self.gate!r}")
         if self.adapter_dtype is not None and not (
             isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point
         ):

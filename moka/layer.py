@@ -25,7 +25,9 @@ _NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
 class NF4Linear(nn.Module):
     """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
 
-    The NF4 fields are buffers, so ``.to(device)`` and ``state_dict`` carry them.
+    The NF4 fields are buffers, so ``.to(device)`` and ``state_dict`` carry them. Casts (``.to(dtype)``,
+    ``.half()``, a whole model's ``.to(torch.bfloat16)``) reach the bias and the dtype W decodes to
+    (``nf4_dtype``), never the NF4 fields: their fp32 scales define W bit for bit, so they only move.
     """
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None) -> None:
@@ -40,6 +42,26 @@ class NF4Linear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/half/cuda/... all land here with fn applied to every tensor. The probe learns what fn
+        # does to a floating tensor here (device and dtype); the NF4 fields take only its device.
+        probe = fn(torch.empty(0, dtype=self.nf4_dtype, device=self.packed.device))
+        moved = {
+            name: None if t is None else (t.to(probe.device) if t.is_floating_point() else fn(t))
+            for name, t in ((name, self._buffers[name]) for name in _NF4_FIELDS)
+        }
+        order = list(self._buffers)
+        for name in _NF4_FIELDS:
+            del self._buffers[name]
+        try:
+            super()._apply(fn, recurse)
+        finally:  # keep the buffers' order (state_dict keys) and never lose a field
+            rest = dict(self._buffers)
+            self._buffers.clear()
+            self._buffers.update({name: moved[name] if name in moved else rest[name] for name in order})
+        self.nf4_dtype = probe.dtype
+        return self
 
     @property
     def nf4_weight(self) -> NF4Tensor:
@@ -104,7 +126,10 @@ class MoKALinear(nn.Module):
         if isinstance(base_layer, NF4Linear):
             base_dtype = base_layer.nf4_dtype
         elif is_linear4bit(base_layer):
-            nf4_from_linear4bit(base_layer)  # validates: quantized, NF4, not repacked for CPU
+            try:  # validates: quantized, NF4, not repacked for CPU
+                nf4_from_linear4bit(base_layer)
+            except ValueError as err:
+                raise ValueError(str(err) if name == "layer" else f"{err} (at {name})") from None
             # Our forward never calls Linear4bit.forward; this keeps a later plain forward (after
             # remove_moka) from repacking the bytes in place on AVX512-BF16 CPUs.
             base_layer.support_avx512bf16_for_cpu = False
@@ -199,6 +224,8 @@ class MoKALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # return the autocast dtype, as nn.Linear does
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         input_dtype = x.dtype
         x = x.to(self._compute_dtype(x))
         dtype = x.dtype

@@ -1,7 +1,7 @@
 """Patching Hugging Face causal LMs: apply, remove and merge MoKA; save and load adapters.
 
-Everything validates before it changes anything, so a failed call leaves the model (and the adapter
-directory) as it was.
+Everything validates (apply_moka builds every layer) before it changes anything, so a failed call leaves
+the model as it was, and never a partial file in an adapter directory.
 """
 
 from __future__ import annotations
@@ -114,12 +114,16 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
             f"target_modules: {config.target_modules!r} matched no linear layer; this model's linear layers are "
             f"named {linear_names}"
         )
-    for name, module in targets.items():  # validate every shape first: nothing changes on error
-        config.component_shapes(module.out_features, module.in_features, name)
-    model._moka_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name, module in targets.items():
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:  # build every layer before swapping any: a layer that cannot be wrapped leaves the model as it was
+        layers = {name: MoKALinear(module, config, name=name) for name, module in targets.items()}
+    except BaseException:
+        _restore_requires_grad(model, flags)  # MoKALinear froze the bases it got to
+        raise
+    model._moka_requires_grad = flags
+    for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
-        setattr(parent, attr, MoKALinear(module, config, name=name))
+        setattr(parent, attr, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in moka_layers(model).values():
@@ -136,19 +140,30 @@ def remove_moka(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer.base_layer)
-    flags = getattr(model, "_moka_requires_grad", {})
+    _forget_moka(model)
+    return model
+
+
+def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
     for n, p in model.named_parameters():
-        if n in flags:
+        if n in flags and p.is_floating_point():  # a 4-bit weight is uint8 and never requires grad
             p.requires_grad_(flags[n])
+
+
+def _forget_moka(model: nn.Module) -> None:
+    """Restore the requires_grad flags apply_moka found and drop its attributes."""
+    _restore_requires_grad(model, getattr(model, "_moka_requires_grad", {}))
     for attr in ("_moka_requires_grad", "moka_config"):
         if hasattr(model, attr):
             delattr(model, attr)
-    return model
 
 
 @torch.no_grad()
 def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace each MoKALinear in place by a plain layer holding W0 + ΔW (see MoKALinear.merge)."""
+    """Replace each MoKALinear in place by a plain layer holding W0 + ΔW (see MoKALinear.merge).
+
+    The requires_grad flags apply_moka found are restored (as remove_moka does), so the merged model is a
+    plain model again."""
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
@@ -156,9 +171,7 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     for name, new in merged.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, new)
-    for attr in ("_moka_requires_grad", "moka_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    _forget_moka(model)
     return model
 
 
@@ -176,7 +189,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapters as safetensors plus a JSON config (never pickles). Atomic: a temp dir is renamed."""
+    """Write the adapters as safetensors plus a JSON config (never pickles).
+
+    Both files are written into a temp dir first: a new directory appears whole (one rename); into an
+    existing one each file is renamed over its old version, so a failed call never leaves a partial file.
+    """
     from safetensors.torch import save_file
 
     layers = moka_layers(model)
@@ -230,16 +247,28 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     """Load adapters saved by :func:`save_adapter` into ``model``, patching it first if it is not yet.
 
-    Names and shapes are validated against the model before anything is copied; on any mismatch a
-    ValueError names the first problems and the model is left as it was.
+    Names and shapes (and, for an already patched model, the scale, gate and variant) are validated
+    against the model before anything is copied; on any mismatch a ValueError names the first problems
+    and the model is left as it was.
     """
     from safetensors.torch import load_file
 
     meta = read_adapter_config(directory)
     tensors = load_file(Path(directory) / ADAPTER_WEIGHTS_NAME)
+    saved = MoKAConfig.from_dict(meta["config"])
     patched_here = not moka_layers(model)
     if patched_here:
-        apply_moka(model, MoKAConfig.from_dict(meta["config"]))
+        apply_moka(model, saved)
+    else:  # names and shapes are checked below; these change the function without changing a shape
+        want = {"scale": float(saved.scale), "gate": saved.gate, "variant": saved.variant}
+        for name, layer in moka_layers(model).items():
+            have = {"scale": layer.scale, "gate": layer.gate_logits is not None, "variant": layer.variant}
+            if have != want:
+                differ = ", ".join(f"{k}={want[k]!r} (model: {have[k]!r})" for k in want if have[k] != want[k])
+                raise ValueError(
+                    f"directory: adapter {str(directory)!r} was saved with {differ} at {name}; call "
+                    "remove_moka(model) first and load_adapter patches the model with the adapter's config"
+                )
     try:
         expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
         missing = sorted(set(expected) - set(tensors))

@@ -2,13 +2,15 @@
 
 Backends: ``triton`` (the fused kernels in :mod:`moka_kernels.ops`, CUDA tensors) and ``torch`` (the
 reshape form in :mod:`moka_kernels.reference`, any device). ``auto`` (the default) takes Triton for CUDA
-tensors when triton imports, else the PyTorch path. The environment variable ``MOKA_BACKEND``
-(``auto`` | ``torch`` | ``triton``) forces a choice; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+tensors when triton imports (fp64 excepted: the kernels accumulate in fp32), else the PyTorch path. The
+environment variable ``MOKA_BACKEND`` (``auto`` | ``torch`` | ``triton``) forces a choice; ``triton`` on CPU
+tensors needs ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -26,8 +28,8 @@ BACKENDS = ("torch", "triton")
 def select_backend(x: torch.Tensor) -> str:
     """Backend for ``x``: ``MOKA_BACKEND`` if set to a backend name, else the best available one."""
     requested = os.environ.get("MOKA_BACKEND", "auto").strip().lower() or "auto"
-    if requested == "auto":
-        return "triton" if (TRITON_AVAILABLE and x.is_cuda) else "torch"
+    if requested == "auto":  # fp64 stays on the PyTorch path: the kernels accumulate in fp32
+        return "triton" if (TRITON_AVAILABLE and x.is_cuda and x.dtype != torch.float64) else "torch"
     if requested not in BACKENDS:
         raise ValueError(f"MOKA_BACKEND: expected one of {['auto', *BACKENDS]}, got {requested!r}")
     if requested == "triton":
@@ -110,18 +112,38 @@ def validate_moka_inputs(
             raise ValueError(f"bias: expected shape ({n_out},), got {getattr(bias, 'shape', type(bias).__name__)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias: expected dtype {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_real(scale):
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
-    if adapter_input is not None and (
-        not isinstance(adapter_input, torch.Tensor)
-        or adapter_input.shape != x.shape
-        or adapter_input.dtype != x.dtype
-        or adapter_input.device != x.device
-    ):
-        raise ValueError(
-            f"adapter_input: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
-            f"{getattr(adapter_input, 'shape', type(adapter_input).__name__)}"
-        )
+    if adapter_input is not None:
+        if not isinstance(adapter_input, torch.Tensor):
+            raise TypeError(f"adapter_input: expected a torch.Tensor like x, got {type(adapter_input).__name__}")
+        got = (tuple(adapter_input.shape), adapter_input.dtype, adapter_input.device)
+        if got != (tuple(x.shape), x.dtype, x.device):
+            raise ValueError(
+                f"adapter_input: expected a tensor like x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                f"shape {got[0]}, {got[1]}, {got[2]}"
+            )
+
+
+def is_finite_real(value: object) -> bool:
+    """A finite real number (Python or NumPy scalar), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast_for_autocast(t, dtype: torch.dtype):
+    # What autocast does to the inputs of F.linear: floating tensors other than fp64 take its dtype.
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 def moka_linear(
@@ -156,7 +178,22 @@ def moka_linear(
     Returns:
         (..., N) output in x's dtype. Differentiable w.r.t. x, adapter_input, every A_i and B_i,
         gate_logits and bias; the base weight gets no gradient.
+
+    Under ``torch.autocast`` the op runs as ``F.linear`` does there: x, the dense weight, the factors,
+    the bias and adapter_input are cast to the autocast dtype (fp64 excepted), and so is the output.
     """
+    if isinstance(x, torch.Tensor) and (dtype := _autocast_dtype(x.device.type)) is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return moka_linear(
+                _cast_for_autocast(x, dtype),
+                _cast_for_autocast(weight, dtype),
+                [_cast_for_autocast(a, dtype) for a in a_factors],
+                [_cast_for_autocast(b, dtype) for b in b_factors],
+                gate_logits,
+                _cast_for_autocast(bias, dtype),
+                scale,
+                _cast_for_autocast(adapter_input, dtype),
+            )
     validate_moka_inputs(x, weight, a_factors, b_factors, gate_logits, bias, scale, adapter_input)
     n_out, k_in = _shape(weight)
     lead = x.shape[:-1]

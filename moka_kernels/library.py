@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .nf4 import NF4Tensor
 from .ops import TRITON_AVAILABLE
@@ -347,6 +348,7 @@ class EagerLinear(torch.autograd.Function):
         return forward(x, adapter_x, weight, bias, gate_logits, scale, a_factors, b_factors)
 
     @staticmethod
+    @once_differentiable  # first-order only; create_graph=True elsewhere in the graph still works
     def backward(ctx, grad_out):
         weight, scale, backend, r, has_adapter_x, has_gate = ctx.meta
         x, adapter_x, gate_logits, *factors = ctx.saved_tensors

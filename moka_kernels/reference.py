@@ -300,7 +300,8 @@ def moka_backward_torch(
     coeffs = (alpha * scale).to(grad_out.dtype)
 
     grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
-    grad_xa = torch.zeros_like(xa) if (need_adapter_x and separate) else None
+    # Not zeros_like: that keeps a transposed adapter input's strides, and the per-component views need rows.
+    grad_xa = xa.new_zeros(xa.shape) if (need_adapter_x and separate) else None
     # Raw factor gradients go straight into one flat buffer (out=), in factor_requests' order, so their
     # scaling and dα are whole-buffer ops (finish_factor_grads: the reference of the Triton backend's
     # finishing kernel, kron_factor_backward).

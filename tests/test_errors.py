@@ -21,7 +21,7 @@ def problem():
 def _clone(value):
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
-    if isinstance(value, list):
+    if isinstance(value, list) and all(isinstance(t, torch.Tensor) for t in value):
         return [t.detach().clone() for t in value]
     return value
 
@@ -37,7 +37,7 @@ def _call(problem, **overrides):
         for k, v in args.items():  # nothing was modified
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, snapshot[k]), k
-            elif isinstance(v, list):
+            elif isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v):
                 assert all(t.device.type == "meta" or torch.equal(t, s) for t, s in zip(v, snapshot[k], strict=True)), k
 
 
@@ -116,6 +116,8 @@ def test_config_errors_name_the_parameter():
         (dict(init="normal"), "init: expected one of"),
         (dict(dropout=1.5), r"dropout: expected a probability in \[0, 1\)"),
         (dict(scale=float("nan")), "scale: expected a finite real number"),
+        (dict(scale=10**400), "scale: expected a finite real number"),
+        (dict(gate="no"), "gate: expected True or False"),
         (dict(target_modules=[]), "target_modules: expected a non-empty list"),
         (dict(target_modules="(["), "target_modules: invalid regular expression"),
         (dict(components=[(4, 6, 6)]), r"components\[0\]: expected four positive ints"),
@@ -143,3 +145,25 @@ def test_backend_env_is_validated(problem, monkeypatch):
     monkeypatch.setenv("MOKA_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="MOKA_BACKEND: expected one of"):
         _call(problem)
+
+
+def test_numpy_scale_is_a_real_number(problem):
+    np = pytest.importorskip("numpy")
+    config = MoKAConfig(scale=np.float32(0.5))
+    assert type(config.scale) is float and config.to_dict()["scale"] == 0.5
+    x, weight, a_f, b_f, g, b = problem
+    torch.testing.assert_close(
+        moka_linear(x, weight, a_f, b_f, g, b, np.float64(0.5)), moka_linear(x, weight, a_f, b_f, g, b, 0.5)
+    )
+    with pytest.raises(ValueError, match="scale: expected a finite real number"):
+        _call(problem, scale=10**400)
+
+
+def test_adapter_input_error_names_what_differs(problem):
+    x = problem[0]
+    expected = r"adapter_input: expected a tensor like x \(shape \(3, 36\), torch\.float32.*got shape \(3, 36\), "
+    expected += r"torch\.float64"
+    with pytest.raises(ValueError, match=expected):
+        _call(problem, adapter_input=x.detach().double())
+    with pytest.raises(TypeError, match=r"adapter_input: expected a torch\.Tensor"):
+        _call(problem, adapter_input=[1.0])

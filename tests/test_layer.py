@@ -211,3 +211,29 @@ def test_wrapping_prevents_a_later_repack():
         base(torch.randn(2, 64))  # the unwrapped layer, e.g. after remove_moka
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
     assert isinstance(NF4Tensor.from_bnb(base.weight), NF4Tensor)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+@pytest.mark.parametrize("cast", ["to-bf16", "half", "double"])
+def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast):
+    """model.to(dtype) reaches the adapters, the bias and the decode dtype, never the NF4 codes or scales."""
+    q = quantize_nf4(torch.randn(64, 96), 64, double_quant)
+    layer = MoKALinear(q, MoKAConfig(num_components=2), bias=torch.randn(64))
+    w0 = layer.dense_base_weight(torch.float32)
+    fields = {n: (b.dtype, b.clone()) for n, b in layer.base_layer.named_buffers() if n != "bias"}
+    dtype = {"to-bf16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    cast_layer = {"to-bf16": lambda m: m.to(torch.bfloat16), "half": nn.Module.half, "double": nn.Module.double}[cast]
+    assert cast_layer(layer) is layer
+    for name, (field_dtype, before) in fields.items():
+        after = getattr(layer.base_layer, name)
+        assert after.dtype == field_dtype and torch.equal(after, before), name
+    assert list(dict(layer.base_layer.named_buffers())) == [*fields, "bias"]  # state_dict order kept
+    assert layer.base_layer.nf4_dtype == dtype and layer.bias.dtype == dtype and layer.b_factors[0].dtype == dtype
+    assert torch.equal(layer.dense_base_weight(torch.float32), w0)
+    x = torch.randn(3, 96, dtype=dtype)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, w0.to(dtype), layer.bias))  # ΔW = 0 at init
+
+
+def test_nf4_layer_moves_to_meta_whole():
+    layer = MoKALinear(quantize_nf4(torch.randn(64, 64), 64, True), MoKAConfig(num_components=2)).to("meta")
+    assert {t.device.type for t in [*layer.buffers(), *layer.parameters()]} == {"meta"}

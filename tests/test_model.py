@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -211,3 +212,63 @@ def test_half_precision_base_patches_exactly_and_trains(dtype):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(torch.count_nonzero(g) for g in grads)
+
+
+def test_apply_that_fails_on_one_layer_changes_nothing():
+    """A target that cannot be wrapped (here an fp4 Linear4bit) is found before any layer is swapped."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(64, 64))
+    model.add_module("v_proj", bnb.nn.Linear4bit(64, 64, quant_type="fp4").to("cpu"))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"quant_type='nf4'.*v_proj"):
+        apply_moka(model, MoKAConfig(num_components=2))
+    assert not moka_layers(model) and type(model.q_proj) is nn.Linear
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not hasattr(model, "_moka_requires_grad")
+    model.v_proj = nn.Linear(64, 64)  # fixed: a retry is accepted
+    assert apply_moka(model, MoKAConfig(num_components=2)).layers_patched == 2
+
+
+def test_load_adapter_into_a_model_patched_with_another_scale_fails_clearly(tmp_path):
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(scale=4.0, num_components=2))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    other = tiny_llama()
+    apply_moka(other, MoKAConfig(num_components=2))
+    before = {k: v.clone() for k, v in adapter_state_dict(other).items()}
+    with pytest.raises(ValueError, match=r"scale=4\.0 \(model: 1\.0\).*remove_moka"):
+        load_adapter(other, tmp_path / "adapter")
+    assert all(torch.equal(v, before[k]) for k, v in adapter_state_dict(other).items())
+    remove_moka(other)
+    load_adapter(other, tmp_path / "adapter")
+    assert torch.equal(other(IDS).logits, model(IDS).logits)
+
+
+def test_merge_restores_requires_grad_flags():
+    model = tiny_llama()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_moka(model, MoKAConfig(num_components=2))
+    merge_moka(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not hasattr(model, "_moka_requires_grad") and not hasattr(model, "moka_config")
+
+
+def test_patched_fp32_model_runs_under_autocast():
+    """torch.autocast (HF Trainer's bf16=True on an fp32 model) casts into the op, as it does for nn.Linear."""
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    layer = next(iter(moka_layers(model).values()))
+    x = torch.randn(3, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16  # as nn.Linear returns under autocast
+    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    assert torch.equal(out, bf16(x.bfloat16()))

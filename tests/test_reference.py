@@ -113,6 +113,42 @@ def test_gradcheck_separate_adapter_input_and_frozen_factor():
     assert torch.autograd.gradcheck(fn, (x, x_adapter, a_f[1], b_f[0], b_f[1], g))
 
 
+def test_transposed_adapter_input_for_both_orders():
+    """A dense but column-major adapter input (e.g. a transposed activation) in backward, both contraction orders."""
+    shapes = [(3, 2, 2, 4), (2, 4, 3, 2)]
+    assert {contraction_order(s[:2], s[2:]) for s in shapes} == {"a_first", "b_first"}
+    x, weight, a_f, b_f, g, _b = make_problem(6, 8, shapes, torch.float64, lead=(5,))
+    x_adapter_t = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, x_adapter_t, *factors):
+        return moka_linear(x, weight, factors[:2], factors[2:], g, None, 0.7, adapter_input=x_adapter_t.t())
+
+    assert torch.autograd.gradcheck(fn, (x, x_adapter_t, *a_f, *b_f))
+
+
+def test_first_order_grads_with_create_graph_and_a_clear_double_backward_error():
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, [(4, 6, 6, 6)], torch.float64, lead=(3,))
+    out = moka_linear(x, weight, a_f, b_f, g, b)
+    (grad_bias,) = torch.autograd.grad(out.pow(2).sum(), b, create_graph=True)  # a gradient penalty's first step
+    torch.testing.assert_close(grad_bias, 2 * out.sum(0))
+    (grad_x,) = torch.autograd.grad(moka_linear(x, weight, a_f, b_f, g, b).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_the_op_in_the_autocast_dtype(dtype):
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, [(4, 6, 6, 6), (2, 9, 12, 4)], torch.float32, lead=(3,))
+    with torch.autocast("cpu", dtype=dtype):
+        out = moka_linear(x, weight, a_f, b_f, g, b, 0.5)
+    assert out.dtype == dtype
+    low = [t.detach().to(dtype) for t in (x, weight, *a_f, *b_f, b)]
+    expected = moka_linear(low[0], low[1], low[2:4], low[4:6], g.detach(), low[6], 0.5)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, *a_f, *b_f, g, b))
+
+
 def test_zero_tokens_and_leading_dims():
     x, weight, a_f, b_f, g, b = make_problem(24, 36, auto_component_shapes(24, 36, 3), torch.float32, lead=(2, 0, 3))
     out = moka_linear(x, weight, a_f, b_f, g, b)
