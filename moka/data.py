@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,38 +26,53 @@ ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response
 
 
 def record_form(record: dict) -> str:
-    keys = set(record)
-    if "text" in keys and keys <= {"text"}:
-        return "text"
-    if {"instruction", "output"} <= keys and keys <= {"instruction", "input", "output"}:
+    """``"instruction"`` (has instruction and output), ``"text"`` (has text), else ``"unknown"``.
+
+    Other keys (an ``id``, or the ``text`` column some Alpaca exports add beside instruction/output) are
+    ignored.
+    """
+    if "instruction" in record and "output" in record:
         return "instruction"
+    if "text" in record:
+        return "text"
     return "unknown"
 
 
+FORM_FIELDS = {"instruction": ("instruction", "input", "output"), "text": ("text",)}
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file; raises ValueError naming the file and line for anything malformed."""
+    """Records of a JSONL file; raises ValueError naming the file and line for anything malformed.
+
+    UTF-8, with or without a byte-order mark. Each record keeps only the fields of its form.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     records: list[dict] = []
     form = None
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or record_form(record) == "unknown":
+            this_form = record_form(record) if isinstance(record, dict) else "unknown"
+            if this_form == "unknown":
                 got = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(
                     f"{path}:{lineno}: expected an object with keys instruction/output (optional input) or text, "
                     f"got {got}"
                 )
+            record = {k: record[k] for k in FORM_FIELDS[this_form] if k in record}
             if not all(isinstance(v, str) for v in record.values()):
-                raise ValueError(f"{path}:{lineno}: expected string values")
-            this_form = record_form(record)
+                raise ValueError(f"{path}:{lineno}: expected string values for {sorted(record)}")
             if form is not None and this_form != form:
                 raise ValueError(f"{path}:{lineno}: mixes {this_form} records into a file of {form} records")
             form = this_form
@@ -82,25 +98,45 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def tokenize_records(tokenizer, records: list[dict], max_length: int) -> list[dict[str, list[int]]]:
-    """input_ids and labels per record; instruction prompts get label IGNORE_INDEX (response-only loss)."""
+def tokenize_records(
+    tokenizer, records: list[dict], max_length: int, source: str = "data"
+) -> list[dict[str, list[int]]]:
+    """input_ids and labels per record; instruction prompts get label IGNORE_INDEX (response-only loss).
+
+    Records longer than ``max_length`` tokens are cut at the end (a warning counts them); a record left
+    with no token to predict (the first token never is one) is dropped, with a warning; if none is left, a
+    ValueError names ``source``.
+    """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
+    truncated = 0
     for record in records:
         if record_form(record) == "text":
-            ids = (_ids(tokenizer, record["text"], special=True) + eos)[:max_length]
+            ids = _ids(tokenizer, record["text"], special=True) + eos
             labels = list(ids)
         else:
             prompt = format_prompt(tokenizer, record["instruction"], record.get("input", ""))
             prompt_ids = _ids(tokenizer, prompt, special=not has_template)
             response_ids = _ids(tokenizer, record["output"], special=False) + eos
-            ids = (prompt_ids + response_ids)[:max_length]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-        if any(label != IGNORE_INDEX for label in labels):
+            ids = prompt_ids + response_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        truncated += len(ids) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != IGNORE_INDEX for label in labels[1:]):  # labels[0] has no previous token to predict it
             out.append({"input_ids": ids, "labels": labels})
+    dropped = len(records) - len(out)
     if not out:
-        raise ValueError(f"max_length: {max_length} tokens cut every response away; raise --max-length")
+        raise ValueError(
+            f"{source}: no record has a token to predict within max_length={max_length} tokens (responses cut "
+            "away, or empty); raise --max-length or check the data"
+        )
+    if truncated or dropped:
+        warnings.warn(
+            f"{source}: {truncated} of {len(records)} records were cut to max_length={max_length} tokens and "
+            f"{dropped} were dropped with nothing left to predict; raise --max-length to keep them whole",
+            stacklevel=2,
+        )
     return out
 
 

@@ -210,6 +210,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared MOKA_CACHE from other users
         if not (target / "config.json").is_file():
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)

@@ -15,7 +15,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
+import math
 import resource
 import sys
 import time
@@ -110,9 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
-    for name in ("max_length", "batch_size", "grad_accum", "num_components", "logging_steps", "save_steps"):
+    positive = ("max_length", "batch_size", "grad_accum", "num_components", "logging_steps", "save_steps")
+    for name in (*positive, "eval_max_new_tokens"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise CLIError(f"--max-steps: expected a positive integer, or -1 to train for --epochs, got {args.max_steps}")
+    if args.max_steps == -1 and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise CLIError(f"--epochs: expected a positive number (with --max-steps -1), got {args.epochs}")
+    for name in ("lr", "warmup_steps", "weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise CLIError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {value}")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise CLIError(f"--output-dir: expected a directory, got the file {str(args.output_dir)!r}")
     return args
 
 
@@ -214,11 +228,18 @@ class LossRecorder(TrainerCallback):
         self.eval: list[tuple[int, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
+        self._record(state.global_step, logs or {})
+
+    def replay(self, log_history: list[dict]) -> None:
+        """The losses a resumed run's checkpoint logged before it (``trainer_state.json``)."""
+        for logs in log_history:
+            self._record(logs.get("step", 0), logs)
+
+    def _record(self, step: int, logs: dict) -> None:
         if "loss" in logs:
-            self.train.append((state.global_step, float(logs["loss"])))
+            self.train.append((step, float(logs["loss"])))
         if "eval_loss" in logs:
-            self.eval.append((state.global_step, float(logs["eval_loss"])))
+            self.eval.append((step, float(logs["eval_loss"])))
 
 
 def plot_losses(recorder, path: Path, title: str) -> None:
@@ -280,14 +301,34 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # -- main ---------------------------------------------------------------------------------------------
+def _read(path: Path, flag: str) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except FileNotFoundError as err:
+        raise CLIError(f"{flag}: {err}") from None
+
+
 def _datasets(args) -> tuple[list[dict], list[dict] | None, str]:
+    evaluation = _read(args.eval_data, "--eval-data") if args.eval_data else None
     if args.data is None:
         from .embedded import secret_code_task
 
-        train, evaluation = secret_code_task()
-        return train, (evaluation if args.eval_data is None else read_jsonl(args.eval_data)), "secret-code task"
-    train = read_jsonl(args.data)
-    return train, (read_jsonl(args.eval_data) if args.eval_data else None), str(args.data)
+        train, generated_eval = secret_code_task()
+        return train, (generated_eval if evaluation is None else evaluation), "secret-code task"
+    return _read(args.data, "--data"), evaluation, str(args.data)
+
+
+def _last_checkpoint(args) -> tuple[str, dict] | None:
+    """(path, trainer state) of the newest checkpoint for --resume; a CLIError if there is none."""
+    if not args.resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    directory = args.output_dir / "checkpoints"
+    path = get_last_checkpoint(str(directory)) if directory.is_dir() else None
+    if path is None:
+        raise CLIError(f"--resume: no checkpoint in {str(directory)!r} to continue from")
+    return path, json.loads((Path(path) / "trainer_state.json").read_text())
 
 
 def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
@@ -297,6 +338,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     set_seed(args.seed)
     config = moka_config_from_args(args)
     train_records, eval_records, data_name = _datasets(args)  # validates data before anything is written
+    resume = _last_checkpoint(args)
     dtype = compute_dtype(args.dtype)
     model_path = resolve_model_path(args.model)
     model, tokenizer = load_model(model_path, args.load_in_4bit, dtype)
@@ -304,8 +346,11 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         summary: MoKASummary = load_adapter(model, args.adapter) if args.adapter else apply_moka(model, config)
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(f"--adapter: {err}" if args.adapter else str(err)) from err
-    train_ds = tokenize_records(tokenizer, train_records, args.max_length)
-    eval_ds = tokenize_records(tokenizer, eval_records, args.max_length) if eval_records else None
+    try:
+        train_ds = tokenize_records(tokenizer, train_records, args.max_length, "--data")
+        eval_ds = tokenize_records(tokenizer, eval_records, args.max_length, "--eval-data") if eval_records else None
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
 
     training_args = TrainingArguments(
@@ -358,22 +403,30 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         print(f"exact-match accuracy before fine-tuning: {result['accuracy_before']:.1%} on {len(eval_records)}")
 
     device = next(model.parameters()).device
+    resumed_step = 0
+    if resume is not None:
+        checkpoint, state = resume
+        resumed_step = state["global_step"]
+        recorder.replay(state.get("log_history", []))
     start = time.perf_counter()
-    try:
-        train_output = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    except ValueError as err:
-        if "checkpoint" in str(err).lower():
-            raise CLIError(f"--resume: {err}") from err
-        raise
+    if resume is not None and resumed_step >= (args.max_steps if args.max_steps > 0 else state["max_steps"]):
+        # The Trainer would take one more step; the run had ended, only what follows training was lost.
+        print(f"--resume: {checkpoint} is the end of training (step {resumed_step}); evaluating it", flush=True)
+        trainer._load_from_checkpoint(checkpoint)
+        global_step, train_loss = resumed_step, None
+    else:
+        output = trainer.train(resume_from_checkpoint=None if resume is None else resume[0])
+        global_step, train_loss = output.global_step, output.training_loss
     seconds = time.perf_counter() - start
-    steps_run = train_output.global_step
+    steps_run = global_step - resumed_step  # by this process; a resumed run's earlier steps took no time here
     mean_length = sum(len(ex["input_ids"]) for ex in train_ds) / max(len(train_ds), 1)
     tokens = mean_length * steps_run * args.batch_size * args.grad_accum  # per process
     result.update(
-        steps=steps_run,
+        steps=global_step,
+        steps_this_run=steps_run,
         train_seconds=round(seconds, 1),
-        train_loss=train_output.training_loss,
-        tokens_per_second=round(tokens * trainer.args.world_size / max(seconds, 1e-9), 1),
+        train_loss=train_loss,
+        tokens_per_second=round(tokens * trainer.args.world_size / max(seconds, 1e-9), 1) if steps_run else None,
         peak_memory_mb=round(peak_memory_mb(device), 1),
     )
     if eval_ds:
@@ -398,13 +451,19 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     return result
 
 
+def _or_na(value: float | None, spec: str = "") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def print_summary(result: dict) -> None:
+    this_run = result.get("steps_this_run", result["steps"])
+    steps_note = "" if this_run == result["steps"] else f" ({this_run} in this run, after --resume)"
     lines = [
         "== MoKA fine-tune summary ==",
         result["summary"],
-        f"steps: {result['steps']}  train time: {result['train_seconds']} s  "
-        f"tokens/s: {result['tokens_per_second']}  peak memory: {result['peak_memory_mb']:.0f} MB",
-        f"train loss: {result['train_loss']:.4f}"
+        f"steps: {result['steps']}{steps_note}  train time: {result['train_seconds']} s  "
+        f"tokens/s: {_or_na(result['tokens_per_second'])}  peak memory: {result['peak_memory_mb']:.0f} MB",
+        f"train loss: {_or_na(result['train_loss'], '.4f')}"
         + (f"  eval loss: {result['eval_loss']:.4f}" if "eval_loss" in result else ""),
     ]
     if "accuracy_after" in result:
@@ -416,7 +475,17 @@ def print_summary(result: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+@functools.cache
+def _quiet_bitsandbytes_cpu_kernel_notice() -> None:
+    # bitsandbytes logs, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing; MoKA layers
+    # never call that GEMM, and the line would precede a bad-input error as a second line on stderr.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_bitsandbytes_cpu_kernel_notice()
     try:
         run(parse_args(argv))
     except (CLIError, FileNotFoundError, ValueError) as err:

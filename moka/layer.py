@@ -135,6 +135,12 @@ class MoKALinear(nn.Module):
             base_layer.support_avx512bf16_for_cpu = False
             base_dtype = base_layer.compute_dtype or base_layer.weight.quant_state.dtype
         elif isinstance(base_layer, nn.Linear):
+            if not base_layer.weight.is_floating_point():  # e.g. bitsandbytes' Linear8bitLt after quantizing
+                raise TypeError(
+                    "base_layer: expected a floating-point weight or an NF4 Linear4bit, got a "
+                    f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}"
+                    + ("" if name == "layer" else f" (at {name})")
+                )
             base_dtype = base_layer.weight.dtype
         else:
             raise TypeError(

@@ -69,10 +69,14 @@ def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
 
 
 def _count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); 4-bit weights count with their logical (unpacked) size."""
+    """(trainable, total); 4-bit weights count with their logical (unpacked) size, a shared (tied) one once."""
     trainable = total = 0
+    seen: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # e.g. an lm_head tied to the input embedding
+                continue
+            seen.add(id(p))
             n = p.numel()
             if name == "weight" and is_linear4bit(module):
                 n = module.in_features * module.out_features

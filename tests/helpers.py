@@ -41,7 +41,7 @@ def grads_of(out: torch.Tensor, tensors, grad_out: torch.Tensor):
     return torch.autograd.grad(out, tensors, grad_out, allow_unused=False)
 
 
-def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128, tie_word_embeddings: bool = False):
     """A small random LlamaForCausalLM (GQA: 4 heads, 2 KV heads), built in code."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,6 +57,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 12
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config).eval()
 

