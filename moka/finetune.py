@@ -15,7 +15,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -25,11 +24,19 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
 
 from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
 from .model import MoKASummary, apply_moka, load_adapter, moka_layers, save_adapter
+
+# bitsandbytes logs on import, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing (and
+# transformers' Trainer imports it): MoKA layers never call that GEMM, and the line would stand beside a
+# bad-input error as a second line on stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+)
+
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["MoKATrainer", "exact_match_accuracy", "load_model", "main", "parse_args", "run"]
 
@@ -475,17 +482,7 @@ def print_summary(result: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-@functools.cache
-def _quiet_bitsandbytes_cpu_kernel_notice() -> None:
-    # bitsandbytes logs, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing; MoKA layers
-    # never call that GEMM, and the line would precede a bad-input error as a second line on stderr.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_bitsandbytes_cpu_kernel_notice()
     try:
         run(parse_args(argv))
     except (CLIError, FileNotFoundError, ValueError) as err:

@@ -226,6 +226,20 @@ def _fails(argv, capsys, pattern: str, out: Path):
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 
 
+def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
+    """The whole process, imports included (bitsandbytes logs a notice on import on AVX512-BF16 CPUs)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "moka.finetune", "--max-length", "0", "--output-dir", str(tmp_path / "out")],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["moka-finetune: error: --max-length: expected a positive integer, got 0"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_dir(data, tmp_path, capsys):
     out = tmp_path / "out"
     _fails(_args(tmp_path / "no-such-model", data, out), capsys, "--model", out)
