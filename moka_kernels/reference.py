@@ -307,14 +307,18 @@ def moka_backward_torch(
     # finishing kernel, kron_factor_backward).
     requests = factor_requests(needs, r)
     sizes = [(a_factors if w == "a" else b_factors)[i].numel() for i, w in requests]
-    raw_flat = grad_out.new_empty(sum(sizes))
+    # The raw sums run 1/c_i (≈ r/s) times larger than the gradients: in fp16 that overflows long before the
+    # gradients would, so fp16 sums them in fp32 (as the Triton backend's partial sums always are).
+    raw_dtype = torch.float32 if grad_out.dtype == torch.float16 else grad_out.dtype
+    raw_flat = grad_out.new_empty(sum(sizes), dtype=raw_dtype)
     slots = dict(zip(requests, raw_flat.split(sizes), strict=True))
+    grad_out_raw, xa_raw = (grad_out.to(raw_dtype), xa.to(raw_dtype)) if requests else (grad_out, xa)
 
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         (a1, a2), (b1, b2) = a.shape, b.shape
         m_slot, r_slot = slots.get((i, "a")), slots.get((i, "b"))
         g3 = grad_out.reshape(num_tokens, a1, b1)
-        x3 = xa.reshape(num_tokens, a2, b2)
+        g3_raw, x3_raw = grad_out_raw.reshape(num_tokens, a1, b1), xa_raw.reshape(num_tokens, a2, b2)
         # Follow the component's cheaper contraction order, so every intermediate is the small one.
         if contraction_order(a.shape, b.shape) == "a_first":
             # Q = G·B and V = A·X are (T, a1, b2).
@@ -323,9 +327,10 @@ def moka_backward_torch(
                 dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
                 torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
             if m_slot is not None:
-                _token_sum_outer(q, x3, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
+                _token_sum_outer(q.to(raw_dtype), x3_raw, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
             if r_slot is not None:  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
-                torch.mm(g3.reshape(-1, b1).T, _left(a, x3).reshape(-1, b2), out=r_slot.view(b1, b2))
+                v = _left(a.to(raw_dtype), x3_raw)
+                torch.mm(g3_raw.reshape(-1, b1).T, v.reshape(-1, b2), out=r_slot.view(b1, b2))
         else:
             # P = Aᵀ·G and U = X·Bᵀ are (T, a2, b1).
             p = _left(a.T, g3) if (r_slot is not None or need_adapter_x) else None
@@ -333,9 +338,10 @@ def moka_backward_torch(
                 dx_target = (grad_xa if separate else grad_x).view(num_tokens * a2, b2)
                 dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
             if r_slot is not None:  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
-                torch.mm(p.reshape(-1, b1).T, x3.reshape(-1, b2), out=r_slot.view(b1, b2))
+                torch.mm(p.to(raw_dtype).reshape(-1, b1).T, x3_raw.reshape(-1, b2), out=r_slot.view(b1, b2))
             if m_slot is not None:
-                _token_sum_outer(g3, x3 @ b.T, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
+                u = x3_raw @ b.to(raw_dtype).T
+                _token_sum_outer(g3_raw, u, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
     grad_a, grad_b, grad_alpha = finish_factor_grads(
         raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale

@@ -285,3 +285,25 @@ def test_route_choice_eager_vs_traced():
         x2, weight, a_f, b_f, g, b = make_problem(12, 18, [(2, 3, 6, 6)], torch.float32, lead=(4,))
         out = moka_linear(x2, weight, a_f, b_f, g, b)
         assert out.shape == (4, 12)
+
+
+def test_fp16_factor_gradients_do_not_overflow_before_the_gradients_do():
+    """The raw token sums are 1/c_i larger than the gradients; in fp16 they are kept in fp32."""
+    shapes = [(2, 2, 4, 4), (4, 4, 2, 2)]  # one component in each contraction order
+    dtype = torch.float16
+    weight = torch.randn(8, 8, dtype=dtype)
+    factors = [
+        torch.full(s, 1.0, dtype=dtype, requires_grad=True) for a1, a2, b1, b2 in shapes for s in ((a1, a2), (b1, b2))
+    ]
+    a_f, b_f = factors[0::2], factors[1::2]
+    gate = torch.zeros(2, dtype=dtype, requires_grad=True)
+    x = torch.full((256, 8), 8.0, dtype=dtype)
+    grad_y = torch.full((256, 8), 8.0, dtype=dtype)
+    out = moka_linear(x, weight, a_f, b_f, gate, None, 0.01)
+    got = torch.autograd.grad(out, [*a_f, *b_f, gate], grad_y)
+    wide = [t.detach().double().requires_grad_() for t in (*a_f, *b_f, gate)]
+    ref_out = moka_linear(x.double(), weight.double(), wide[:2], wide[2:4], wide[4], None, 0.01)
+    want = torch.autograd.grad(ref_out, wide, grad_y.double())
+    assert max(w.abs().max().item() for w in want) < 65504  # the gradients fit fp16
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=1e-3)
