@@ -130,6 +130,11 @@ class NF4Tensor:
                 raise ValueError("absmax: a double-quantized NF4Tensor needs uint8 absmax, nested_code and offset")
         elif self.absmax.dtype != torch.float32:
             raise ValueError(f"absmax: expected float32 without double quantization, got {self.absmax.dtype}")
+        for name in ("absmax", "nested_absmax", "nested_code", "offset"):
+            field_tensor = getattr(self, name)
+            if field_tensor is not None and field_tensor.device != self.packed.device:
+                # the kernels read every field through a pointer on the packed bytes' device
+                raise ValueError(f"{name}: expected device {self.packed.device} (packed's), got {field_tensor.device}")
 
     # -- properties --------------------------------------------------------------------------
     @property

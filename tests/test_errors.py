@@ -110,6 +110,15 @@ def test_nf4_blocksize_must_divide_numel():
         quantize_nf4(torch.randn(6, 16), blocksize=64)
 
 
+def test_nf4_fields_must_share_the_packed_bytes_device():
+    q = quantize_nf4(torch.randn(8, 64), blocksize=32)  # double quantization: five fields
+    for name in ("absmax", "nested_absmax", "nested_code", "offset"):
+        fields = {f: getattr(q, f) for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset")}
+        fields[name] = fields[name].to("meta")
+        with pytest.raises(ValueError, match=f"{name}: expected device cpu"):
+            NF4Tensor(**fields, shape=q.shape, dtype=q.dtype, blocksize=q.blocksize)
+
+
 def test_config_errors_name_the_parameter():
     for kwargs, pattern in [
         (dict(variant="lokr"), "variant: expected one of"),

@@ -649,3 +649,79 @@ def test_property_triton_equals_materialized(problem):
             _check(mine, truth, torch.float32, f"grad of input {i}")
         else:
             assert_close_rel(mine, truth, tol, f"grad of input {i}")
+
+
+def test_autotuning_keeps_the_partial_sums_an_accumulating_call_adds_to(monkeypatch):
+    """Autotuning runs every config on the real output: the caller's partial sums must survive it."""
+    import triton
+    from triton.runtime import autotuner
+
+    import moka_kernels.ops.nf4_matmul as nm
+
+    kernel = nm._nf4_matmul_kernel
+    monkeypatch.setattr(
+        kernel, "configs", [*nm.NF4_MATMUL_CONFIGS, triton.Config(dict(nm.NF4_MATMUL_CONFIGS[0].kwargs))]
+    )
+    monkeypatch.setattr(kernel, "cache", {})
+
+    def timing_every_config(self):
+        def run(fn, quantiles=None):
+            for _ in range(2):  # like do_bench: several runs per config
+                fn()
+            return [1.0, 1.0, 1.0]
+
+        return run
+
+    monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(timing_every_config))
+    w = torch.randn(32, 64)
+    q = quantize_nf4(w)
+    x = torch.randn(1, 64)
+    partial = torch.randn(1, 32)
+    acc = partial.clone()
+    nm.nf4_matmul_accumulate(x, q, acc)
+    torch.testing.assert_close(acc, partial + x @ dequantize_nf4(q, torch.float32).T, rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_follows_the_device_multiprocessor_count(monkeypatch):
+    import moka_kernels.ops.nf4_matmul as nm
+
+    monkeypatch.setattr(nm, "INTERPRET", False)
+    # 4096 outputs in 128-wide tiles: 32 programs per split; about two waves of 132 (H100/H200) or 108 (A100)
+    assert nm.split_k_for(1, 4096, 4096, num_sms=132) == 8
+    assert nm.split_k_for(1, 4096, 4096, num_sms=108) == 6
+
+
+def test_nf4_kernels_take_power_of_two_blocksizes_only():
+    import moka_kernels.ops.nf4_matmul as nm
+    from moka_kernels import NF4_CODE, NF4Tensor
+
+    w = torch.randn(8, 96)
+    assert nm.supports(quantize_nf4(w, 32))
+    # A hand-built layout with one 96-element block per row (quantize_nf4 makes powers of two only).
+    absmax = w.abs().amax(1)
+    codes = ((w / absmax[:, None]).reshape(-1, 1) - torch.tensor(NF4_CODE)).abs().argmin(1).to(torch.uint8)
+    packed = (codes[0::2] << 4 | codes[1::2]).reshape(-1, 1)
+    odd = NF4Tensor(packed=packed, absmax=absmax, shape=(8, 96), dtype=torch.float32, blocksize=96)
+    assert not nm.supports(odd)
+    x = torch.randn(3, 96)  # the Triton backend decodes it and runs a plain GEMM
+    with mock.patch.dict(os.environ, {"MOKA_BACKEND": "triton"}):
+        out = moka_linear(x, odd, [torch.zeros(2, 4)], [torch.zeros(4, 24)], None)
+    torch.testing.assert_close(out, x @ dequantize_nf4(odd, torch.float32).T)
+
+
+def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the current CUDA device: the Triton backend makes the tensors' device current."""
+    import moka_kernels.ops.fused_linear as fl
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = fl.on_device_of(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(fl.on_device_of(torch.device("cuda", 0)), torch.cuda.device)
+    assert not isinstance(fl.on_device_of(torch.device("cpu")), torch.cuda.device)
+    seen = []
+    original = fl.on_device_of
+    monkeypatch.setattr(fl, "on_device_of", lambda device: seen.append(device) or original(device))
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, [(4, 6, 6, 6)], torch.float32, lead=(3,))
+    with mock.patch.dict(os.environ, {"MOKA_BACKEND": "triton"}):
+        moka_linear(x, weight, a_f, b_f, g, b).sum().backward()
+    assert seen == [x.device, x.device]  # forward and backward

@@ -27,8 +27,10 @@ atomics are used (no split-K, the row-owning adapter schedule), so results are b
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,7 +45,24 @@ from .kron_mixture import (
     kron_mixture_forward,
 )
 
-__all__ = ["moka_backward_triton", "moka_forward_triton"]
+__all__ = ["moka_backward_triton", "moka_forward_triton", "on_device_of"]
+
+
+def on_device_of(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device and its stream,
+    whatever device the tensors are on (a model split over GPUs keeps cuda:0 current for every layer)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _launches_on_input_device(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        with on_device_of(first.device):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
 
 
 def _base_matmul(
@@ -71,6 +90,7 @@ def _base_matmul_t(grad_out: torch.Tensor, weight: torch.Tensor | NF4Tensor, add
     return torch.addmm(add.to(grad_out.dtype), grad_out, dense)
 
 
+@_launches_on_input_device
 def moka_forward_triton(
     x2d: torch.Tensor,
     adapter_x2d: torch.Tensor | None,
@@ -106,6 +126,7 @@ def _decode_fusion(x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor) -> bool:
     return nf4_ops.split_k_for(x2d.shape[0], weight.shape[0], weight.shape[1]) > 1 and x2d.shape[0] > 0
 
 
+@_launches_on_input_device
 def moka_backward_triton(
     grad_out: torch.Tensor,
     x2d: torch.Tensor,

@@ -847,7 +847,14 @@ def _component_table(rows: tuple[tuple[int, ...], ...], device: torch.device) ->
     never activations), so a hit is always right; a layer's factors keep their addresses across steps, so
     training copies its tables once. A few hundred bytes each: 16k entries cover ~5000 adapted layers, so
     a table captured in a CUDA graph is not evicted while the graph lives in any realistic model."""
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        # (While capturing, a miss cannot be served: a pageable copy fails loudly instead of recording a
+        # copy from a host buffer that would be reused before the graph replays.)
+        return host.to(device)
+    # A miss happens whenever the factors move (e.g. cast per call from fp32 under autocast): a pinned,
+    # non-blocking copy keeps it from stalling the host until the GPU drains.
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 Job = tuple[_View, _View, _View, _View]  # (M_t, S_1, S_2, out_t) of one component's sandwich

@@ -151,7 +151,10 @@ def _decode_nf4_rows(
     return value
 
 
-@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"], reset_to_zero=["out_ptr"])
+# restore_value, not reset_to_zero: autotuning runs the kernel once per config, and the split-K/decode path
+# adds into out_ptr, which may hold the caller's partial sums (nf4_matmul_accumulate); a reset would wipe
+# them on each new key's first call.
+@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"], restore_value=["out_ptr"])
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr,  # (M, K) activations
@@ -420,13 +423,15 @@ def _nf4_args(w: NF4Tensor) -> tuple:
 
 
 def supports(w: NF4Tensor) -> bool:
-    """Whether the NF4 kernels take this weight: K a multiple of the blocksize, and fewer than 2^31 elements
-    (the kernels index W in 32 bits)."""
-    return w.shape[1] % w.blocksize == 0 and w.numel() < 2**31
+    """Whether the NF4 kernels take this weight: a power-of-two blocksize (the decode splits a K tile into
+    whole blocks) dividing K, and fewer than 2^31 elements (the kernels index W in 32 bits)."""
+    power_of_two = w.blocksize & (w.blocksize - 1) == 0
+    return power_of_two and w.shape[1] % w.blocksize == 0 and w.numel() < 2**31
 
 
-def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) -> int:
-    """Split K for decode-sized batches (M <= 16) so about two waves of programs fill the GPU.
+def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int | None = None) -> int:
+    """Split K for decode-sized batches (M <= 16) so about two waves of programs fill the GPU
+    (``num_sms``: the current device's multiprocessor count by default).
 
     1 (no split, no atomics) under ``torch.use_deterministic_algorithms(True)``.
     """
@@ -434,8 +439,14 @@ def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int = 132) 
         return 1
     if INTERPRET:
         return 2  # exercise the split-K path in CPU tests
+    num_sms = num_sms or _multiprocessors(torch.cuda.current_device())
     tiles = triton.cdiv(n, block_n)
     return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _spans_2g(*tensors: torch.Tensor) -> bool:
