@@ -22,6 +22,8 @@ layers of the same shapes when time is short.
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import resource
@@ -163,6 +165,8 @@ def attach(model, method: str):
             config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
         else:  # PEFT LoKr with its default factorization, r = 8
             config = LoKrConfig(r=8, target_modules=TARGETS)
+        if any(hasattr(m, "support_avx512bf16_for_cpu") for m in model.modules()):
+            model.is_loaded_in_4bit = True  # what from_pretrained sets: PEFT then takes its bnb (QLoRA) layers
         model = get_peft_model(model, config)
     return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -178,6 +182,10 @@ def measure_one(
         return {**result, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     model, params = (model, attached) if method == "frozen_base" else attached
     model.train()
+    if device.type == "cuda":  # the peak of training, not of building (a bf16 copy is quantized in place)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
@@ -298,6 +306,41 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def _run_child(model_key: str, method: str, steps: int, args) -> dict:
+    """One method on one model in its own process (its own peak memory); its result row, or an error row."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.e2e",
+        "--one",
+        method,
+        "--one-model",
+        model_key,
+        "--device",
+        args.device,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        *(["--layers", str(args.layers)] if args.layers else []),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
+    return (
+        json.loads(found[-1][len("E2E_RESULT ") :])
+        if found
+        else {
+            "model": model_key,
+            "method": method,
+            "base": "?",
+            "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
+        }
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="end-to-end training-step benchmarks")
     parser.add_argument(
@@ -324,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.steps, args.seq = "tiny", 1, 16
     from .run import conditions
 
-    conds = conditions(torch.device(args.device), torch.float32, 0.0)
+    # the compute dtype of the NF4 and LoKr rows (the tiny model computes in fp32 everywhere)
+    conds = conditions(torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32, 0.0)
     conds.pop("timer")
-    conds.update(batch=args.batch, seq=args.seq, timer="median step after one warm-up step")
+    conds.update(batch=args.batch, seq=args.seq, timer="median step after one warm-up step", complete=False)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"e2e-{args.device}{'-smoke' if args.smoke else ''}.json"
     models = args.models.split(",")
@@ -337,43 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     for model_key in models:
         for method in METHODS.get(model_key, METHODS["smollm2"]):
             steps = args.steps or (10 if model_key == "tiny" else 3)
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.e2e",
-                "--one",
-                method,
-                "--one-model",
-                model_key,
-                "--device",
-                args.device,
-                "--steps",
-                str(steps),
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-                *(["--layers", str(args.layers)] if args.layers else []),
-            ]
-            env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
-            row = (
-                json.loads(found[-1][len("E2E_RESULT ") :])
-                if found
-                else {
-                    "model": model_key,
-                    "method": method,
-                    "base": "?",
-                    "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
-                }
-            )
+            if model_key != "tiny" and method != "lokr_bf16" and importlib.util.find_spec("bitsandbytes") is None:
+                # fail in the parent: a child would first build the whole bf16 model
+                row = {"model": model_key, "method": method, "base": "NF4"}
+                row["error"] = "ModuleNotFoundError: the NF4 base needs bitsandbytes"
+            else:
+                row = _run_child(model_key, method, steps, args)
             row["steps"] = steps
             rows.append(row)
             print(json.dumps(row), flush=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps({"conditions": conds, "rows": kept + rows}, indent=1))
             tmp.replace(path)
+    conds["complete"] = True
+    path.write_text(json.dumps({"conditions": conds, "rows": kept + rows}, indent=1))
     print(f"wrote {path} and {render(path)}")
     return 0
 

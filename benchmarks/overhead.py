@@ -53,8 +53,15 @@ def measure_routes(
         forward(x_d, None, weight, None, gate_d, 1.0, a_d, b_d)
         backward(dy, x_d, None, weight, gate_d, 1.0, a_d, b_d, needs)
 
+    leaves = [x, gate, *a_factors, *b_factors]
+
+    def fresh_grads():  # a training step's zero_grad(set_to_none=True): no accumulating add_ per leaf
+        for t in leaves:
+            t.grad = None
+
     def route(use_custom_op):
         def call():
+            fresh_grads()
             out = library.apply_linear(
                 x, None, weight, None, gate, 1.0, a_factors, b_factors, backend, use_custom_op=use_custom_op
             )
@@ -63,11 +70,14 @@ def measure_routes(
         return call
 
     def public():
+        fresh_grads()
         moka_linear(x, weight, a_factors, b_factors, gate).backward(dy)
 
     lora = build_case("lora_r16", n_out, k_in, device, dtype, base="dense")
 
     def peft_lora():
+        for t in (x, *lora.params):
+            t.grad = None
         lora.forward(x).backward(dy)
 
     calls = dict(zip(ROUTES, [backend_functions, route(False), route(True), public, peft_lora], strict=True))

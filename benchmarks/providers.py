@@ -16,6 +16,7 @@ Providers (all on the same W0, x and dy):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moka.config import auto_component_shapes
-from moka_kernels import dequantize_nf4, moka_linear, quantize_nf4
+from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
 from moka_kernels.reference import contraction_order, materialized_delta_weight
 
 __all__ = ["PROVIDERS", "Case", "adapter_macs", "adapter_train_macs", "build_case", "moka_shapes"]
@@ -76,7 +77,11 @@ class _Holder(nn.Module):
 def _peft_lora(base: nn.Module, rank: int) -> tuple[nn.Module, list[torch.Tensor]]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    model = inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=rank, lora_alpha=2 * rank), _Holder(base))
+    holder = _Holder(base)
+    # What from_pretrained(quantization_config=...) sets on a 4-bit model: PEFT then wraps a Linear4bit in
+    # its bitsandbytes LoRA layer (QLoRA's), not the generic one.
+    holder.is_loaded_in_4bit = hasattr(base, "support_avx512bf16_for_cpu")
+    model = inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=rank, lora_alpha=2 * rank), holder)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # PEFT zero-initializes lora_B; give it values so no kernel can shortcut zeros
         for p in params:
@@ -98,15 +103,25 @@ def build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int = 4, 
     return case
 
 
-def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, base: str) -> Case:
+@functools.lru_cache(maxsize=1)
+def _frozen_weights(n_out: int, k_in: int, device, dtype) -> tuple[torch.Tensor, NF4Tensor]:
+    """One layer's dense W0 and its NF4, shared by every provider and token count of that layer (making
+    them takes a fraction of a second at LLaMA sizes, every case over)."""
     gen = torch.Generator().manual_seed(0)
     w_dense = (torch.randn(n_out, k_in, generator=gen) / math.sqrt(k_in)).to(device, dtype)
+    return w_dense, quantize_nf4(w_dense)
+
+
+def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, base: str) -> Case:
+    w_dense, w_nf4_shared = _frozen_weights(n_out, k_in, torch.device(device), dtype)
+    gen = torch.Generator().manual_seed(1)
     shapes = moka_shapes(n_out, k_in, r)
     moka_params = sum(a1 * a2 + b1 * b2 for a1, a2, b1, b2 in shapes) + len(shapes)
     persistent: list[torch.Tensor] = [w_dense]  # the frozen weights every call reuses
 
     def nf4(w):
-        q = quantize_nf4(w)
+        assert w is w_dense
+        q = w_nf4_shared
         persistent.extend(t for t in (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset) if t is not None)
         return q
 

@@ -339,3 +339,29 @@ def test_register_counts_smoke(tmp_path):
     assert sandwich[((16, 16, 16, 16), 90)]["spill_bytes"] == 0 < sandwich[((128, 64, 64, 32), 90)]["spill_bytes"]
     assert all(r["registers"] > 0 and r["error"] is None for r in rows)
     assert "| kron_sandwich_grouped_kernel | sm_90 | 2 | 1 |" in (tmp_path / "registers-smoke.md").read_text()
+
+
+def test_e2e_without_bitsandbytes_fails_nf4_methods_in_the_parent(tmp_path, monkeypatch):
+    """No child (which would build the whole bf16 model first) for a method that needs the NF4 base."""
+    import importlib.util
+
+    from benchmarks import e2e
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    monkeypatch.setitem(e2e.METHODS, "llama2-7b", ["moka", "lora_r32"])
+    real_run = subprocess.run
+
+    def no_child(cmd, *a, **k):
+        assert "benchmarks.e2e" not in cmd, "started a child"
+        return real_run(cmd, *a, **k)
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    assert e2e.main(["--models", "llama2-7b", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "e2e-cpu.json").read_text())["rows"]
+    assert [(r["method"], r["error"]) for r in rows] == [
+        ("moka", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
+        ("lora_r32", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
+    ]
