@@ -279,6 +279,14 @@ def moka_forward_torch(
     return out
 
 
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float()
+
+
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def moka_backward_torch(
     grad_out: torch.Tensor,
     x2d: torch.Tensor,
@@ -309,10 +317,11 @@ def moka_backward_torch(
     sizes = [(a_factors if w == "a" else b_factors)[i].numel() for i, w in requests]
     # The raw sums run 1/c_i (≈ r/s) times larger than the gradients: in fp16 that overflows long before the
     # gradients would, so fp16 sums them in fp32 (as the Triton backend's partial sums always are).
-    raw_dtype = torch.float32 if grad_out.dtype == torch.float16 else grad_out.dtype
-    raw_flat = grad_out.new_empty(sum(sizes), dtype=raw_dtype)
+    widen = grad_out.dtype == torch.float16
+    raw_flat = grad_out.new_empty(sum(sizes), dtype=torch.float32 if widen else grad_out.dtype)
     slots = dict(zip(requests, raw_flat.split(sizes), strict=True))
-    grad_out_raw, xa_raw = (grad_out.to(raw_dtype), xa.to(raw_dtype)) if requests else (grad_out, xa)
+    raw = _to_fp32 if widen else _unchanged  # not t.to(dtype): ~1 µs a call even when it returns t
+    grad_out_raw, xa_raw = (raw(grad_out), raw(xa)) if requests else (grad_out, xa)
 
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         (a1, a2), (b1, b2) = a.shape, b.shape
@@ -327,9 +336,9 @@ def moka_backward_torch(
                 dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
                 torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
             if m_slot is not None:
-                _token_sum_outer(q.to(raw_dtype), x3_raw, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
+                _token_sum_outer(raw(q), x3_raw, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
             if r_slot is not None:  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
-                v = _left(a.to(raw_dtype), x3_raw)
+                v = _left(raw(a), x3_raw)
                 torch.mm(g3_raw.reshape(-1, b1).T, v.reshape(-1, b2), out=r_slot.view(b1, b2))
         else:
             # P = Aᵀ·G and U = X·Bᵀ are (T, a2, b1).
@@ -338,9 +347,9 @@ def moka_backward_torch(
                 dx_target = (grad_xa if separate else grad_x).view(num_tokens * a2, b2)
                 dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
             if r_slot is not None:  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
-                torch.mm(p.to(raw_dtype).reshape(-1, b1).T, x3_raw.reshape(-1, b2), out=r_slot.view(b1, b2))
+                torch.mm(raw(p).reshape(-1, b1).T, x3_raw.reshape(-1, b2), out=r_slot.view(b1, b2))
             if m_slot is not None:
-                u = x3_raw @ b.to(raw_dtype).T
+                u = x3_raw @ raw(b).T
                 _token_sum_outer(g3_raw, u, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
     grad_a, grad_b, grad_alpha = finish_factor_grads(
