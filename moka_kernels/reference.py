@@ -337,9 +337,11 @@ def moka_backward_torch(
                 torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
             if m_slot is not None:
                 _token_sum_outer(raw(q), x3_raw, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
+            del q
             if r_slot is not None:  # Σ_t G_tᵀ V_t, one GEMM over (t, a1)
-                v = _left(raw(a), x3_raw)
-                torch.mm(g3_raw.reshape(-1, b1).T, v.reshape(-1, b2), out=r_slot.view(b1, b2))
+                v3 = _left(raw(a), x3_raw).reshape(-1, b2)
+                torch.mm(g3_raw.reshape(-1, b1).T, v3, out=r_slot.view(b1, b2))
+                del v3  # not held into the next component (its temporaries would stack on it)
         else:
             # P = Aᵀ·G and U = X·Bᵀ are (T, a2, b1).
             p = _left(a.T, g3) if (r_slot is not None or need_adapter_x) else None
@@ -348,9 +350,9 @@ def moka_backward_torch(
                 dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
             if r_slot is not None:  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
                 torch.mm(raw(p).reshape(-1, b1).T, x3_raw.reshape(-1, b2), out=r_slot.view(b1, b2))
+            del p
             if m_slot is not None:
-                u = x3_raw @ raw(b).T
-                _token_sum_outer(g3_raw, u, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
+                _token_sum_outer(g3_raw, x3_raw @ raw(b).T, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
     grad_a, grad_b, grad_alpha = finish_factor_grads(
         raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale
