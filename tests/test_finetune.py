@@ -370,3 +370,46 @@ def test_tied_embedding_is_counted_once():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     summary = apply_moka(model)
     assert summary.total_parameters == sum(p.numel() for p in model.parameters())  # parameters() deduplicates
+
+
+def test_response_only_labels_and_padding(model_dir):
+    from transformers import AutoTokenizer
+
+    from moka.data import IGNORE_INDEX, DataCollator, format_prompt, tokenize_records
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [{"instruction": "code for", "input": "w1", "output": "zorp"}, {"instruction": "code for", "output": "a"}]
+    examples = tokenize_records(tokenizer, records, 64)
+    for record, example in zip(records, examples, strict=True):
+        prompt = tokenizer(format_prompt(tokenizer, record["instruction"], record.get("input", "")))["input_ids"]
+        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert example["input_ids"] == prompt + answer
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer  # the loss is on the response only
+    batch = DataCollator(pad_token_id=0)(examples)
+    longest = max(len(e["input_ids"]) for e in examples)
+    short = min(range(2), key=lambda i: len(examples[i]["input_ids"]))
+    n = len(examples[short]["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, longest)
+    assert batch["input_ids"][short, n:].eq(0).all() and batch["labels"][short, n:].eq(IGNORE_INDEX).all()
+    assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (longest - n)
+
+
+def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
+    out = tmp_path / "flags"
+    flags = ["--scale", "2.5", "--no-gate", "--variant", "moka_s", "--num-components", "3", "--dropout", "0.1"]
+    flags += ["--grad-accum", "2", "--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
+    result = run(parse_args(_args(model_dir, data, out, *flags)))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
+    assert (config["scale"], config["gate"], config["variant"], config["num_components"], config["dropout"]) == (
+        2.5,
+        False,
+        "moka_s",
+        3,
+        0.1,
+    )
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert not any(k.endswith("gate_logits") for k in weights)
+    eye = [v for k, v in weights.items() if ".a_factors." in k]
+    assert eye and all(torch.equal(a, torch.eye(a.shape[0])) for a in eye)  # MoKA_s: A stays the identity
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and result["steps"] == 2

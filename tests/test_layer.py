@@ -237,3 +237,48 @@ def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast):
 def test_nf4_layer_moves_to_meta_whole():
     layer = MoKALinear(quantize_nf4(torch.randn(64, 64), 64, True), MoKAConfig(num_components=2)).to("meta")
     assert {t.device.type for t in [*layer.buffers(), *layer.parameters()]} == {"meta"}
+
+
+@pytest.mark.parametrize("scale", [2.5, -0.75])
+def test_scale_multiplies_the_mixture_against_an_explicit_kron_sum(scale):
+    """y = x W0ᵀ + b + s Σ softmax(g)_i kron(A_i, B_i) x, written out with torch.kron here (not delta_weight)."""
+    base = nn.Linear(36, 24).double()
+    layer = MoKALinear(base, MoKAConfig(num_components=3, scale=scale)).double()
+    _randomize_adapter(layer)
+    alpha = torch.softmax(layer.gate_logits.detach(), 0)
+    delta = sum(
+        alpha[i] * torch.kron(a.detach().contiguous(), b.detach().contiguous())
+        for i, (a, b) in enumerate(zip(layer.a_factors, layer.b_factors, strict=True))
+    )
+    x = torch.randn(5, 36, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ (base.weight + scale * delta).T + base.bias)
+
+
+@pytest.mark.parametrize(("blocksize", "double_quant"), [(64, True), (128, False)], ids=["64-dq", "128-fp32"])
+def test_requantized_merge_holds_the_adapter_and_keeps_the_format(blocksize, double_quant):
+    w0 = torch.randn(48, 128) * 0.05
+    layer = MoKALinear(quantize_nf4(w0, blocksize, double_quant), MoKAConfig(num_components=3))
+    _randomize_adapter(layer)
+    merged = layer.merge(requantize=True)
+    q = merged.nf4_weight
+    assert (q.blocksize, q.double_quant) == (blocksize, double_quant)
+    dense_merge = layer.dense_base_weight(torch.float32) + layer.delta_weight().float()
+    # exactly what quantizing W0 + ΔW in that format gives, and not what W0 alone gives
+    assert torch.equal(q.dequantize(torch.float32), quantize_nf4(dense_merge, blocksize, double_quant).dequantize())
+    assert not torch.equal(q.dequantize(torch.float32), layer.dense_base_weight(torch.float32))
+
+
+def test_moka_s_identities_stay_frozen_after_apply_and_load(tmp_path):
+    from helpers import tiny_llama
+
+    from moka import apply_moka, load_adapter, moka_layers, remove_moka, save_adapter
+
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(variant="moka_s", num_components=2))
+    for layer in moka_layers(model).values():
+        assert all(not a.requires_grad and torch.equal(a, torch.eye(a.shape[0])) for a in layer.a_factors)
+        assert all(b.requires_grad for b in layer.b_factors)
+    save_adapter(model, tmp_path / "s")
+    remove_moka(model)
+    load_adapter(model, tmp_path / "s")
+    assert all(not a.requires_grad for layer in moka_layers(model).values() for a in layer.a_factors)

@@ -725,3 +725,36 @@ def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
     with mock.patch.dict(os.environ, {"MOKA_BACKEND": "triton"}):
         moka_linear(x, weight, a_f, b_f, g, b).sum().backward()
     assert seen == [x.device, x.device]  # forward and backward
+
+
+def test_auto_backend_takes_triton_for_cuda_tensors_except_fp64(monkeypatch):
+    from types import SimpleNamespace
+
+    import moka_kernels.dispatch as dispatch
+
+    monkeypatch.delenv("MOKA_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", True)
+    cuda_like = {dtype: SimpleNamespace(is_cuda=True, dtype=dtype) for dtype in (torch.bfloat16, torch.float64)}
+    assert select_backend(cuda_like[torch.bfloat16]) == "triton"
+    assert select_backend(cuda_like[torch.float64]) == "torch"
+    assert select_backend(torch.zeros(1)) == "torch"
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
+    assert select_backend(cuda_like[torch.bfloat16]) == "torch"
+
+
+def test_deterministic_mode_repeats_bit_for_bit_in_the_interpreter():
+    shapes = [(4, 8, 6, 8), (2, 16, 12, 4)]
+    x, weight, a_f, b_f, g, b = make_problem(24, 64, shapes, torch.float32, lead=(5,))
+    q = quantize_nf4(weight)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        runs = []
+        for _ in range(2):
+            with mock.patch.dict(os.environ, {"MOKA_BACKEND": "triton"}):
+                out = moka_linear(x, q, a_f, b_f, g, b)
+                grads = torch.autograd.grad(out.square().sum(), [x, *a_f, *b_f, g, b])
+            runs.append([out, *grads])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(p, q_) for p, q_ in zip(*runs, strict=True))
