@@ -134,3 +134,31 @@ def test_nf4_autotune_lists_hold_spill_free_configs_for_every_token_count(aot_re
                 # ptxas spills 16 B of a few sets at ~168 registers (not register pressure): the kernels' tolerance
                 fused[adapter] = fused.get(adapter, False) or r["spill_bytes"] <= SPILL_TOLERANCE_BYTES
         assert fused and all(fused.values()), fused
+
+
+def test_the_values_launchers_pick_beyond_the_usual_are_compiled(aot_results):
+    """R_PAD (the power of two above r), the fused decode's gate modes, blocksizes and split-K counts."""
+    results, _ = aot_results
+
+    def seen(kernel, name):
+        return {r["constexprs"][name] for r in results if r["kernel"] == kernel and name in r["constexprs"]}
+
+    for kernel in ("_kron_sandwich_grouped_kernel", "_kron_sandwich_rowwise_kernel", "_factor_grad_finish_kernel"):
+        assert {1, 2, 4, 8, 16} <= seen(kernel, "R_PAD"), kernel
+    assert {1, 2} <= seen("_nf4_matmul_kernel", "AD_GATE")
+    assert {64, 128} <= seen("_nf4_matmul_kernel", "BLOCKSIZE") and 256 in seen("_nf4_matmul_t_kernel", "BLOCKSIZE")
+    assert any(k not in (1, 2, 4, 8, 16) for k in seen("_nf4_matmul_kernel", "SPLIT_K"))
+    assert False in seen("_nf4_matmul_t_kernel", "DOUBLE_QUANT")
+
+
+def test_fp32_gate_logits_with_half_activations_are_a_variant():
+    """MoKALinear passes fp32 logits with bf16 activations: the sandwich kernels are compiled that way too."""
+    from moka_kernels.ops import aot
+
+    pairs = {
+        (v.kernel, v.pointer_types["m_ptr"], v.pointer_types["gate_ptr"], v.constexprs["GATE"])
+        for v in aot.variants()
+        if v.kernel.startswith("_kron_sandwich")
+    }
+    for kernel in ("_kron_sandwich_grouped_kernel", "_kron_sandwich_rowwise_kernel"):
+        assert (kernel, "*bf16", "*fp32", 1) in pairs and (kernel, "*bf16", "*bf16", 1) in pairs

@@ -16,6 +16,7 @@ Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the J
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -113,7 +114,7 @@ def variants() -> list[Variant]:
                         spill_checked=False,
                     )
                 )
-                if split_k > 1 and dtype == "bf16":  # the decode fusion: the adapter's programs in the GEMV's launch
+                if split_k > 1:  # the decode fusion: the adapter's programs in the GEMV's launch
                     adapter_ptrs = {
                         "ad_x_ptr": f"*{dtype}",
                         "ad_table_ptr": "*i64",
@@ -121,8 +122,10 @@ def variants() -> list[Variant]:
                         "ad_factor_ptr": f"*{dtype}",
                         "ad_scale": "fp32",
                     }
-                    for ad_blocks in kron_mixture.maximal_blocks():
-                        adapter = dict(HAS_ADAPTER=True, AD_GATE=1, AD_R_PAD=8)
+                    fused = [(b, 1) for b in kron_mixture.maximal_blocks()] if dtype == "bf16" else []
+                    fused.append((kron_mixture.maximal_blocks()[0], 2))  # the uniform gate; fp16
+                    for ad_blocks, ad_gate in fused:
+                        adapter = dict(HAS_ADAPTER=True, AD_GATE=ad_gate, AD_R_PAD=8)
                         names = ("AD_BLOCK_P", "AD_BLOCK_J", "AD_BLOCK_L", "AD_BLOCK_Q")
                         adapter.update(zip(names, ad_blocks, strict=True))
                         out.append(
@@ -146,7 +149,7 @@ def variants() -> list[Variant]:
         # set (64⁴, kept for the GPU sweep) must compile but may spill.
         every = kron_mixture._candidate_blocks() if dtype == "bf16" else ()
         blocks = {b: (1,) for b in every}
-        blocks.update({b: (0, 1, 2) for b in kron_mixture.maximal_blocks()})
+        blocks.update({b: (0, 1, "1-fp32", 2) for b in kron_mixture.maximal_blocks()})
         blocks[(64, 64, 64, 64)] = (1,)
         for tile_set, gate_modes in blocks.items():
             out += kron_variants(tile_set, dtype, gate_modes)
@@ -182,6 +185,25 @@ def variants() -> list[Variant]:
                 False,
             )
         )
+    # Values the launchers pick that the lists above fix: R_PAD (the power of two above r) other than 8, a
+    # blocksize other than 64, an odd split-K count (split_k_for returns 1..16).
+    from . import kron_mixture
+
+    for r_pad in (1, 2, 4, 16):
+        out += kron_variants(kron_mixture.maximal_blocks()[0], "bf16", ("1-fp32",), r_pad)
+        finish = next(v for v in out if v.kernel == "_factor_grad_finish_kernel")
+        out.append(dataclasses.replace(finish, constexprs=dict(finish.constexprs, R_PAD=r_pad)))
+    first_fwd = next(v for v in out if v.kernel == "_nf4_matmul_kernel")
+    first_t = next(v for v in out if v.kernel == "_nf4_matmul_t_kernel")
+    split = dict(first_fwd.pointer_types, out_ptr="*fp32")  # split-K accumulates in fp32
+    out.append(
+        dataclasses.replace(
+            first_fwd, pointer_types=split, constexprs=dict(first_fwd.constexprs, BLOCKSIZE=128, SPLIT_K=6)
+        )
+    )
+    single_quant = dict(first_t.pointer_types, absmax_ptr="*fp32")  # fp32 scales without double quantization
+    single_quant_flags = dict(first_t.constexprs, BLOCKSIZE=256, DOUBLE_QUANT=False)
+    out.append(dataclasses.replace(first_t, pointer_types=single_quant, constexprs=single_quant_flags))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
     for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)
@@ -191,17 +213,25 @@ def variants() -> list[Variant]:
     return out
 
 
-def kron_variants(blocks: tuple[int, int, int, int], dtype: str = "bf16", gate_modes=(1,)) -> list[Variant]:
+def kron_variants(
+    blocks: tuple[int, int, int, int], dtype: str = "bf16", gate_modes=(1,), r_pad: int = 8
+) -> list[Variant]:
     """The three Kronecker kernels at one tile set (as ``choose_blocks`` returns it): both sandwich schedules
-    for each gate mode (0: coefficients read, 1: logits of ``dtype``, 2: uniform) and the token reduction,
-    its tiles mapped as the launcher maps them. Spill-checked when the chooser can pick the set."""
+    for each gate mode (0: coefficients read, 1: logits of ``dtype``, "1-fp32": fp32 logits, as MoKALinear
+    passes them, 2: uniform) and the token reduction, its tiles mapped as the launcher maps them.
+    Spill-checked when the chooser can pick the set."""
     from . import kron_mixture
 
     checked = blocks in kron_mixture._candidate_blocks()
     bp, bj, bl, bq = blocks
     out = []
-    for gate_mode, gate_type in ((0, "*fp32"), (1, f"*{dtype}"), (2, "*fp32")):
-        if gate_mode not in gate_modes:
+    for gate_key, gate_mode, gate_type in (
+        (0, 0, "*fp32"),
+        (1, 1, f"*{dtype}"),
+        ("1-fp32", 1, "*fp32"),
+        (2, 2, "*fp32"),
+    ):
+        if gate_key not in gate_modes:
             continue
         ptrs = {
             "m_ptr": f"*{dtype}",
@@ -211,7 +241,7 @@ def kron_variants(blocks: tuple[int, int, int, int], dtype: str = "bf16", gate_m
             "factor_ptr": f"*{dtype}",
             "scale": "fp32",
         }
-        flags = dict(GATE=gate_mode, R_PAD=8, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
+        flags = dict(GATE=gate_mode, R_PAD=r_pad, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
         out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
         out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
     ptrs = {
