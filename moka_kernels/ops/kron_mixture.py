@@ -556,7 +556,8 @@ TILE_POLICIES = ("min-work", "max")
 ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 32 registers a thread at 4 warps
 # Register spills, from ptxas on sm_90 (python -m moka_kernels.ops.aot): every tile set whose five tiles
 # (tile_elements) hold at most 8192 elements compiles for all three kernels spilling at most a few words;
-# from 8704 up most spill hundreds of bytes at the 255-register cap (e.g. 128×16×64×32: 108 B, 64⁴: 236 B).
+# from 8704 up, 27 of the 47 sets spill more than 32 B in some kernel or target (68 B and up, e.g.
+# 128×16×64×32: 108 B, 64⁴: 236 B; benchmarks/results/registers.json).
 TILE_ELEMENTS = 8192
 SPILL_TOLERANCE_BYTES = 32  # ptxas spills 4-24 B of a few small tile sets at 80-128 registers: not a cost
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
