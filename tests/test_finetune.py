@@ -413,3 +413,31 @@ def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
     assert eye and all(torch.equal(a, torch.eye(a.shape[0])) for a in eye)  # MoKA_s: A stays the identity
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and result["steps"] == 2
+
+
+def test_adapter_flag_starts_from_the_saved_adapter(model_dir, data, tmp_path):
+    common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy", "--num-components", "2"]
+    run(parse_args(_args(model_dir, data, tmp_path / "first", *common)))
+    saved = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    assert any(torch.count_nonzero(v) for k, v in saved.items() if ".b_factors." in k)  # trained away from 0
+    # learning rate 0: the second run's adapter is exactly the one it started from
+    second = _args(model_dir, data, tmp_path / "second", *common, "--adapter", str(tmp_path / "first" / "adapter"))
+    run(parse_args([*second, "--lr", "0"]))
+    again = load_file(tmp_path / "second" / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+
+
+def test_target_regex_patches_only_what_it_matches(model_dir, data, tmp_path):
+    out = tmp_path / "regex"
+    regex = r"model\.layers\.0\.self_attn\.(q|v)_proj"
+    result = run(
+        parse_args(
+            _args(
+                model_dir, data, out, "--target-modules", regex, "--target-regex", "--max-steps", "1", "--no-accuracy"
+            )
+        )
+    )
+    assert result["layers_patched"] == 2
+    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    names = {k.partition(".a_factors")[0].partition(".b_factors")[0].removesuffix(".gate_logits") for k in keys}
+    assert names == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
