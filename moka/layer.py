@@ -47,10 +47,10 @@ class NF4Linear(nn.Module):
         # Module.to/half/cuda/... all land here with fn applied to every tensor. The probe learns what fn
         # does to a floating tensor here (device and dtype); the NF4 fields take only its device.
         probe = fn(torch.empty(0, dtype=self.nf4_dtype, device=self.packed.device))
-        moved = {
-            name: None if t is None else (t.to(probe.device) if t.is_floating_point() else fn(t))
-            for name, t in ((name, self._buffers[name]) for name in _NF4_FIELDS)
-        }
+        moved = {}
+        for name in _NF4_FIELDS:
+            t = self._buffers[name]
+            moved[name] = None if t is None else (t.to(probe.device) if t.is_floating_point() else fn(t))
         order = list(self._buffers)
         for name in _NF4_FIELDS:
             del self._buffers[name]
@@ -119,6 +119,7 @@ class MoKALinear(nn.Module):
         config = config if config is not None else MoKAConfig()
         if not isinstance(config, MoKAConfig):
             raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
+        at = "" if name == "layer" else f" (at {name})"  # where a base error happened, inside apply_moka
         if isinstance(base_layer, NF4Tensor):
             base_layer = NF4Linear(base_layer, bias)
         elif bias is not None:
@@ -129,7 +130,7 @@ class MoKALinear(nn.Module):
             try:  # validates: quantized, NF4, not repacked for CPU
                 nf4_from_linear4bit(base_layer)
             except ValueError as err:
-                raise ValueError(str(err) if name == "layer" else f"{err} (at {name})") from None
+                raise ValueError(f"{err}{at}") from None
             # Our forward never calls Linear4bit.forward; this keeps a later plain forward (after
             # remove_moka) from repacking the bytes in place on AVX512-BF16 CPUs.
             base_layer.support_avx512bf16_for_cpu = False
@@ -138,8 +139,7 @@ class MoKALinear(nn.Module):
             if not base_layer.weight.is_floating_point():  # e.g. bitsandbytes' Linear8bitLt after quantizing
                 raise TypeError(
                     "base_layer: expected a floating-point weight or an NF4 Linear4bit, got a "
-                    f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}"
-                    + ("" if name == "layer" else f" (at {name})")
+                    f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}{at}"
                 )
             base_dtype = base_layer.weight.dtype
         else:

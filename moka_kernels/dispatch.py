@@ -20,7 +20,7 @@ from . import library
 from .nf4 import NF4Tensor
 from .ops import INTERPRET, TRITON_AVAILABLE
 
-__all__ = ["BACKENDS", "moka_linear", "select_backend", "validate_moka_inputs"]
+__all__ = ["BACKENDS", "is_finite_real", "moka_linear", "select_backend", "validate_moka_inputs"]
 
 BACKENDS = ("torch", "triton")
 
