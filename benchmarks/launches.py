@@ -19,6 +19,9 @@ Routes, one layer, forward alone and fwd+bwd (gradients for x, every factor and 
 * ``moka nf4 module`` (host time only: a dispatch mode would send it through the custom op): a
   ``MoKALinear`` on the NF4 base, what a patched model calls (the module, input validation, then the eager
   route), on the Triton backend;
+* ``bf16 model, fp32 factors``: MoKA on a bf16 NF4 base with fp32 factors (``MoKALinear``'s default
+  adapter dtype on a bf16 model), the module's eager route; ``bf16 model, factors cast per call``: the same
+  with each factor cast to bf16 in the call, as the module did before the kernels took fp32 factors;
 * ``peft lora r16``: PEFT's LoRA layer on the dense base (bitsandbytes' own CUDA kernels would not be
   seen by the dispatch mode, so QLoRA is left out rather than undercounted).
 
@@ -66,6 +69,8 @@ ROUTES = [
     "moka dense triton",
     "moka nf4 torch",
     "peft lora r16",
+    "bf16 model, fp32 factors",
+    "bf16 model, factors cast per call",
 ]
 HOST_ROUTES = ["nf4 base (ours)", "moka nf4 triton", "moka nf4 triton deterministic", "moka nf4 module"]
 HOST_ROUTES += ["peft lora r16"]
@@ -101,9 +106,13 @@ class LaunchCounter(TorchDispatchMode):
         returns = func._schema.returns
         is_view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
         makes_tensor = any(isinstance(r.type, torch.TensorType) for r in returns)
+        # in-place ops that return nothing (``_foreach_copy_``) still run a kernel
+        writes_in_place = not returns and any(
+            a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments
+        )
         if name == "_local_scalar_dense.default":
             self.syncs += 1
-        elif makes_tensor and not is_view and name not in NO_KERNEL:
+        elif ((makes_tensor and not is_view) or writes_in_place) and name not in NO_KERNEL:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -233,6 +242,34 @@ def count_routes(
         if backward:
             out.backward(dy)
 
+    # A bf16 model's MoKALinear keeps fp32 factors (the default adapter dtype): the Triton path copies them
+    # into bf16 in one launch per call; before, the module cast each one (2r launches, and 2r gradient casts).
+    half = torch.bfloat16
+    module_half = MoKALinear(quantize_nf4(dense.to(half), blocksize=64), MoKAConfig(num_components=r))
+    with torch.no_grad():
+        for p in module_half.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05, generator=gen)
+    x_half = x.detach().to(half).requires_grad_()
+    dy_half = dy.to(half)
+
+    def half_model(cast_per_call: bool):
+        # what the module passes on (its eager route; under this counter's dispatch mode the module itself
+        # would take the custom op)
+        def call(backward):
+            m = module_half
+            m.zero_grad(set_to_none=True)
+            x_half.grad = None
+            a_f32, b_f32 = list(m.a_factors), list(m.b_factors)
+            a_in = [a.to(half) for a in a_f32] if cast_per_call else a_f32
+            b_in = [b.to(half) for b in b_f32] if cast_per_call else b_f32
+            weight = m.base_weight()
+            out = library.apply_linear(x_half, None, weight, None, m.gate_logits, 1.0, a_in, b_in, "triton", False)
+            if backward:
+                out.backward(dy_half)
+
+        return call
+
     x_d = x.detach()
     calls = {
         "nf4 base (ours)": lambda backward: (nf4_matmul(x_d, nf4), backward and nf4_matmul_t(dy, nf4)),
@@ -242,6 +279,8 @@ def count_routes(
         "moka dense triton": moka(dense, "triton"),
         "moka nf4 torch": moka(nf4, "torch"),
         "peft lora r16": peft_lora,
+        "bf16 model, fp32 factors": half_model(cast_per_call=False),
+        "bf16 model, factors cast per call": half_model(cast_per_call=True),
     }
     out = {}
     for name, fn in calls.items():

@@ -64,6 +64,12 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
 
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        changed = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "moka", "moka_kernels", "benchmarks/*.py"],
+            text=True,
+            stderr=subprocess.DEVNULL,
+        )
+        sha += "+uncommitted" if changed.strip() else ""  # the measured code is not that commit's
     except (OSError, subprocess.CalledProcessError):
         sha = None
     return {

@@ -78,9 +78,9 @@ class MoKAConfig:
         init: which factor starts at zero so that ΔW = 0 at step 0: ``"zero_b"`` (B_i = 0, A_i
             Kaiming-uniform) or ``"zero_a"``. ``moka_s`` always zeroes B (A is the identity).
         adapter_dtype: dtype of the adapter parameters; ``None`` means float32 (float64 for a
-            float64 base), as PEFT does, and the factors are cast to the input's dtype per forward. On a
-            GPU with a bf16/fp16 model that is 2r small cast launches per forward (and new addresses for
-            the kernels' plan cache); ``adapter_dtype=torch.bfloat16`` avoids them.
+            float64 base), as PEFT does. On a bf16/fp16 model the fp32 factors are rounded to the
+            compute dtype inside the op (on a GPU: one copy launch per layer call for all factors) and
+            their gradients come back in fp32; ``adapter_dtype=torch.bfloat16`` keeps bf16 factors.
         on_too_few_shapes: ``"warn"`` (default): a layer with fewer distinct factorizations than
             ``num_components`` gets as many components as it has, with a warning; ``"error"`` raises.
     """

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
+from moka_kernels import NF4Tensor, dequantize_nf4, factor_dtypes_for, moka_linear, quantize_nf4
 from moka_kernels import delta_weight as materialized_delta_weight
 
 from .bnb_compat import is_linear4bit, linear4bit_from_nf4, nf4_from_linear4bit
@@ -85,8 +85,13 @@ class NF4Linear(nn.Module):
 
 
 def _as_dtype(factors: nn.ParameterList, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The factors as ``moka_linear`` takes them with activations of ``dtype``: as they are when it accepts
+    their dtype (fp32 factors of a bf16/fp16 layer included: no per-forward cast), else cast."""
     # ParameterList's own iteration goes through __getitem__ index parsing: ~1.5 µs a factor, every call
-    return [p if p.dtype == dtype else p.to(dtype) for p in factors._parameters.values()]
+    params = list(factors._parameters.values())
+    if params[0].dtype in factor_dtypes_for(dtype) and all(p.dtype == params[0].dtype for p in params):
+        return params
+    return [p.to(dtype) for p in params]
 
 
 class MoKALinear(nn.Module):

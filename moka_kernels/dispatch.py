@@ -20,7 +20,14 @@ from . import library
 from .nf4 import NF4Tensor
 from .ops import INTERPRET, TRITON_AVAILABLE
 
-__all__ = ["BACKENDS", "is_finite_real", "moka_linear", "select_backend", "validate_moka_inputs"]
+__all__ = [
+    "BACKENDS",
+    "factor_dtypes_for",
+    "is_finite_real",
+    "moka_linear",
+    "select_backend",
+    "validate_moka_inputs",
+]
 
 BACKENDS = ("torch", "triton")
 
@@ -42,6 +49,15 @@ def select_backend(x: torch.Tensor) -> str:
 
 def _shape(t: torch.Tensor | NF4Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def factor_dtypes_for(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The factor dtypes ``moka_linear`` takes with activations of ``dtype``: the same, or fp32 master
+    factors with bf16/fp16 activations (rounded to the activations' dtype inside the contractions, no
+    cast launches; their gradients come back in fp32)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return (dtype, torch.float32)
+    return (dtype,)
 
 
 def validate_moka_inputs(
@@ -82,12 +98,19 @@ def validate_moka_inputs(
         raise ValueError("a_factors: expected at least one component (r >= 1), got r=0")
     if len(b_factors) != len(a_factors):
         raise ValueError(f"b_factors: expected r={len(a_factors)} factors (one per A), got {len(b_factors)}")
+    factor_dtype = getattr(a_factors[0], "dtype", None)
+    if factor_dtype not in factor_dtypes_for(x.dtype):
+        factor_dtype = x.dtype  # the first factor is wrong: name it below
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         for name, f in ((f"a_factors[{i}]", a), (f"b_factors[{i}]", b)):
             if not isinstance(f, torch.Tensor) or f.dim() != 2:
                 raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(f, 'shape', type(f).__name__)}")
-            if f.dtype != x.dtype:
-                raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {f.dtype}")
+            if f.dtype != factor_dtype:
+                allowed = " or ".join(str(d) for d in factor_dtypes_for(x.dtype))
+                raise TypeError(
+                    f"{name}: expected dtype {factor_dtype} (factors share one dtype: {allowed} for x of dtype "
+                    f"{x.dtype}), got {f.dtype}"
+                )
             if f.device != x.device:
                 raise ValueError(f"{name}: expected device {x.device} (the device of x), got {f.device}")
         (a1, a2), (b1, b2) = a.shape, b.shape
@@ -146,6 +169,13 @@ def _cast_for_autocast(t, dtype: torch.dtype):
     return t
 
 
+def _factor_for_autocast(t, dtype: torch.dtype):
+    # fp32 factors stay fp32 (the kernels round them to the autocast dtype on load): no cast launches.
+    if isinstance(t, torch.Tensor) and t.dtype in factor_dtypes_for(dtype):
+        return t
+    return _cast_for_autocast(t, dtype)
+
+
 def moka_linear(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Tensor,
@@ -167,8 +197,10 @@ def moka_linear(
     Args:
         x: (..., K) input, any leading dims (zero tokens allowed), floating point.
         weight: frozen base W0, a dense (N, K) tensor of x's dtype or an :class:`NF4Tensor`.
-        a_factors: r tensors A_i of shape (a1_i, a2_i), x's dtype and device.
-        b_factors: r tensors B_i of shape (b1_i, b2_i) with a1_i·b1_i = N and a2_i·b2_i = K.
+        a_factors: r tensors A_i of shape (a1_i, a2_i) on x's device, all of one dtype: x's, or fp32 when
+            x is bf16/fp16 (fp32 master factors: rounded to x's dtype inside the contractions, as a cast
+            would round them, but without cast launches; their gradients come back in fp32).
+        b_factors: r tensors B_i of shape (b1_i, b2_i) with a1_i·b1_i = N and a2_i·b2_i = K, A's dtype.
         gate_logits: (r,) logits g, or None for the gate-off ablation (α_i = 1/r, fixed).
         bias: optional (N,) bias.
         scale: the fixed scale s.
@@ -180,15 +212,16 @@ def moka_linear(
         gate_logits and bias; the base weight gets no gradient.
 
     Under ``torch.autocast`` the op runs as ``F.linear`` does there: x, the dense weight, the factors,
-    the bias and adapter_input are cast to the autocast dtype (fp64 excepted), and so is the output.
+    the bias and adapter_input are cast to the autocast dtype (fp64 excepted; fp32 factors are left to the
+    kernels, which round them the same way), and so is the output.
     """
     if isinstance(x, torch.Tensor) and (dtype := _autocast_dtype(x.device.type)) is not None:
         with torch.autocast(x.device.type, enabled=False):
             return moka_linear(
                 _cast_for_autocast(x, dtype),
                 _cast_for_autocast(weight, dtype),
-                [_cast_for_autocast(a, dtype) for a in a_factors],
-                [_cast_for_autocast(b, dtype) for b in b_factors],
+                [_factor_for_autocast(a, dtype) for a in a_factors],
+                [_factor_for_autocast(b, dtype) for b in b_factors],
                 gate_logits,
                 _cast_for_autocast(bias, dtype),
                 scale,

@@ -48,6 +48,7 @@ __all__ = [
     "factor_requests",
     "finish_factor_grads",
     "gate_weights",
+    "in_compute_dtype",
     "kron_component",
     "materialized_delta_weight",
     "moka_backward_torch",
@@ -259,6 +260,14 @@ def finish_factor_grads(
     return grad_a, grad_b, scale * dots.to(alpha.dtype)
 
 
+def in_compute_dtype(factors: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """The factors as the contractions use them: in the activations' dtype (fp32 factors of a half-precision
+    layer are rounded to it, as the Triton kernels round them on load)."""
+    if not factors or factors[0].dtype == dtype:
+        return factors
+    return [f.to(dtype) for f in factors]
+
+
 def moka_forward_torch(
     x2d: torch.Tensor,
     adapter_x2d: torch.Tensor | None,
@@ -274,6 +283,7 @@ def moka_forward_torch(
     alpha = gate_weights(gate_logits, len(a_factors), x2d.device, x2d.dtype)
     coeffs = (alpha * scale).to(x2d.dtype)
     out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
+    a_factors, b_factors = in_compute_dtype(a_factors, x2d.dtype), in_compute_dtype(b_factors, x2d.dtype)
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         _accumulate_kron(out, xa, a * coeffs[i], b)  # c_i folded into the small factor
     return out
@@ -298,14 +308,18 @@ def moka_backward_torch(
     b_factors: Sequence[torch.Tensor],
     needs: GradRequest,
 ) -> MoKAGrads:
-    """Hand-written backward of the reshape form (formulas in the module docstring)."""
+    """Hand-written backward of the reshape form (formulas in the module docstring). The factors' gradients
+    come out in the factors' dtype; fp32 factors of a half-precision layer get fp32 sums, unrounded."""
     r = len(a_factors)
+    param_a, param_b = a_factors, b_factors
+    a_factors, b_factors = in_compute_dtype(a_factors, x2d.dtype), in_compute_dtype(b_factors, x2d.dtype)
     separate = adapter_x2d is not None
     need_adapter_x = needs.adapter_x if separate else needs.x
     xa = adapter_x2d if separate else x2d
     num_tokens = x2d.shape[0]
     alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
-    coeffs = (alpha * scale).to(grad_out.dtype)
+    coeffs_wide = alpha * scale  # fp32 at least: the finishing scale of raw sums kept in fp32
+    coeffs = coeffs_wide.to(grad_out.dtype)
 
     grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
     # Not zeros_like: that keeps a transposed adapter input's strides, and the per-component views need rows.
@@ -317,7 +331,8 @@ def moka_backward_torch(
     sizes = [(a_factors if w == "a" else b_factors)[i].numel() for i, w in requests]
     # The raw sums run 1/c_i (≈ r/s) times larger than the gradients: in fp16 that overflows long before the
     # gradients would, so fp16 sums them in fp32 (as the Triton backend's partial sums always are).
-    widen = grad_out.dtype == torch.float16
+    # fp32 factors of a bf16 layer are summed in fp32 too: their gradients are fp32, so no rounding to bf16.
+    widen = grad_out.dtype == torch.float16 or (grad_out.dtype == torch.bfloat16 and param_a[0].dtype == torch.float32)
     raw_flat = grad_out.new_empty(sum(sizes), dtype=torch.float32 if widen else grad_out.dtype)
     slots = dict(zip(requests, raw_flat.split(sizes), strict=True))
     raw = _to_fp32 if widen else _unchanged  # not t.to(dtype): ~1 µs a call even when it returns t
@@ -355,7 +370,7 @@ def moka_backward_torch(
                 _token_sum_outer(g3_raw, x3_raw @ raw(b).T, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
     grad_a, grad_b, grad_alpha = finish_factor_grads(
-        raw_flat, requests, needs, a_factors, b_factors, coeffs, alpha, scale
+        raw_flat, requests, needs, param_a, param_b, coeffs_wide, alpha, scale
     )
     grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
     grad_bias = grad_out.sum(0) if needs.bias else None

@@ -272,6 +272,12 @@ def test_launch_counts_one_grouped_launch_per_adapter_contraction(tmp_path):
         assert routes["moka nf4 triton deterministic"]["aten"] == {}
         assert routes["nf4 base (ours)"]["triton"] == 2 and routes["dense base"]["launches"] == 2
         assert routes["moka nf4 triton"]["launches"] < routes["moka nf4 torch"]["launches"] / 3
+        # fp32 factors of a bf16 model: one copy into bf16 per forward and per backward, where casting each
+        # factor costs 2r launches forward and 2r gradient casts backward
+        mixed, cast = routes["bf16 model, fp32 factors"], routes["bf16 model, factors cast per call"]
+        assert mixed["aten"].get("_foreach_copy_.default") == 2 and "_foreach_copy_.default" not in cast["aten"]
+        assert cast["launches"] - mixed["launches"] == 4 * r - 2
+        assert cast["fwd_launches"] - mixed["fwd_launches"] == 2 * r - 1
     md = (tmp_path / "launches-smoke.md").read_text()
     assert "| 64×128 r=5 | 1 | 3 / 4 | 1 / 2 | 2 / 7 |" in md
     # host time per call, with the Triton launches as no-ops: measured for the Triton-only routes

@@ -97,6 +97,27 @@ def test_adapter_dtype_defaults_to_fp32_for_half_bases():
     assert all(p.grad.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_layer_hands_its_fp32_factors_to_the_op_uncast(dtype, monkeypatch):
+    """No per-forward casts (2r launches on a GPU): the op takes the fp32 parameters themselves and rounds
+    them as a cast would, so the output equals that of a layer whose factors were cast."""
+    import moka.layer as layer_module
+
+    layer = MoKALinear(nn.Linear(36, 24).to(dtype), MoKAConfig(num_components=2))
+    with torch.no_grad():
+        for p in layer.b_factors:
+            p.normal_()
+    seen = []
+    real = layer_module.moka_linear
+    monkeypatch.setattr(layer_module, "moka_linear", lambda *a, **k: seen.append(a) or real(*a, **k))
+    x = torch.randn(3, 36, dtype=dtype)
+    out = layer(x)
+    assert all(f is p for f, p in zip([*seen[0][2], *seen[0][3]], [*layer.a_factors, *layer.b_factors], strict=True))
+    cast = MoKALinear(nn.Linear(36, 24).to(dtype), MoKAConfig(num_components=2, adapter_dtype=dtype))
+    cast.load_state_dict(layer.state_dict())
+    assert torch.equal(out, cast(x))
+
+
 def test_warning_free_default_on_llama_shapes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

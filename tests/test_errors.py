@@ -58,6 +58,20 @@ def test_factor_dtype_must_match_x(problem):
         _call(problem, a_factors=[a_f[0].detach().double(), a_f[1]])
 
 
+def test_half_activations_take_factors_of_their_dtype_or_fp32_all_alike(problem):
+    x, weight, a_f, b_f, g, b = problem
+    half = dict(x=x.detach().bfloat16(), weight=weight.bfloat16(), bias=b.detach().bfloat16())
+    with pytest.raises(
+        TypeError, match=r"a_factors\[0\]: expected dtype torch.bfloat16 .*torch.bfloat16 or torch.float32"
+    ):
+        _call(
+            problem, **half, a_factors=[f.detach().double() for f in a_f], b_factors=[f.detach().double() for f in b_f]
+        )
+    with pytest.raises(TypeError, match=r"b_factors\[1\]: expected dtype torch.float32 \(factors share one dtype"):
+        _call(problem, **half, b_factors=[b_f[0], b_f[1].detach().bfloat16()])
+    assert moka_linear(half["x"], half["weight"], a_f, b_f, g, half["bias"]).dtype == torch.bfloat16  # fp32 ok
+
+
 def test_factor_device_must_match_x(problem):
     _, _, _, b_f, _, _ = problem
     with pytest.raises(ValueError, match=r"b_factors\[1\]: expected device cpu"):

@@ -45,8 +45,10 @@ def test_inductor_compile_matches_eager():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_compiled_layer_on_the_triton_backend_matches_eager(monkeypatch):
-    """The traced route (moka::linear) running the Triton kernels, in the interpreter on CPU."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_layer_on_the_triton_backend_matches_eager(dtype, monkeypatch):
+    """The traced route (moka::linear) running the Triton kernels, in the interpreter on CPU; in bf16 with
+    the layer's fp32 factors, which the op takes as they are and whose gradients it returns in fp32."""
     pytest.importorskip("triton")
     from moka_kernels.ops import INTERPRET
 
@@ -58,8 +60,8 @@ def test_compiled_layer_on_the_triton_backend_matches_eager(monkeypatch):
         pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1 (conftest.py sets it)")
     monkeypatch.setenv("MOKA_BACKEND", "triton")
     torch._dynamo.reset()
-    layer = _model(quantize_nf4(torch.randn(48, 64) * 0.1)).to(device)
-    x = torch.randn(5, 64, device=device, requires_grad=True)
+    layer = _model(quantize_nf4((torch.randn(48, 64) * 0.1).to(dtype))).to(device)
+    x = torch.randn(5, 64, device=device, dtype=dtype, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     eager_out, compiled_out = layer(x), compiled(x)
     torch.testing.assert_close(compiled_out, eager_out)
@@ -68,6 +70,7 @@ def test_compiled_layer_on_the_triton_backend_matches_eager(monkeypatch):
     compiled_grads = torch.autograd.grad(compiled_out.square().sum(), leaves)
     for g_c, g_e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_c, g_e)
+    assert compiled_out.dtype == dtype and all(g.dtype == torch.float32 for g in compiled_grads[1:])
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])

@@ -12,6 +12,11 @@ Forward, whatever r is:
   adapter's atomic-schedule programs both add into one zeroed fp32 buffer, in one launch
   (``nf4_matmul_accumulate(..., adapter=adapter_launch(...))``), which is cast once.
 
+fp32 master factors of a bf16/fp16 layer (``MoKALinear``'s default) are rounded into cached per-layer
+copies in one ``_foreach_copy_`` launch per call (``factors_in_dtype``), instead of the 2r cast launches
+(and 2r more for the gradients) of casting each factor in the module; their gradients are written in
+fp32 by the finishing launch.
+
 Why the epilogue and not ΔW folded into the dequantized tile: folding needs ΔW tiles, i.e. r small
 GEMMs per W tile recomputed by every M-tile, which only pays at very large T; the epilogue costs one write
 and one read of a T × N fp32 tensor (docs/design.md has the roofline numbers).
@@ -38,14 +43,16 @@ from ..nf4 import NF4Tensor, dequantize_nf4
 from ..reference import GradRequest, MoKAGrads, factor_requests, split_factor_grads
 from . import nf4_matmul as nf4_ops
 from .kron_mixture import (
+    _PlanCache,
     adapter_launch,
+    factor_signature,
     grouped_launch_allowed,
     kron_factor_backward,
     kron_mixture_backward_dx,
     kron_mixture_forward,
 )
 
-__all__ = ["moka_backward_triton", "moka_forward_triton", "on_device_of"]
+__all__ = ["factors_in_dtype", "moka_backward_triton", "moka_forward_triton", "on_device_of"]
 
 
 def on_device_of(device: torch.device) -> contextlib.AbstractContextManager:
@@ -63,6 +70,29 @@ def _launches_on_input_device(fn: Callable) -> Callable:
             return fn(first, *args, **kwargs)
 
     return wrapper
+
+
+_FACTOR_COPIES = _PlanCache()
+
+
+def factors_in_dtype(
+    a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    """The factors in the activations' ``dtype`` for the kernels: as they are, or (fp32 master factors of
+    a bf16/fp16 layer) rounded into per-layer copies by one ``_foreach_copy_`` launch for all 2r of them.
+
+    The copies are cached on the factors' signature, so their addresses (and the launch plans built on
+    them) are the same every call; they are rewritten on every call, so they are never stale, and no
+    kernel reads fp32 factor tiles (which cost registers and the operands' async-copy pipelining).
+    """
+    if a_factors[0].dtype == dtype:
+        return a_factors, b_factors
+    factors = [*a_factors, *b_factors]
+    key = (factor_signature(a_factors, b_factors), factors[0].dtype, dtype, factors[0].device)
+    copies = _FACTOR_COPIES.get(key, lambda: [torch.empty_like(f, dtype=dtype) for f in factors])
+    torch._foreach_copy_(copies, factors)  # one launch on CUDA (same sizes and strides, any dtypes)
+    r = len(a_factors)
+    return copies[:r], copies[r:]
 
 
 def _base_matmul(
@@ -104,6 +134,7 @@ def moka_forward_triton(
     """(T, K) -> (T, N) on the Triton kernels; same contract as ``reference.moka_forward_torch``."""
     x2d = x2d.contiguous()
     xa = x2d if adapter_x2d is None else adapter_x2d.contiguous()
+    a_factors, b_factors = factors_in_dtype(a_factors, b_factors, x2d.dtype)
     if _decode_fusion(x2d, weight):
         # Decoding: the split-K base GEMV and all adapter components add into one fp32 buffer, in one
         # launch whose extra programs run the adapter (MOKA_DECODE_FUSION=0: the adapter as its own launch).
@@ -143,6 +174,8 @@ def moka_backward_triton(
     separate = adapter_x2d is not None
     xa = (adapter_x2d if separate else x2d).contiguous()
     need_adapter_x = needs.adapter_x if separate else needs.x
+    grad_dtype = a_factors[0].dtype  # fp32 master factors get fp32 gradients, never rounded to half
+    a_factors, b_factors = factors_in_dtype(a_factors, b_factors, grad_out.dtype)
 
     # c = scale·softmax(g) is formed inside every kernel from the logits: no small torch ops here
     adapter_dx = None
@@ -155,7 +188,15 @@ def moka_backward_triton(
     grad_a, grad_b, grad_gate = [None] * len(a_factors), [None] * len(b_factors), None
     if requests:  # two launches: every raw factor gradient, then c·raw and the gate's gradient
         grads_flat, grad_gate = kron_factor_backward(
-            grad_out, xa, a_factors, b_factors, requests, gate_logits, scale, gate_grad=needs.gate
+            grad_out,
+            xa,
+            a_factors,
+            b_factors,
+            requests,
+            gate_logits,
+            scale,
+            gate_grad=needs.gate,
+            grad_dtype=grad_dtype,
         )
         grad_a, grad_b = split_factor_grads(grads_flat, requests, needs, a_factors, b_factors)
     grad_bias = grad_out.sum(0) if needs.bias else None

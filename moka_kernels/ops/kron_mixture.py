@@ -1168,13 +1168,16 @@ def kron_factor_backward(
     scale: float,
     *,
     gate_grad: bool,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""The finished factor gradients of ``requests``, in two launches: the token reduction
     (:func:`kron_factor_grads`'s raw M_i, R_i) and one pass over its partial sums that forms
 
     .. math::  dA_i = c_i M_i, \quad dB_i = c_i R_i, \quad c = s \cdot \mathrm{softmax}(g)
 
-    flat in request order, each in its factor's layout and dtype (c_i = s / r without a gate). With
+    flat in request order, each in its factor's layout, in ``grad_dtype`` (default: the factors' dtype;
+    fp32 for the fp32 master factors a half-precision layer's factors were copied from), c_i = s / r
+    without a gate. With
     ``gate_grad`` (the gate's logits given, and ``requests`` starting with one per component in order, as
     ``reference.factor_requests`` makes them) it also returns the logits' gradient
 
@@ -1190,7 +1193,7 @@ def kron_factor_backward(
     sources = (grad_out, xa)
     plan = _factor_grad_plan(grad_out, xa, a_factors, b_factors, requests)
     workspace = _reduce_partials(plan.reduce, sources, a_factors[0], grad_out.shape[0])
-    grads = new_output((plan.reduce.size,), a_factors[0].dtype, grad_out.device)
+    grads = new_output((plan.reduce.size,), grad_dtype or a_factors[0].dtype, grad_out.device)
     gate = gate_logits if gate_logits is not None else plan.finish
     gate_out = new_output((r,), gate_logits.dtype, grad_out.device) if gate_grad else grads
     num_requests = len(requests)
