@@ -179,3 +179,27 @@ def test_layer_calls_replay_from_cuda_graphs(monkeypatch):
             results.append([out.detach().clone(), x_in.grad.clone(), *[p.grad.clone() for p in trainable]])
         for got, want in zip(*results, strict=True):
             assert rel_rms(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 512])
+def test_fp32_factors_of_a_bf16_layer_compute_what_cast_factors_do(tokens, monkeypatch):
+    """MoKALinear's default on a bf16 model: fp32 factors, rounded into per-layer bf16 copies by one
+    ``_foreach_copy_``. In deterministic mode (no atomics) the output and dx equal those of a call with the
+    factors cast first, bit for bit, and the fp32 factor gradients round to the cast call's."""
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    x, w, a, b, gate, bias = _problem(4096, 4096, torch.bfloat16, tokens)
+    weight = quantize_nf4(w.to(torch.bfloat16))
+    a32 = [f.float().requires_grad_() for f in a]
+    b32 = [f.float().requires_grad_() for f in b]
+    grad_out = torch.randn(tokens, 4096, device=CUDA).to(torch.bfloat16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        x_in = x.clone().requires_grad_()
+        mixed = moka_linear(x_in, weight, a32, b32, gate, bias, 2.0)
+        ours = torch.autograd.grad(mixed, [x_in, *a32, *b32], grad_out)
+        cast = _run("triton", x, weight, a, b, gate, bias, grad_out, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(mixed, cast[0]) and torch.equal(ours[0], cast[1])
+    for mine, ref in zip(ours[1:], cast[2 : 2 + 2 * len(a)], strict=True):
+        assert mine.dtype == torch.float32 and torch.equal(mine.to(torch.bfloat16), ref)
