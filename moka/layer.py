@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moka_kernels import NF4Tensor, dequantize_nf4, factor_dtypes_for, moka_linear, quantize_nf4
+from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, quantize_nf4
 from moka_kernels import delta_weight as materialized_delta_weight
 
 from .bnb_compat import is_linear4bit, linear4bit_from_nf4, nf4_from_linear4bit
@@ -84,14 +84,16 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
 
 
-def _as_dtype(factors: nn.ParameterList, dtype: torch.dtype) -> list[torch.Tensor]:
+def _factors_as_taken(
+    a_factors: nn.ParameterList, b_factors: nn.ParameterList, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The factors as ``moka_linear`` takes them with activations of ``dtype``: as they are when it accepts
-    their dtype (fp32 factors of a bf16/fp16 layer included: no per-forward cast), else cast."""
+    them (all one dtype, fp32 factors of a bf16/fp16 layer included: no per-forward cast), else all cast."""
     # ParameterList's own iteration goes through __getitem__ index parsing: ~1.5 µs a factor, every call
-    params = list(factors._parameters.values())
-    if params[0].dtype in factor_dtypes_for(dtype) and all(p.dtype == params[0].dtype for p in params):
-        return params
-    return [p.to(dtype) for p in params]
+    a_params, b_params = list(a_factors._parameters.values()), list(b_factors._parameters.values())
+    if factors_taken_as_they_are([*a_params, *b_params], dtype):
+        return a_params, b_params
+    return [p.to(dtype) for p in a_params], [p.to(dtype) for p in b_params]
 
 
 class MoKALinear(nn.Module):
@@ -242,11 +244,12 @@ class MoKALinear(nn.Module):
         dtype = x.dtype
         adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         bias = self.bias
+        a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         out = moka_linear(
             x,
             self.base_weight(),
-            _as_dtype(self.a_factors, dtype),
-            _as_dtype(self.b_factors, dtype),
+            a_factors,
+            b_factors,
             self.gate_logits,
             None if bias is None else bias.to(dtype),
             self.scale,

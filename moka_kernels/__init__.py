@@ -7,7 +7,7 @@ Public functions:
 * :func:`delta_weight` — the materialized ΔW (for merging and tests).
 """
 
-from .dispatch import factor_dtypes_for, moka_linear, select_backend, validate_moka_inputs
+from .dispatch import factor_dtypes_for, factors_taken_as_they_are, moka_linear, select_backend, validate_moka_inputs
 from .nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
 from .reference import contraction_order, gate_weights
 from .reference import materialized_delta_weight as delta_weight
@@ -21,6 +21,7 @@ __all__ = [
     "delta_weight",
     "dequantize_nf4",
     "factor_dtypes_for",
+    "factors_taken_as_they_are",
     "gate_weights",
     "moka_linear",
     "quantize_nf4",

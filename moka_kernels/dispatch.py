@@ -23,6 +23,7 @@ from .ops import INTERPRET, TRITON_AVAILABLE
 __all__ = [
     "BACKENDS",
     "factor_dtypes_for",
+    "factors_taken_as_they_are",
     "is_finite_real",
     "moka_linear",
     "select_backend",
@@ -169,11 +170,21 @@ def _cast_for_autocast(t, dtype: torch.dtype):
     return t
 
 
-def _factor_for_autocast(t, dtype: torch.dtype):
-    # fp32 factors stay fp32 (the kernels round them to the autocast dtype on load): no cast launches.
-    if isinstance(t, torch.Tensor) and t.dtype in factor_dtypes_for(dtype):
-        return t
-    return _cast_for_autocast(t, dtype)
+def factors_taken_as_they_are(factors: Sequence[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``moka_linear`` takes these factors uncast with activations of ``dtype``: all of one dtype,
+    one of :func:`factor_dtypes_for`. Callers that would otherwise cast (a module, autocast) cast all of
+    them when this is False, so a mix of fp32 and bf16 factors is never half cast."""
+    first = factors[0].dtype
+    return first in factor_dtypes_for(dtype) and all(f.dtype == first for f in factors)
+
+
+def _factors_for_autocast(a_factors, b_factors, dtype: torch.dtype) -> tuple[list, list]:
+    # fp32 factors stay fp32 (rounded to the autocast dtype inside the op): no cast launches
+    if all(isinstance(f, torch.Tensor) for f in (*a_factors, *b_factors)) and factors_taken_as_they_are(
+        [*a_factors, *b_factors], dtype
+    ):
+        return list(a_factors), list(b_factors)
+    return [_cast_for_autocast(a, dtype) for a in a_factors], [_cast_for_autocast(b, dtype) for b in b_factors]
 
 
 def moka_linear(
@@ -220,8 +231,7 @@ def moka_linear(
             return moka_linear(
                 _cast_for_autocast(x, dtype),
                 _cast_for_autocast(weight, dtype),
-                [_factor_for_autocast(a, dtype) for a in a_factors],
-                [_factor_for_autocast(b, dtype) for b in b_factors],
+                *_factors_for_autocast(a_factors, b_factors, dtype),
                 gate_logits,
                 _cast_for_autocast(bias, dtype),
                 scale,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -116,6 +117,21 @@ def test_half_precision_layer_hands_its_fp32_factors_to_the_op_uncast(dtype, mon
     cast = MoKALinear(nn.Linear(36, 24).to(dtype), MoKAConfig(num_components=2, adapter_dtype=dtype))
     cast.load_state_dict(layer.state_dict())
     assert torch.equal(out, cast(x))
+
+
+def test_a_layer_with_factors_of_two_dtypes_casts_them_all():
+    """moka_s with bf16 adapters whose trainable B alone was upcast to fp32 (as PEFT's adapter upcasting
+    does): the op takes one factor dtype, so the module casts every factor rather than half of them."""
+    dtype = torch.bfloat16
+    layer = MoKALinear(nn.Linear(32, 32).to(dtype), MoKAConfig(variant="moka_s", num_components=2, adapter_dtype=dtype))
+    with torch.no_grad():
+        for p in layer.b_factors:
+            p.normal_()
+    reference = copy.deepcopy(layer)
+    for p in layer.b_factors:
+        p.data = p.data.float()
+    x = torch.randn(3, 32, dtype=dtype)
+    assert torch.equal(layer(x), reference(x))
 
 
 def test_warning_free_default_on_llama_shapes():

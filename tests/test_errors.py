@@ -72,6 +72,17 @@ def test_half_activations_take_factors_of_their_dtype_or_fp32_all_alike(problem)
     assert moka_linear(half["x"], half["weight"], a_f, b_f, g, half["bias"]).dtype == torch.bfloat16  # fp32 ok
 
 
+def test_autocast_casts_every_factor_when_their_dtypes_differ(problem):
+    """fp32 factors stay fp32 under autocast only when all are fp32: a mix is cast whole, as F.linear's
+    inputs would be, not left for the validation to refuse."""
+    x, weight, a_f, b_f, g, b = problem
+    mixed_b = [f.detach().bfloat16() for f in b_f]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moka_linear(x, weight, a_f, mixed_b, g, b)
+        cast = moka_linear(x, weight, [f.detach().bfloat16() for f in a_f], mixed_b, g, b)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, cast)
+
+
 def test_factor_device_must_match_x(problem):
     _, _, _, b_f, _, _ = problem
     with pytest.raises(ValueError, match=r"b_factors\[1\]: expected device cpu"):

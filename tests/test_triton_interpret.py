@@ -543,6 +543,19 @@ def test_fp32_factors_with_half_activations_compute_what_cast_factors_do(
         assert torch.equal(again, cast) and not torch.equal(again, mixed), f"forward after a step T={tokens}"
 
 
+def test_fp32_factors_first_seen_under_inference_mode_still_train(monkeypatch):
+    """An eval or generate pass before training: the per-layer bf16 copies made then are normal tensors,
+    so the training call after it can refresh them."""
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    x, w, a32, b32, g, _ = make_problem(24, 36, [(4, 6, 6, 6)], torch.float32, lead=(3,))
+    x_half, weight = x.detach().bfloat16(), w.bfloat16()
+    with torch.inference_mode():
+        first = moka_linear(x_half, weight, a32, b32, g)
+    out = moka_linear(x_half, weight, a32, b32, g)
+    out.float().sum().backward()
+    assert torch.equal(out, first) and a32[0].grad.dtype == torch.float32
+
+
 REQUESTS = {
     "everything": (True, True, True, (True, True, True), (True, True, True)),
     "gate-only": (False, True, False, (False, False, False), (False, False, False)),

@@ -75,6 +75,13 @@ def _launches_on_input_device(fn: Callable) -> Callable:
 _FACTOR_COPIES = _PlanCache()
 
 
+def _new_copies(factors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    # Normal tensors even when the first call runs under inference_mode: inference tensors would refuse
+    # the in-place copy of every later (training) call.
+    with torch.inference_mode(False):
+        return [torch.empty_like(f, dtype=dtype) for f in factors]
+
+
 def factors_in_dtype(
     a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor], dtype: torch.dtype
 ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
@@ -89,7 +96,7 @@ def factors_in_dtype(
         return a_factors, b_factors
     factors = [*a_factors, *b_factors]
     key = (factor_signature(a_factors, b_factors), factors[0].dtype, dtype, factors[0].device)
-    copies = _FACTOR_COPIES.get(key, lambda: [torch.empty_like(f, dtype=dtype) for f in factors])
+    copies = _FACTOR_COPIES.get(key, lambda: _new_copies(factors, dtype))
     torch._foreach_copy_(copies, factors)  # one launch on CUDA (same sizes and strides, any dtypes)
     r = len(a_factors)
     return copies[:r], copies[r:]
