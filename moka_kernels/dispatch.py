@@ -54,8 +54,8 @@ def _shape(t: torch.Tensor | NF4Tensor) -> tuple[int, ...]:
 
 def factor_dtypes_for(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The factor dtypes ``moka_linear`` takes with activations of ``dtype``: the same, or fp32 master
-    factors with bf16/fp16 activations (rounded to the activations' dtype inside the contractions, no
-    cast launches; their gradients come back in fp32)."""
+    factors with bf16/fp16 activations (rounded to the activations' dtype inside the op, without a cast
+    launch per factor; their gradients come back in fp32)."""
     if dtype in (torch.bfloat16, torch.float16):
         return (dtype, torch.float32)
     return (dtype,)
@@ -209,8 +209,8 @@ def moka_linear(
         x: (..., K) input, any leading dims (zero tokens allowed), floating point.
         weight: frozen base W0, a dense (N, K) tensor of x's dtype or an :class:`NF4Tensor`.
         a_factors: r tensors A_i of shape (a1_i, a2_i) on x's device, all of one dtype: x's, or fp32 when
-            x is bf16/fp16 (fp32 master factors: rounded to x's dtype inside the contractions, as a cast
-            would round them, but without cast launches; their gradients come back in fp32).
+            x is bf16/fp16 (fp32 master factors: rounded to x's dtype inside the op, as a cast would round
+            them, but without a cast launch per factor; their gradients come back in fp32).
         b_factors: r tensors B_i of shape (b1_i, b2_i) with a1_i·b1_i = N and a2_i·b2_i = K, A's dtype.
         gate_logits: (r,) logits g, or None for the gate-off ablation (α_i = 1/r, fixed).
         bias: optional (N,) bias.
@@ -224,7 +224,7 @@ def moka_linear(
 
     Under ``torch.autocast`` the op runs as ``F.linear`` does there: x, the dense weight, the factors,
     the bias and adapter_input are cast to the autocast dtype (fp64 excepted; fp32 factors are left to the
-    kernels, which round them the same way), and so is the output.
+    op, which rounds them the same way), and so is the output.
     """
     if isinstance(x, torch.Tensor) and (dtype := _autocast_dtype(x.device.type)) is not None:
         with torch.autocast(x.device.type, enabled=False):

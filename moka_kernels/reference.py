@@ -262,7 +262,7 @@ def finish_factor_grads(
 
 def in_compute_dtype(factors: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
     """The factors as the contractions use them: in the activations' dtype (fp32 factors of a half-precision
-    layer are rounded to it, as the Triton kernels round them on load)."""
+    layer are rounded to it, as the Triton path rounds them into its per-layer copies)."""
     if not factors or factors[0].dtype == dtype:
         return factors
     return [f.to(dtype) for f in factors]
