@@ -27,11 +27,11 @@ status=0
 # benchmarks unwind (their rows are written as they go). -k: SIGKILL 15 s later if that hangs.
 limit() { local seconds=$1; shift; timeout -s INT -k 15 "$seconds" "$@"; }
 if [[ $parts == *,tests,* ]]; then
-  # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels), then the 60-case matrix at
+  # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels and routes), then the 60-case matrix at
   # LLaMA shapes, 4096² first: each new shape and dtype compiles and autotunes, so the matrix may not finish.
-  limit 60 python -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE -p no:cacheprovider \
+  limit 75 python -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE -p no:cacheprovider \
     --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
-  limit 100 python -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE -p no:cacheprovider \
+  limit 85 python -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE -p no:cacheprovider \
     --junitxml "$out/gpu_tests_matrix.xml" 2>&1 | tee "$out/gpu_tests_matrix.log" || status=1
 fi
 if [[ $parts == *,layers,* ]]; then

@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["cpu_target_check", "label", "render"]
+__all__ = ["GPU_TARGETS", "cpu_target_check", "gpu_target_checks", "label", "render"]
 
 # H100/H200-class peaks (REFERENCE.md §6, measured on an H200) for the GPU rows' roofline column.
 PEAK_FLOPS = 790e12
@@ -132,6 +132,50 @@ def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
     return out
 
 
+# The benchmarks issue's GPU layer targets: (what, numerator, denominator, mode, token counts, bound).
+# A ratio ≤ bound is met; the bnb-over-ours row is a speedup, so its bound is a floor (≥).
+GPU_TARGETS = [
+    ("fused NF4+MoKA fwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t == 4096, 1.15),
+    ("fused NF4+MoKA fwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, 1.05),
+    ("fused NF4+MoKA fwd+bwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd+bwd", lambda t: True, 1.3),
+    ("our NF4 base / dequantize + cuBLAS (bnb)", "ours_nf4[nf4]", "bnb_nf4[nf4]", "fwd", lambda t: t >= 512, 1.1),
+    ("our NF4 base / dequantize + cuBLAS (bnb)", "ours_nf4[nf4]", "bnb_nf4[nf4]", "fwd+bwd", lambda t: t >= 512, 1.1),
+    ("dequantize + cuBLAS (bnb) / our NF4 base", "bnb_nf4[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -2.0),
+]
+
+
+def gpu_target_checks(rows: list[dict]) -> list[dict]:
+    """Every GPU layer target on every layer and token count that has both rows: ratio, bound and whether
+    it is met (negative bounds are floors: the ratio must be at least |bound|)."""
+    idx = _index(rows)
+    checks = []
+    for n, k, t in sorted({(r["n_out"], r["k_in"], r["tokens"]) for r in rows}):
+        for what, num, den, mode, applies, bound in GPU_TARGETS:
+            top, bottom = idx.get((n, k, t, num, mode)), idx.get((n, k, t, den, mode))
+            if not applies(t) or top is None or bottom is None:
+                continue
+            ratio = top["ms"] / bottom["ms"]
+            met = ratio >= -bound if bound < 0 else ratio <= bound
+            checks.append(dict(target=what, layer=f"{n}×{k}", tokens=t, mode=mode, ratio=ratio, bound=bound, met=met))
+    return checks
+
+
+def _gpu_target_lines(rows: list[dict]) -> list[str]:
+    checks = gpu_target_checks(rows)
+    if not checks:
+        return []
+    met = sum(c["met"] for c in checks)
+    lines = ["", f"GPU layer targets ({met} of {len(checks)} met):", ""]
+    lines += ["| target | layer | T | mode | ratio | bound | |", "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        bound = f"≥ {-c['bound']:.2f}×" if c["bound"] < 0 else f"≤ {c['bound']:.2f}×"
+        verdict = "met" if c["met"] else "MISSED"
+        lines.append(
+            f"| {c['target']} | {c['layer']} | {c['tokens']} | {c['mode']} | {c['ratio']:.2f}× | {bound} | {verdict} |"
+        )
+    return lines
+
+
 def render(path: Path) -> Path:
     """Write ``<stem>.md`` and ``<stem>-*.png`` next to the JSON file; returns the markdown path."""
     path = Path(path)
@@ -153,6 +197,7 @@ def render(path: Path) -> Path:
             f"share of {100 * check['adapter_flop_share']:.1f}% = {check['overhead_over_share']:.2f}× the share "
             f"(target ≤ {check['overhead_target']}×): {'met' if check['overhead_over_share'] <= 1.5 else 'MISSED'}",
         ]
+    lines += _gpu_target_lines(rows) if gpu else []
     lines += share_table(rows, "moka_triton[dense]" if gpu else "moka_torch[dense]")
     for mode in ("fwd", "fwd+bwd", "bwd"):
         lines += _table(rows, mode, gpu)

@@ -8,7 +8,9 @@ the bytes autograd saves for backward.
 Providers (all on the same W0, x and dy):
 
 * base alone: ``dense_linear`` (F.linear), ``bnb_nf4`` (bitsandbytes ``matmul_4bit``), ``ours_nf4``
-  (our NF4 GEMM: Triton kernels on CUDA, dequantize + GEMM on CPU);
+  (our NF4 base as ``moka_linear`` runs it: on CUDA the fused Triton dequant-GEMMs below
+  ``DEQUANTIZE_MIN_TOKENS`` tokens, our one-launch decode + cuBLAS from there; dequantize + GEMM on CPU),
+  ``ours_nf4_fused`` (CUDA: the fused Triton GEMMs at every T, to place ``DEQUANTIZE_MIN_TOKENS``);
 * adapters: ``moka_torch`` / ``moka_triton`` (ours, NF4 or dense base), ``lokr_materialized`` (PEFT LoKr's
   way: ΔW = Σ α_i kron(A_i, B_i) every step, then a full-size F.linear on a dense base), ``lora_r16``,
   ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at MoKA's trainable-parameter count).
@@ -16,8 +18,10 @@ Providers (all on the same W0, x and dy):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,6 +93,23 @@ def _peft_lora(base: nn.Module, rank: int) -> tuple[nn.Module, list[torch.Tensor
     return model, params
 
 
+@contextlib.contextmanager
+def _nf4_route(route: str | None):
+    """``MOKA_NF4_ROUTE`` = ``route`` while inside (``None``: leave the library's choice)."""
+    if route is None:
+        yield
+        return
+    previous = os.environ.get("MOKA_NF4_ROUTE")
+    os.environ["MOKA_NF4_ROUTE"] = route
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MOKA_NF4_ROUTE")
+        else:
+            os.environ["MOKA_NF4_ROUTE"] = previous
+
+
 def _linear4bit(w_nf4, dtype):
     from moka.bnb_compat import linear4bit_from_nf4
 
@@ -139,21 +160,31 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
         layer = _linear4bit(nf4(w_dense), dtype)
         state = layer.weight.quant_state
         return Case(lambda x: bnb.matmul_4bit(x, layer.weight.t(), quant_state=state), frozen=persistent)
-    if provider == "ours_nf4":
+    if provider in ("ours_nf4", "ours_nf4_fused"):
         w_nf4 = nf4(w_dense)
         if device.type == "cuda":
-            from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
+            from moka_kernels.ops import fused_linear
+
+            route = "fused" if provider == "ours_nf4_fused" else None  # None: the library's choice by T
 
             class _NF4Base(torch.autograd.Function):
                 @staticmethod
                 def forward(ctx, x):
-                    return nf4_matmul(x, w_nf4)
+                    with _nf4_route(route):
+                        return fused_linear._base_matmul(x, w_nf4, None, None)
 
                 @staticmethod
                 def backward(ctx, dy):
-                    return nf4_matmul_t(dy.contiguous(), w_nf4)
+                    with _nf4_route(route):
+                        return fused_linear._base_matmul_t(dy.contiguous(), w_nf4, None)
 
-            return Case(_NF4Base.apply, note="Triton nf4_matmul / nf4_matmul_t", frozen=persistent)
+            note = (
+                "Triton nf4_matmul / nf4_matmul_t at every T"
+                if route
+                else "as moka_linear runs it: Triton nf4_matmul(_t) below DEQUANTIZE_MIN_TOKENS, "
+                "nf4_dequantize + cuBLAS from there"
+            )
+            return Case(_NF4Base.apply, note=note, frozen=persistent)
         return Case(
             lambda x: F.linear(x, dequantize_nf4(w_nf4, x.dtype)), note="dequantize + GEMM (CPU)", frozen=persistent
         )
@@ -203,6 +234,7 @@ PROVIDERS = (
     "dense_linear",
     "bnb_nf4",
     "ours_nf4",
+    "ours_nf4_fused",
     "moka_torch",
     "moka_triton",
     "lokr_materialized",

@@ -51,7 +51,7 @@ CPU_PROVIDERS = [
     ("lora_r16", "nf4"),
     ("lora_r32", "nf4"),
 ]
-CUDA_PROVIDERS = [*CPU_PROVIDERS, ("moka_triton", "nf4"), ("moka_triton", "dense")]
+CUDA_PROVIDERS = [*CPU_PROVIDERS, ("ours_nf4_fused", "nf4"), ("moka_triton", "nf4"), ("moka_triton", "dense")]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 

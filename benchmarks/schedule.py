@@ -4,7 +4,9 @@
 program per token, tile and component, fp32 atomics into a zeroed buffer) or ``rowwise`` (a program per
 token, owning its output row through all components). ``ROWWISE_MIN_TOKENS`` picks between them; this
 sweep measures both at each token count, for the adapter forward and its dx, next to our NF4 base GEMM
-alone, so a GPU run can set the threshold from data; at T ≤ 16 also the whole decode forward with the
+alone, so a GPU run can set the threshold from data; the NF4 base by its two routes (``nf4-fwd`` /
+``nf4-dx``: the fused dequant-GEMM kernels, or ``nf4_dequantize`` + cuBLAS), to set
+``nf4_matmul.DEQUANTIZE_MIN_TOKENS`` the same way; at T ≤ 16 also the whole decode forward with the
 adapter's programs inside the NF4 GEMV's launch (``fused``) and as their own launch (``separate``,
 ``MOKA_DECODE_FUSION=0``); and the adapter forward with the tile sizes of the previous policy
 (``fwd-maxtiles``: each the largest any component needs, ``MOKA_TILE_POLICY=max``) against the chooser's
@@ -32,6 +34,7 @@ from moka_kernels import quantize_nf4
 from .run import RESULTS, conditions, make_timer, write_json
 
 SCHEDULES = ("atomic", "rowwise")
+ROUTE_MIN_SWEPT = 64  # below this the NF4 base takes the fused (decode) route whatever the threshold
 
 
 def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype, measure) -> dict:
@@ -48,7 +51,15 @@ def measure_schedules(n_out: int, k_in: int, tokens: int, r: int, device, dtype,
     logits = torch.randn(len(shapes), generator=gen).to(device)
     coeffs = torch.softmax(logits, 0)
     weight = quantize_nf4((torch.randn(n_out, k_in, generator=gen) * 0.02).to(device, dtype))
-    row = {"nf4 base": measure(lambda: nf4_matmul(x, weight))}
+    row = {"nf4-fwd fused": measure(lambda: nf4_matmul(x, weight))}
+    if tokens >= ROUTE_MIN_SWEPT:  # the NF4 base's two routes, to place DEQUANTIZE_MIN_TOKENS
+        from moka_kernels.ops.fused_linear import _base_matmul, _base_matmul_t
+
+        for route in ("fused", "dequantize"):
+            with mock.patch.dict(os.environ, {"MOKA_NF4_ROUTE": route}):
+                if route == "dequantize":
+                    row["nf4-fwd dequantize"] = measure(lambda: _base_matmul(x, weight, None, None))
+                row[f"nf4-dx {route}"] = measure(lambda: _base_matmul_t(dy, weight, None))
     if tokens <= 16:  # the decode forward: adapter programs inside the GEMV's launch, or their own launch
         from moka_kernels.ops.fused_linear import moka_forward_triton
 
@@ -75,14 +86,16 @@ def _once(fn) -> float:
 
 def render(path: Path) -> Path:
     data = json.loads(path.read_text())
-    columns = ["nf4 base"] + [f"{kind} {s}" for kind in ("fwd", "fwd-maxtiles", "dx") for s in SCHEDULES]
+    columns = [f"nf4-{kind} {route}" for kind in ("fwd", "dx") for route in ("fused", "dequantize")]
+    columns += [f"{kind} {s}" for kind in ("fwd", "fwd-maxtiles", "dx") for s in SCHEDULES]
     columns += ["decode fwd fused", "decode fwd separate"]
     lines = [
         f"# Adapter schedules: {path.stem}",
         "",
         "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
         "",
-        "ms per call (median); the NF4 base GEMM alone for scale; the faster schedule in bold.",
+        "ms per call (median); the NF4 base alone by both routes (the fused dequant-GEMM, and one decode launch +"
+        " cuBLAS), forward and dx; the faster of each pair in bold.",
         "",
         "| layer | r | T | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),

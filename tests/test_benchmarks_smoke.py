@@ -199,6 +199,43 @@ def test_gpu_results_render_with_roofline_column(tmp_path):
     assert "| ours_nf4[nf4] | 0 | 0 | 1,024 | 0.500 (2.00×) 35% |" in text
 
 
+def test_gpu_targets_are_checked_on_every_row_they_apply_to(tmp_path):
+    """Hand-made GPU rows: each target is computed where it applies (by T and mode), met or MISSED."""
+
+    def row(provider, tokens, mode, ms):
+        return dict(provider=provider, base="nf4", n_out=4096, k_in=4096, tokens=tokens, mode=mode, ms=ms)
+
+    rows = [
+        row("ours_nf4", 16, "fwd", 0.010),
+        row("moka_triton", 16, "fwd", 0.0104),  # 1.04× ≤ 1.05: met
+        row("bnb_nf4", 16, "fwd", 0.019),  # 1.9× faster than bnb, < 2: MISSED
+        row("ours_nf4", 4096, "fwd", 0.300),
+        row("moka_triton", 4096, "fwd", 0.360),  # 1.20× > 1.15: MISSED
+        row("bnb_nf4", 4096, "fwd", 0.290),  # ours 1.03× bnb ≤ 1.1: met
+        row("ours_nf4", 4096, "fwd+bwd", 0.9),
+        row("moka_triton", 4096, "fwd+bwd", 1.08),  # 1.2× ≤ 1.3: met
+    ]
+    checks = {(c["target"], c["tokens"], c["mode"]): c for c in plot.gpu_target_checks(rows)}
+    fused, base_vs_bnb = "fused NF4+MoKA fwd / our NF4 base", "our NF4 base / dequantize + cuBLAS (bnb)"
+    expected = {
+        (fused, 16, "fwd"): (1.04, True),
+        ("dequantize + cuBLAS (bnb) / our NF4 base", 16, "fwd"): (1.9, False),
+        (fused, 4096, "fwd"): (1.2, False),
+        (base_vs_bnb, 4096, "fwd"): (0.3 / 0.29, True),
+        ("fused NF4+MoKA fwd+bwd / our NF4 base", 4096, "fwd+bwd"): (1.2, True),
+    }
+    assert checks.keys() == expected.keys()  # the T ≤ 16 fwd bound is not applied at 4096, nor 1.15 at 16
+    for key, (ratio, met) in expected.items():
+        assert abs(checks[key]["ratio"] - ratio) < 1e-9 and checks[key]["met"] is met, key
+    path = tmp_path / "layers-cuda.json"
+    full = [dict(r, trainable=0, saved_bytes=0, peak_bytes=None, note="") for r in rows]
+    path.write_text(json.dumps({"conditions": {"device": "NVIDIA H200"}, "rows": full}))
+    text = plot.render(path).read_text()
+    assert "GPU layer targets (3 of 5 met):" in text
+    assert "| fused NF4+MoKA fwd / our NF4 base | 4096×4096 | 4096 | fwd | 1.20× | ≤ 1.15× | MISSED |" in text
+    assert "| dequantize + cuBLAS (bnb) / our NF4 base | 4096×4096 | 16 | fwd | 1.90× | ≥ 2.00× | MISSED |" in text
+
+
 def test_random_llama_preset_quantizes_in_memory_and_trains(monkeypatch):
     """The GPU e2e model (a LLaMA preset with random weights, NF4 in memory), at toy size on CPU."""
     import bitsandbytes as bnb
@@ -300,11 +337,12 @@ def test_schedule_sweep_smoke(tmp_path):
     assert schedule.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "schedule-smoke.json").read_text())
     assert [row["tokens"] for row in data["rows"]] == [1, 64]
-    expected = {"nf4 base", "fwd atomic", "fwd rowwise", "dx atomic", "dx rowwise", "fwd-maxtiles atomic"}
+    expected = {"nf4-fwd fused", "fwd atomic", "fwd rowwise", "dx atomic", "dx rowwise", "fwd-maxtiles atomic"}
     expected |= {"fwd-maxtiles rowwise"}
     decode = {"decode fwd fused", "decode fwd separate"}
+    routes = {"nf4-fwd dequantize", "nf4-dx fused", "nf4-dx dequantize"}
     for row in data["rows"]:
-        assert set(row["ms"]) == (expected | decode if row["tokens"] <= 16 else expected)
+        assert set(row["ms"]) == (expected | decode if row["tokens"] <= 16 else expected | routes)
         assert min(row["ms"].values()) > 0
     assert "| 64×128 | 5 | 64 |" in (tmp_path / "schedule-smoke.md").read_text()
 

@@ -457,6 +457,24 @@ FUSED = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("kind", "n_out", "k_in", "shapes"), FUSED, ids=[f[0] + f"-{f[1]}x{f[2]}" for f in FUSED])
 def test_fused_op_matches_reference(kind, n_out, k_in, shapes, dtype, deterministic, monkeypatch):
+    _check_fused_op(kind, n_out, k_in, shapes, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n_out", "k_in", "shapes"), [f[1:] for f in FUSED if f[0] == "nf4"], ids=["40x96", "48x64"])
+def test_fused_op_on_the_dequantize_route_matches_reference(n_out, k_in, shapes, dtype, monkeypatch):
+    """Forced at every T (from 0 to 33 tokens here, the decode path's too): the NF4 base runs as one decode
+    launch + cuBLAS, never the fused GEMMs."""
+    import moka_kernels.ops.nf4_matmul as nm
+
+    monkeypatch.setenv("MOKA_NF4_ROUTE", "dequantize")
+    for fused_gemm in ("nf4_matmul", "nf4_matmul_t", "nf4_matmul_accumulate"):
+        monkeypatch.setattr(nm, fused_gemm, mock.Mock(side_effect=AssertionError(f"{fused_gemm} called")))
+    _check_fused_op("nf4", n_out, k_in, shapes, dtype, monkeypatch)
+
+
+def _check_fused_op(kind, n_out, k_in, shapes, dtype, monkeypatch):
+    """moka_linear on the Triton backend against the materialized fp64 reference: forward, every gradient."""
     monkeypatch.setenv("MOKA_BACKEND", "triton")
     for tokens, gate, bias, dropout_like in [
         (0, True, True, False),
@@ -742,6 +760,67 @@ def test_autotuning_keeps_the_partial_sums_an_accumulating_call_adds_to(monkeypa
     acc = partial.clone()
     nm.nf4_matmul_accumulate(x, q, acc)
     torch.testing.assert_close(acc, partial + x @ dequantize_nf4(q, torch.float32).T, rtol=1e-4, atol=1e-4)
+
+
+NF4_DECODE_LAYERS = [(37, 96, 32), (100, 320, 64), (5, 1024, 512), (64, 256, 256)]  # (N, K, blocksize)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n_out", "k_in", "blocksize"), NF4_DECODE_LAYERS, ids=str)
+def test_nf4_dequantize_kernel_matches_the_reference_bit_for_bit(n_out, k_in, blocksize, dtype, double_quant):
+    """Odd N, K not a multiple of the 256-wide tile, blocksizes below, at and above it (512: two tiles per
+    block). fp32/fp16 are bit-exact; the interpreter truncates fp32 → bf16 casts (a GPU rounds), so bf16
+    agrees with the reference's round-to-nearest to one bf16 ulp here (bit for bit in tests/test_gpu.py)."""
+    from moka_kernels.ops.nf4_dequantize import nf4_dequantize
+
+    w = quantize_nf4(torch.randn(n_out, k_in) * 0.1, blocksize, double_quant)
+    ours, reference = nf4_dequantize(w, dtype), dequantize_nf4(w, dtype)
+    assert ours.dtype == dtype and ours.shape == (n_out, k_in) and not torch.isnan(ours).any()
+    if dtype == torch.bfloat16:
+        exact = dequantize_nf4(w, torch.float32)
+        assert ((ours.float() - exact).abs() <= exact.abs() * 2**-7).all()
+        assert ((ours.float() - reference.float()).abs() <= reference.float().abs() * 2**-7).all()
+    else:
+        assert torch.equal(ours, reference)
+    out = torch.full((n_out, k_in), float("nan"), dtype=dtype)
+    assert nf4_dequantize(w, dtype, out=out) is out and torch.equal(out, ours)
+
+
+def test_nf4_route_follows_the_token_count_and_its_override(monkeypatch):
+    import moka_kernels.ops.nf4_matmul as nm
+
+    monkeypatch.delenv("MOKA_NF4_ROUTE", raising=False)
+    assert nm.nf4_route(nm.DEQUANTIZE_MIN_TOKENS - 1) == "fused"
+    assert nm.nf4_route(nm.DEQUANTIZE_MIN_TOKENS) == "dequantize"
+    monkeypatch.setenv("MOKA_NF4_ROUTE", "fused")
+    assert nm.nf4_route(10**6) == "fused"
+    monkeypatch.setenv("MOKA_NF4_ROUTE", "Dequantize")
+    assert nm.nf4_route(1) == "dequantize"
+    monkeypatch.setenv("MOKA_NF4_ROUTE", "cublas")
+    with pytest.raises(ValueError, match=r"MOKA_NF4_ROUTE: expected one of \['auto', 'fused', 'dequantize'\]"):
+        nm.nf4_route(1)
+
+
+def test_the_dequantize_route_is_one_decode_launch_and_one_gemm(monkeypatch):
+    """At DEQUANTIZE_MIN_TOKENS tokens the NF4 base decodes W once (one kernel) and runs one addmm with the
+    adapter output and bias in its beta term; one token below, the fused GEMM runs instead."""
+    import moka_kernels.ops.fused_linear as fl
+    import moka_kernels.ops.nf4_matmul as nm
+
+    monkeypatch.delenv("MOKA_NF4_ROUTE", raising=False)
+    monkeypatch.setattr(nm, "DEQUANTIZE_MIN_TOKENS", 9)
+    w = quantize_nf4(torch.randn(40, 96) * 0.1, 32)
+    add, bias = torch.randn(9, 40), torch.randn(40)
+    decodes = mock.Mock(wraps=fl.nf4_dequantize)
+    monkeypatch.setattr(fl, "nf4_dequantize", decodes)
+    dense = dequantize_nf4(w, torch.float32)
+    for tokens, route_decodes in ((9, 1), (8, 0)):
+        decodes.reset_mock()
+        x, dy = torch.randn(tokens, 96), torch.randn(tokens, 40)
+        torch.testing.assert_close(fl._base_matmul(x, w, add[:tokens], bias), x @ dense.T + add[:tokens] + bias)
+        torch.testing.assert_close(fl._base_matmul_t(dy, w, None), dy @ dense)
+        assert decodes.call_count == 2 * route_decodes, tokens
 
 
 def test_split_k_follows_the_device_multiprocessor_count(monkeypatch):

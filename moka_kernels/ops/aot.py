@@ -65,11 +65,12 @@ class Result:
 
 
 def _kernels():
-    from . import kron_mixture, nf4_matmul
+    from . import kron_mixture, nf4_dequantize, nf4_matmul
 
     return {
         "_nf4_matmul_kernel": nf4_matmul._nf4_matmul_kernel.fn,
         "_nf4_matmul_t_kernel": nf4_matmul._nf4_matmul_t_kernel.fn,
+        "_nf4_dequantize_kernel": nf4_dequantize._nf4_dequantize_kernel,
         "_kron_sandwich_rowwise_kernel": kron_mixture._kron_sandwich_rowwise_kernel,
         "_kron_sandwich_grouped_kernel": kron_mixture._kron_sandwich_grouped_kernel,
         "_kron_token_reduce_grouped_kernel": kron_mixture._kron_token_reduce_grouped_kernel,
@@ -144,6 +145,15 @@ def variants() -> list[Variant]:
             out.append(
                 Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages, False)
             )
+        # The large-batch route's decode: double quantization or fp32 scales; a blocksize below the 256-wide
+        # tile and one above it (two tiles per block).
+        from .nf4_dequantize import DEQUANTIZE_BLOCK_K, DEQUANTIZE_BLOCK_N, DEQUANTIZE_WARPS
+
+        for double_quant, blocksize in ((True, 64), (False, 512)):
+            ptrs = dict(nf4_pointers, out_ptr=f"*{dtype}", absmax_ptr="*u8" if double_quant else "*fp32")
+            flags = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant)
+            flags.update(BLOCK_N=DEQUANTIZE_BLOCK_N, BLOCK_K=DEQUANTIZE_BLOCK_K)
+            out.append(Variant("_nf4_dequantize_kernel", ptrs, flags, DEQUANTIZE_WARPS, 3))
         # bf16: every tile set the chooser can pick, gated by the logits' dtype; fp16 and the other gate
         # modes: the maximal sets (the others are no larger, size by size). The ``max`` policy's largest
         # set (64⁴, kept for the GPU sweep) must compile but may spill.

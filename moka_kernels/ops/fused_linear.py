@@ -51,6 +51,7 @@ from .kron_mixture import (
     kron_mixture_backward_dx,
     kron_mixture_forward,
 )
+from .nf4_dequantize import nf4_dequantize
 
 __all__ = ["factors_in_dtype", "moka_backward_triton", "moka_forward_triton", "on_device_of"]
 
@@ -102,13 +103,28 @@ def factors_in_dtype(
     return copies[:r], copies[r:]
 
 
+def _dense_base(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 as a dense tensor for cuBLAS: itself, or the NF4 weight decoded (one launch where the kernels
+    take its layout, the reference's torch ops otherwise)."""
+    if not isinstance(weight, NF4Tensor):
+        return weight
+    return nf4_dequantize(weight, dtype) if nf4_ops.supports(weight) else dequantize_nf4(weight, dtype)
+
+
+def _fused_nf4(weight: torch.Tensor | NF4Tensor, num_tokens: int) -> bool:
+    """Whether the base GEMM decodes the NF4 bytes in its inner loop (few tokens) rather than running
+    cuBLAS on a decoded copy (many tokens: ``nf4_matmul.nf4_route``)."""
+    return isinstance(weight, NF4Tensor) and nf4_ops.supports(weight) and nf4_ops.nf4_route(num_tokens) == "fused"
+
+
 def _base_matmul(
     x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x · W0ᵀ + add + bias, with add (fp32) and bias joining in the GEMM's epilogue."""
-    if isinstance(weight, NF4Tensor) and nf4_ops.supports(weight):
+    """x · W0ᵀ + add + bias: add (fp32) and bias join in the fused NF4 GEMM's epilogue, or in cuBLAS's
+    beta term (add rounded to x's dtype first, as for a dense base)."""
+    if _fused_nf4(weight, x2d.shape[0]):
         return nf4_ops.nf4_matmul(x2d, weight, add=add, bias=bias)
-    dense = dequantize_nf4(weight, x2d.dtype) if isinstance(weight, NF4Tensor) else weight
+    dense = _dense_base(weight, x2d.dtype)
     base_in = add.to(x2d.dtype) if add is not None else None
     if bias is not None:
         base_in = bias.expand(x2d.shape[0], -1) if base_in is None else base_in + bias
@@ -118,10 +134,10 @@ def _base_matmul(
 
 
 def _base_matmul_t(grad_out: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None):
-    """dy · W0 (+ add), reading NF4 bytes in place."""
-    if isinstance(weight, NF4Tensor) and nf4_ops.supports(weight):
+    """dy · W0 (+ add): the NF4 bytes read in place by the fused kernel, or cuBLAS on a decoded copy."""
+    if _fused_nf4(weight, grad_out.shape[0]):
         return nf4_ops.nf4_matmul_t(grad_out, weight, add=add)
-    dense = dequantize_nf4(weight, grad_out.dtype) if isinstance(weight, NF4Tensor) else weight
+    dense = _dense_base(weight, grad_out.dtype)
     if add is None:
         return grad_out @ dense
     return torch.addmm(add.to(grad_out.dtype), grad_out, dense)
@@ -158,8 +174,11 @@ def moka_forward_triton(
 
 
 def _decode_fusion(x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor) -> bool:
-    """Few tokens on an NF4 base with atomics allowed: the base takes the split-K path anyway."""
+    """Few tokens on an NF4 base with atomics allowed: the base takes the split-K path anyway (unless
+    ``MOKA_NF4_ROUTE=dequantize`` sends every NF4 GEMM through a decoded copy)."""
     if not (isinstance(weight, NF4Tensor) and nf4_ops.supports(weight) and grouped_launch_allowed()):
+        return False
+    if nf4_ops.nf4_route(x2d.shape[0]) != "fused":
         return False
     return nf4_ops.split_k_for(x2d.shape[0], weight.shape[0], weight.shape[1]) > 1 and x2d.shape[0] > 0
 

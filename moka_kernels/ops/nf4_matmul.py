@@ -33,6 +33,7 @@ reference up to the GEMM's summation order.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -43,11 +44,14 @@ from . import INTERPRET, dot_in_fp32, new_output
 from .kron_mixture import AdapterLaunch, grouped_sandwich_program
 
 __all__ = [
+    "DEQUANTIZE_MIN_TOKENS",
     "NF4_MATMUL_CONFIGS",
     "NF4_MATMUL_T_CONFIGS",
+    "NF4_ROUTES",
     "nf4_matmul",
     "nf4_matmul_accumulate",
     "nf4_matmul_t",
+    "nf4_route",
     "split_k_for",
     "supports",
 ]
@@ -427,6 +431,27 @@ def supports(w: NF4Tensor) -> bool:
     whole blocks) dividing K, and fewer than 2^31 elements (the kernels index W in 32 bits)."""
     power_of_two = w.blocksize & (w.blocksize - 1) == 0
     return power_of_two and w.shape[1] % w.blocksize == 0 and w.numel() < 2**31
+
+
+# From this many tokens on, the NF4 base runs as dequantize (one launch, ``nf4_dequantize``) + cuBLAS
+# instead of the fused dequant-GEMM. A guess from the roofline, not yet from a GPU (docs/design.md §5.1):
+# at 4096² and T = 512 a bf16 GEMM takes ~25 µs on an H100-class GPU at cuBLAS's efficiency, and the
+# dense copy one pass over W (~10 µs); the fused kernel, decoding W in every M-tile's inner loop, is not
+# expected within 1.4× of cuBLAS there. ``benchmarks.schedule`` (nf4-fwd / nf4-dx at T = 128 … 4096) and
+# the layer providers ``ours_nf4`` / ``ours_nf4_fused`` time both routes side by side to set it.
+DEQUANTIZE_MIN_TOKENS = 512
+NF4_ROUTES = ("auto", "fused", "dequantize")
+
+
+def nf4_route(num_tokens: int) -> str:
+    """``"fused"`` (the dequant-GEMM kernels) or ``"dequantize"`` (W decoded to a dense copy, then cuBLAS)
+    for a GEMM over ``num_tokens`` rows; ``MOKA_NF4_ROUTE`` = ``fused`` | ``dequantize`` forces one."""
+    forced = os.environ.get("MOKA_NF4_ROUTE", "auto").strip().lower() or "auto"
+    if forced not in NF4_ROUTES:
+        raise ValueError(f"MOKA_NF4_ROUTE: expected one of {list(NF4_ROUTES)}, got {forced!r}")
+    if forced != "auto":
+        return forced
+    return "dequantize" if num_tokens >= DEQUANTIZE_MIN_TOKENS else "fused"
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int | None = None) -> int:
