@@ -163,3 +163,21 @@ def test_fp32_gate_logits_with_half_activations_are_a_variant():
     }
     for kernel in ("_kron_sandwich_grouped_kernel", "_kron_sandwich_rowwise_kernel"):
         assert (kernel, "*bf16", "*fp32", 1) in pairs and (kernel, "*bf16", "*bf16", 1) in pairs
+
+
+def test_the_nf4_decode_compiles_without_fma_contraction():
+    """nf4_dequantize promises bit-exactness to the torch reference, whose double-quantized scale is a
+    multiply and an add, each rounded: its PTX (launched with enable_fp_fusion=False) must hold no fused
+    fp32 multiply-add, which the default compile would emit for code8[q]·absmax2 + offset."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import dataclasses, moka_kernels.ops.aot as aot;"
+        "v = next(v for v in aot.variants() if v.kernel == '_nf4_dequantize_kernel'"
+        " and v.constexprs['DOUBLE_QUANT']);"
+        "fused = dataclasses.replace(v, fp_fusion=True);"
+        "print(aot.compile_for(v, 90).asm['ptx'].count('fma.rn.f32'),"
+        " aot.compile_for(fused, 90).asm['ptx'].count('fma.rn.f32'))"
+    )
+    out = subprocess.check_output([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, text=True)
+    unfused, fused = map(int, out.split()[-2:])
+    assert unfused == 0 and fused > 0  # the check can see an FMA: the default compile has some

@@ -460,14 +460,16 @@ def test_fused_op_matches_reference(kind, n_out, k_in, shapes, dtype, determinis
     _check_fused_op(kind, n_out, k_in, shapes, dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("schedule", ["atomic", "rowwise"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("n_out", "k_in", "shapes"), [f[1:] for f in FUSED if f[0] == "nf4"], ids=["40x96", "48x64"])
-def test_fused_op_on_the_dequantize_route_matches_reference(n_out, k_in, shapes, dtype, monkeypatch):
+def test_fused_op_on_the_dequantize_route_matches_reference(n_out, k_in, shapes, dtype, schedule, monkeypatch):
     """Forced at every T (from 0 to 33 tokens here, the decode path's too): the NF4 base runs as one decode
     launch + cuBLAS, never the fused GEMMs."""
     import moka_kernels.ops.nf4_matmul as nm
 
     monkeypatch.setenv("MOKA_NF4_ROUTE", "dequantize")
+    monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", schedule)  # rowwise: the adapter rows come in x's dtype
     for fused_gemm in ("nf4_matmul", "nf4_matmul_t", "nf4_matmul_accumulate"):
         monkeypatch.setattr(nm, fused_gemm, mock.Mock(side_effect=AssertionError(f"{fused_gemm} called")))
     _check_fused_op("nf4", n_out, k_in, shapes, dtype, monkeypatch)
@@ -787,6 +789,60 @@ def test_nf4_dequantize_kernel_matches_the_reference_bit_for_bit(n_out, k_in, bl
     assert nf4_dequantize(w, dtype, out=out) is out and torch.equal(out, ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rowwise_adapter_rows_in_the_inputs_dtype(dtype, monkeypatch):
+    """out_dtype: the rowwise schedule writes the adapter's rows in x's dtype (sums in fp32 registers, one
+    rounding per component); the atomic schedule always returns fp32."""
+    shapes = [(8, 12, 5, 8), (2, 32, 20, 3), (40, 2, 1, 48)]
+    x, _, a_f, b_f, g, _ = make_problem(40, 96, shapes, dtype, lead=(9,), gate=True, bias=False)
+    x, a_f, b_f, g = x.detach(), [t.detach() for t in a_f], [t.detach() for t in b_f], g.detach()
+    dy = torch.randn(9, 40).to(dtype)
+    monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "rowwise")
+    wide = kron_mixture_forward(x, a_f, b_f, gate_logits=g)
+    wide_dx = kron_mixture_backward_dx(dy, a_f, b_f, gate_logits=g)
+    narrow = kron_mixture_forward(x, a_f, b_f, gate_logits=g, out_dtype=dtype)
+    narrow_dx = kron_mixture_backward_dx(dy, a_f, b_f, gate_logits=g, out_dtype=dtype)
+    assert wide.dtype == wide_dx.dtype == torch.float32 and narrow.dtype == narrow_dx.dtype == dtype
+    _check(narrow, wide.double(), dtype, "forward rows in x's dtype")
+    _check(narrow_dx, wide_dx.double(), dtype, "dx rows in x's dtype")
+    monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "atomic")
+    assert kron_mixture_forward(x, a_f, b_f, gate_logits=g, out_dtype=dtype).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-fused", "nf4-dequantize"])
+def test_adapter_rows_come_in_the_dtype_the_base_gemm_adds(kind, monkeypatch):
+    """cuBLAS (dense base, NF4 dequantize route) adds the adapter rows in x's dtype, so they are asked for in
+    it (no fp32 → bf16 pass); the fused NF4 GEMMs' epilogues read fp32."""
+    import moka_kernels.ops.fused_linear as fl
+
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "rowwise")
+    monkeypatch.setenv("MOKA_NF4_ROUTE", kind.removeprefix("nf4-") if kind != "dense" else "auto")
+    shapes = auto_component_shapes(48, 64, 3)
+    x, w_dense, a_f, b_f, g, bias = make_problem(48, 64, shapes, torch.bfloat16, lead=(33,), gate=True, bias=True)
+    weight = w_dense if kind == "dense" else quantize_nf4(w_dense.float(), blocksize=32)
+    spies = {}
+    for name in ("kron_mixture_forward", "kron_mixture_backward_dx"):
+        spies[name] = mock.Mock(wraps=getattr(fl, name))
+        monkeypatch.setattr(fl, name, spies[name])
+    moka_linear(x, weight, a_f, b_f, g, bias).sum().backward()
+    expected = torch.float32 if kind == "nf4-fused" else torch.bfloat16
+    for name, spy in spies.items():
+        assert spy.call_count == 1 and spy.call_args.kwargs["out_dtype"] == expected, name
+
+
+def test_nf4_decode_is_launched_without_fma_contraction(monkeypatch):
+    """The launch flag that keeps the GPU decode bit-exact (its compiled PTX is checked in test_aot_compile)."""
+    import moka_kernels.ops.nf4_dequantize as nd
+
+    launches = []
+    fake = mock.MagicMock()
+    fake.__getitem__.return_value = lambda *args, **kwargs: launches.append(kwargs)
+    monkeypatch.setattr(nd, "_nf4_dequantize_kernel", fake)
+    nd.nf4_dequantize(quantize_nf4(torch.randn(8, 64), 32), torch.float16)
+    assert len(launches) == 1 and launches[0]["enable_fp_fusion"] is False
+
+
 def test_nf4_route_follows_the_token_count_and_its_override(monkeypatch):
     import moka_kernels.ops.nf4_matmul as nm
 
@@ -797,6 +853,14 @@ def test_nf4_route_follows_the_token_count_and_its_override(monkeypatch):
     assert nm.nf4_route(10**6) == "fused"
     monkeypatch.setenv("MOKA_NF4_ROUTE", "Dequantize")
     assert nm.nf4_route(1) == "dequantize"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # cuBLAS would need CUBLAS_WORKSPACE_CONFIG: fused, unless forced
+    try:
+        assert nm.nf4_route(10**6) == "dequantize"
+        monkeypatch.delenv("MOKA_NF4_ROUTE")
+        assert nm.nf4_route(10**6) == "fused"
+    finally:
+        torch.use_deterministic_algorithms(was)
     monkeypatch.setenv("MOKA_NF4_ROUTE", "cublas")
     with pytest.raises(ValueError, match=r"MOKA_NF4_ROUTE: expected one of \['auto', 'fused', 'dequantize'\]"):
         nm.nf4_route(1)

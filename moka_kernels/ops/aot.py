@@ -39,6 +39,7 @@ class Variant:
     num_warps: int
     num_stages: int
     spill_checked: bool = True  # spills beyond SPILL_TOLERANCE_BYTES fail the check
+    fp_fusion: bool = True  # False where the launcher passes enable_fp_fusion=False
 
 
 @dataclass
@@ -153,7 +154,7 @@ def variants() -> list[Variant]:
             ptrs = dict(nf4_pointers, out_ptr=f"*{dtype}", absmax_ptr="*u8" if double_quant else "*fp32")
             flags = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant)
             flags.update(BLOCK_N=DEQUANTIZE_BLOCK_N, BLOCK_K=DEQUANTIZE_BLOCK_K)
-            out.append(Variant("_nf4_dequantize_kernel", ptrs, flags, DEQUANTIZE_WARPS, 3))
+            out.append(Variant("_nf4_dequantize_kernel", ptrs, flags, DEQUANTIZE_WARPS, 3, fp_fusion=False))
         # bf16: every tile set the chooser can pick, gated by the logits' dtype; fp16 and the other gate
         # modes: the maximal sets (the others are no larger, size by size). The ``max`` policy's largest
         # set (64⁴, kept for the GPU sweep) must compile but may spill.
@@ -254,6 +255,9 @@ def kron_variants(
         flags = dict(GATE=gate_mode, R_PAD=r_pad, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
         out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
         out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
+        if gate_key == 1:  # rows written in the inputs' dtype, for cuBLAS to add (T ≥ 512)
+            half_out = dict(ptrs, out_ptr=f"*{dtype}")
+            out.append(Variant("_kron_sandwich_rowwise_kernel", half_out, dict(flags, ACCUMULATE=False), 4, 3, checked))
     ptrs = {
         "rows0_ptr": f"*{dtype}",
         "rows1_ptr": f"*{dtype}",
@@ -267,22 +271,12 @@ def kron_variants(
 
 
 def compile_variant(variant: Variant, capability: int) -> Result:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     fn = _kernels()[variant.kernel]
     constexprs = {k: v for k, v in variant.constexprs.items() if k in fn.arg_names}
-    signature = {
-        name: variant.pointer_types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names
-    }
     start = time.perf_counter()
     shared, error, registers, spills = 0, None, 0, 0
     try:
-        compiled = triton.compile(
-            triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
-        )
+        compiled = compile_for(variant, capability)
         shared = int(compiled.metadata.shared)
         if "cubin" not in compiled.asm:
             error = "no cubin produced"
@@ -302,6 +296,27 @@ def compile_variant(variant: Variant, capability: int) -> Result:
         registers,
         spills,
         variant.spill_checked,
+    )
+
+
+def compile_for(variant: Variant, capability: int):
+    """The compiled kernel (``.asm`` holds its PTX and cubin) of one variant for ``sm_<capability>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = _kernels()[variant.kernel]
+    constexprs = {k: v for k, v in variant.constexprs.items() if k in fn.arg_names}
+    signature = {
+        name: variant.pointer_types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names
+    }
+    return triton.compile(
+        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", capability, 32),
+        options={
+            "num_warps": variant.num_warps,
+            "num_stages": variant.num_stages,
+            "enable_fp_fusion": variant.fp_fusion,
+        },
     )
 
 

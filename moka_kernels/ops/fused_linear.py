@@ -169,7 +169,10 @@ def moka_forward_triton(
             nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
             kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
         return acc.to(x2d.dtype)
-    adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale)
+    # In the fused NF4 GEMM's epilogue the adapter output is read in fp32; cuBLAS (a dense base, or an NF4
+    # base on the dequantize route) takes it in x's dtype, so the rowwise schedule writes that directly.
+    out_dtype = torch.float32 if _fused_nf4(weight, x2d.shape[0]) else x2d.dtype
+    adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=out_dtype)
     return _base_matmul(x2d, weight, adapter, bias)
 
 
@@ -205,8 +208,12 @@ def moka_backward_triton(
 
     # c = scale·softmax(g) is formed inside every kernel from the logits: no small torch ops here
     adapter_dx = None
-    if need_adapter_x:
-        adapter_dx = kron_mixture_backward_dx(grad_out, a_factors, b_factors, gate_logits=gate_logits, scale=scale)
+    if need_adapter_x:  # fp32 only for the fused NF4 GEMM's epilogue (see the forward)
+        fused_epilogue = not separate and _fused_nf4(weight, grad_out.shape[0])
+        dx_dtype = torch.float32 if fused_epilogue else grad_out.dtype
+        adapter_dx = kron_mixture_backward_dx(
+            grad_out, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=dx_dtype
+        )
     grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx) if needs.x else None
     grad_xa = adapter_dx.to(grad_out.dtype) if (separate and need_adapter_x) else None
 

@@ -298,7 +298,7 @@ def _component_coefficient(gate_ptr, comp, scale, R, GATE: tl.constexpr, R_PAD: 
 @triton.jit
 def _kron_sandwich_rowwise_kernel(
     m_ptr,  # per-token rows, shared by all components
-    out_ptr,  # fp32 (T, ·) rows; written (ACCUMULATE: added to) by the program that owns the row
+    out_ptr,  # (T, ·) rows, fp32 or the inputs' dtype; written (ACCUMULATE: added to) by the row's program
     table_ptr,  # the same per-component table as the grouped kernel
     gate_ptr,
     factor_ptr,
@@ -318,7 +318,8 @@ def _kron_sandwich_rowwise_kernel(
     """One program per token, owning its output row through all r components in a fixed order: the first
     component stores, the others add to what the program itself wrote (a barrier between components,
     since their tilings of the row differ). The row is written to memory once, with no zero fill and no
-    atomics; the sum is deterministic."""
+    atomics; the sum is deterministic. Sums are fp32 in registers; an out row in half precision is rounded
+    once per component (what the PyTorch path does accumulating into a half-precision output)."""
     t = tl.program_id(0).to(tl.int64)
     m_row = m_ptr + t * stride_mt
     out_row = out_ptr + t * stride_ot
@@ -368,8 +369,8 @@ def _kron_sandwich_rowwise_kernel(
             )
             out_ptrs = out_row + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
             mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
-            acc = acc * coeff + tl.load(out_ptrs, mask=mask & keep, other=0.0)
-            tl.store(out_ptrs, acc, mask=mask)
+            acc = acc * coeff + tl.load(out_ptrs, mask=mask & keep, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # this component's stores are visible to every thread before the next reads
 
 
@@ -899,7 +900,8 @@ class _SandwichPlan:
 def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     m_rows, out = jobs[0][0].tensor, jobs[0][3].tensor
     factors = [t for _, s1, s2, _ in jobs for t in (s1.tensor, s2.tensor)]
-    assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs) and out.dtype == torch.float32
+    assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs)
+    assert out.dtype in (torch.float32, m_rows.dtype), "out: fp32, or the rows' dtype for the rowwise schedule"
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
     bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs])
     rows = []
@@ -951,7 +953,7 @@ class AdapterLaunch:
     ``adapter_launch``). ``none`` gives placeholders for a launch without the adapter."""
 
     rows: torch.Tensor  # the per-token input rows every component reads
-    out: torch.Tensor  # the fp32 output rows every component writes
+    out: torch.Tensor  # the output rows every component writes: fp32 (rowwise: or the inputs' dtype)
     table: torch.Tensor
     gate: torch.Tensor
     factor: torch.Tensor
@@ -1011,11 +1013,12 @@ def _prepare(
 def sandwich_grouped(ad: AdapterLaunch, schedule: str = "atomic", accumulate: bool = True) -> None:
     """out_t (+)= Σ_i c_i · S1_i · M_t,i · S2_i for every token t, all components in one launch.
 
-    All components share the per-token tensor (M, ``ad.rows``) and the fp32 output (``ad.out``). Gate
-    mode 0: ``ad.gate`` holds c (fp32); 1: c = scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in
-    :func:`adapter_schedule`; the atomic one always adds, so its output must start zeroed (or hold
-    partial sums).
+    All components share the per-token tensor (M, ``ad.rows``) and the output (``ad.out``: fp32, or for the
+    rowwise schedule also the rows' dtype). Gate mode 0: ``ad.gate`` holds c (fp32); 1: c =
+    scale·softmax(gate); 2: c_i = scale / r. ``schedule`` as in :func:`adapter_schedule`; the atomic one
+    always adds (fp32 atomics), so its output must be fp32 and start zeroed (or hold partial sums).
     """
+    assert schedule == "rowwise" or ad.out.dtype == torch.float32, "the atomic schedule adds into fp32"
     if ad.out.shape[0] == 0:
         return
     args = (ad.rows, ad.out, ad.table, ad.gate, ad.factor, ad.scale, ad.num_components)
@@ -1084,13 +1087,17 @@ def _run_adapter(
     scale: float,
     out: torch.Tensor | None,
     width: int,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Run the adapter forward or dx in one launch into ``out`` (added to) or a new fp32 (T, width) tensor."""
+    """Run the adapter forward or dx in one launch into ``out`` (fp32, added to) or a new (T, width) tensor:
+    in ``out_dtype`` under the rowwise schedule, fp32 under the atomic one (its atomics add in fp32)."""
     shape = (rows.shape[0], width)
     schedule = adapter_schedule(shape[0])
     accumulate = out is not None or schedule == "atomic"
-    if out is None:
-        out = (torch.zeros if schedule == "atomic" else new_output)(shape, dtype=torch.float32, device=rows.device)
+    if out is None and schedule == "atomic":
+        out = torch.zeros(shape, dtype=torch.float32, device=rows.device)
+    elif out is None:
+        out = new_output(shape, out_dtype, rows.device)
     else:
         assert out.dtype == torch.float32 and tuple(out.shape) == shape
     plan = _adapter_plan(kind, rows, out, a_factors, b_factors)
@@ -1111,14 +1118,16 @@ def kron_mixture_forward(
     gate_logits: torch.Tensor | None = None,
     scale: float = 1.0,
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Σ_i c_i (A_i ⊗ B_i) x_t for every row of x2d, as an fp32 (T, N) tensor.
+    """Σ_i c_i (A_i ⊗ B_i) x_t for every row of x2d, as a (T, N) tensor: fp32, or ``out_dtype`` when the
+    rowwise schedule runs (a caller that adds it to a half-precision GEMM's output then skips a cast pass).
 
     c is ``coeffs`` (fp32, r) if given, else scale·softmax(gate_logits), computed in the kernel (scale / r
     when ``gate_logits`` is None). With ``out`` (fp32, T × N) the result is added into it.
     """
     width = a_factors[0].shape[0] * b_factors[0].shape[0]
-    return _run_adapter("forward", x2d, a_factors, b_factors, coeffs, gate_logits, scale, out, width)
+    return _run_adapter("forward", x2d, a_factors, b_factors, coeffs, gate_logits, scale, out, width, out_dtype)
 
 
 def kron_mixture_backward_dx(
@@ -1130,13 +1139,15 @@ def kron_mixture_backward_dx(
     gate_logits: torch.Tensor | None = None,
     scale: float = 1.0,
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Σ_i c_i Aᵢᵀ G_t Bᵢ for every row of grad_out, as an fp32 (T, K) tensor (added into ``out``).
+    """Σ_i c_i Aᵢᵀ G_t Bᵢ for every row of grad_out, as a (T, K) tensor (added into ``out``): fp32, or
+    ``out_dtype`` when the rowwise schedule runs, as in :func:`kron_mixture_forward`.
 
     c as in :func:`kron_mixture_forward`: ``coeffs``, else scale·softmax(gate_logits) in the kernel.
     """
     width = a_factors[0].shape[1] * b_factors[0].shape[1]
-    return _run_adapter("dx", grad_out, a_factors, b_factors, coeffs, gate_logits, scale, out, width)
+    return _run_adapter("dx", grad_out, a_factors, b_factors, coeffs, gate_logits, scale, out, width, out_dtype)
 
 
 def kron_factor_grads(

@@ -5,7 +5,8 @@ Math: element (n, k) of W, as in :mod:`moka_kernels.ops.nf4_matmul` (bitsandbyte
 .. math::  w_{nk} = \mathrm{NF4}[\mathrm{nibble}(nK + k)] \cdot \mathrm{scale}[(nK + k) / \mathrm{blocksize}]
 
 computed as an fp32 product and then cast to the output dtype, exactly as ``moka_kernels.dequantize_nf4``
-(the reference) computes it, so the two agree bit for bit.
+(the reference) computes it, so the two agree bit for bit (compiled without FMA contraction: the double-
+quantized scale code8[q]·absmax2 + offset is a multiply and an add, each rounded, as in torch).
 
 Why a kernel: at many tokens the NF4 GEMM is compute-bound, and decoding W in the GEMM's inner loop (what
 ``nf4_matmul`` does, once per M-tile) competes with the tensor cores, while cuBLAS on a dense copy of W
@@ -89,5 +90,8 @@ def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
         BLOCK_N=DEQUANTIZE_BLOCK_N,
         BLOCK_K=DEQUANTIZE_BLOCK_K,
         num_warps=DEQUANTIZE_WARPS,
+        # Bit-exactness: with double quantization the scale is code8[q]·absmax2 + offset, which the
+        # compiler would contract to one FMA (one rounding, where torch's mul then add round twice).
+        enable_fp_fusion=False,
     )
     return out

@@ -26,8 +26,9 @@ Kernels.
 
 Both need K % blocksize == 0 (every LLaMA shape; whole bytes per row and one scale per run of columns);
 :func:`supports` tells, and the fused op falls back to dequantize + GEMM otherwise.
-Both decode exactly what ``dequantize_nf4`` returns (fp32 product, then cast), so they match the
-reference up to the GEMM's summation order.
+Both decode what ``dequantize_nf4`` returns (fp32 product, then cast), so they match the reference up to
+the GEMM's summation order and, with double quantization, FMA contraction of the scale decode on a GPU
+(1 ulp of some scales; ``nf4_dequantize``, which promises bit-exactness, is compiled without it).
 """
 
 from __future__ import annotations
@@ -445,13 +446,19 @@ NF4_ROUTES = ("auto", "fused", "dequantize")
 
 def nf4_route(num_tokens: int) -> str:
     """``"fused"`` (the dequant-GEMM kernels) or ``"dequantize"`` (W decoded to a dense copy, then cuBLAS)
-    for a GEMM over ``num_tokens`` rows; ``MOKA_NF4_ROUTE`` = ``fused`` | ``dequantize`` forces one."""
+    for a GEMM over ``num_tokens`` rows; ``MOKA_NF4_ROUTE`` = ``fused`` | ``dequantize`` forces one.
+
+    Always ``"fused"`` under ``torch.use_deterministic_algorithms(True)`` unless forced: PyTorch refuses
+    cuBLAS there without ``CUBLAS_WORKSPACE_CONFIG``, and the fused kernels (no split-K) are deterministic.
+    """
     forced = os.environ.get("MOKA_NF4_ROUTE", "auto").strip().lower() or "auto"
     if forced not in NF4_ROUTES:
         raise ValueError(f"MOKA_NF4_ROUTE: expected one of {list(NF4_ROUTES)}, got {forced!r}")
     if forced != "auto":
         return forced
-    return "dequantize" if num_tokens >= DEQUANTIZE_MIN_TOKENS else "fused"
+    if num_tokens < DEQUANTIZE_MIN_TOKENS or torch.are_deterministic_algorithms_enabled():
+        return "fused"
+    return "dequantize"
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int | None = None) -> int:
