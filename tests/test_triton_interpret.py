@@ -809,24 +809,26 @@ def test_rowwise_adapter_rows_in_the_inputs_dtype(dtype, monkeypatch):
     assert kron_mixture_forward(x, a_f, b_f, gate_logits=g, out_dtype=dtype).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["dense", "nf4-fused", "nf4-dequantize"])
-def test_adapter_rows_come_in_the_dtype_the_base_gemm_adds(kind, monkeypatch):
-    """cuBLAS (dense base, NF4 dequantize route) adds the adapter rows in x's dtype, so they are asked for in
-    it (no fp32 → bf16 pass); the fused NF4 GEMMs' epilogues read fp32."""
+def test_adapter_rows_come_in_the_dtype_the_base_gemm_adds(kind, dtype, monkeypatch):
+    """cuBLAS (dense base, NF4 dequantize route) adds the adapter rows in bf16, so with bf16 activations
+    they are asked for in it (no fp32 → bf16 pass); the fused NF4 GEMMs' epilogues read fp32, and fp16 keeps
+    fp32 (a running sum over components could overflow fp16)."""
     import moka_kernels.ops.fused_linear as fl
 
     monkeypatch.setenv("MOKA_BACKEND", "triton")
     monkeypatch.setenv("MOKA_ADAPTER_SCHEDULE", "rowwise")
     monkeypatch.setenv("MOKA_NF4_ROUTE", kind.removeprefix("nf4-") if kind != "dense" else "auto")
     shapes = auto_component_shapes(48, 64, 3)
-    x, w_dense, a_f, b_f, g, bias = make_problem(48, 64, shapes, torch.bfloat16, lead=(33,), gate=True, bias=True)
+    x, w_dense, a_f, b_f, g, bias = make_problem(48, 64, shapes, dtype, lead=(33,), gate=True, bias=True)
     weight = w_dense if kind == "dense" else quantize_nf4(w_dense.float(), blocksize=32)
     spies = {}
     for name in ("kron_mixture_forward", "kron_mixture_backward_dx"):
         spies[name] = mock.Mock(wraps=getattr(fl, name))
         monkeypatch.setattr(fl, name, spies[name])
     moka_linear(x, weight, a_f, b_f, g, bias).sum().backward()
-    expected = torch.float32 if kind == "nf4-fused" else torch.bfloat16
+    expected = torch.float32 if kind == "nf4-fused" or dtype == torch.float16 else torch.bfloat16
     for name, spy in spies.items():
         assert spy.call_count == 1 and spy.call_args.kwargs["out_dtype"] == expected, name
 
@@ -853,14 +855,20 @@ def test_nf4_route_follows_the_token_count_and_its_override(monkeypatch):
     assert nm.nf4_route(10**6) == "fused"
     monkeypatch.setenv("MOKA_NF4_ROUTE", "Dequantize")
     assert nm.nf4_route(1) == "dequantize"
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # cuBLAS would need CUBLAS_WORKSPACE_CONFIG: fused, unless forced
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(True)  # PyTorch refuses cuBLAS here: fused, unless forced
     try:
         assert nm.nf4_route(10**6) == "dequantize"
         monkeypatch.delenv("MOKA_NF4_ROUTE")
         assert nm.nf4_route(10**6) == "fused"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS allowed again
+        assert nm.nf4_route(10**6) == "dequantize"
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert nm.nf4_route(10**6) == "dequantize"
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     monkeypatch.setenv("MOKA_NF4_ROUTE", "cublas")
     with pytest.raises(ValueError, match=r"MOKA_NF4_ROUTE: expected one of \['auto', 'fused', 'dequantize'\]"):
         nm.nf4_route(1)

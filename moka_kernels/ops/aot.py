@@ -255,7 +255,7 @@ def kron_variants(
         flags = dict(GATE=gate_mode, R_PAD=r_pad, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
         out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
         out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
-        if gate_key == 1:  # rows written in the inputs' dtype, for cuBLAS to add (T ≥ 512)
+        if dtype == "bf16" and gate_key in (1, "1-fp32"):  # bf16 rows for cuBLAS to add (cuBLAS routes)
             half_out = dict(ptrs, out_ptr=f"*{dtype}")
             out.append(Variant("_kron_sandwich_rowwise_kernel", half_out, dict(flags, ACCUMULATE=False), 4, 3, checked))
     ptrs = {

@@ -4,10 +4,11 @@ r"""The fused MoKA layer on the Triton kernels: forward and backward of
 
 Forward, whatever r is:
 
-* training and prefill: ``kron_mixture_forward`` writes the adapter output Σ c_i Y_i once, in fp32 (T × N),
-  in one launch for all components; the base GEMM adds it in its epilogue, with the bias: ``nf4_matmul``
-  for an NF4 base (decoding the packed bytes in registers), ``torch.addmm`` (cuBLAS, beta = 1) for a dense
-  base;
+* training and prefill: ``kron_mixture_forward`` writes the adapter output Σ c_i Y_i once (T × N) in one
+  launch for all components; the base GEMM adds it, with the bias: ``nf4_matmul``'s epilogue for an NF4
+  base below ``DEQUANTIZE_MIN_TOKENS`` (decoding the packed bytes in registers; the adapter output in
+  fp32), else ``torch.addmm`` (cuBLAS, beta = 1) on the dense base or on W decoded by ``nf4_dequantize``
+  (the adapter output written in bf16 directly when x is bf16 and the rowwise schedule runs);
 * decoding (an NF4 base whose GEMM takes the split-K path, T ≤ 16): the base's split-K programs and the
   adapter's atomic-schedule programs both add into one zeroed fp32 buffer, in one launch
   (``nf4_matmul_accumulate(..., adapter=adapter_launch(...))``), which is cast once.
@@ -22,12 +23,13 @@ GEMMs per W tile recomputed by every M-tile, which only pays at very large T; th
 and one read of a T × N fp32 tensor (docs/design.md has the roofline numbers).
 
 Backward: dx = dy · W0 with the adapter's dx (``kron_mixture_backward_dx``, one launch) added in the NF4
-transposed GEMM's epilogue; every raw factor gradient M_i, R_i in one token-reduction launch, then
-dA, dB (in factor layout, in one buffer) and dg in one finishing launch (``kron_factor_backward``). The
-coefficients c are formed from the logits inside each kernel, so a layer's backward runs three or four
-launches (plus dy's column sum with a bias) and no small torch ops. Nothing of size r·T·N is ever
-written, and W0 is re-decoded instead of saved. Under ``torch.use_deterministic_algorithms(True)`` no
-atomics are used (no split-K, the row-owning adapter schedule), so results are bitwise reproducible.
+transposed GEMM's epilogue (or in cuBLAS's beta term, as in the forward); every raw factor gradient M_i,
+R_i in one token-reduction launch, then dA, dB (in factor layout, in one buffer) and dg in one finishing
+launch (``kron_factor_backward``). The coefficients c are formed from the logits inside each kernel, so a
+layer's backward runs three or four launches (plus dy's column sum with a bias) and no small torch ops.
+Nothing of size r·T·N is ever written, and W0 is re-decoded instead of saved. Under
+``torch.use_deterministic_algorithms(True)`` no atomics are used (no split-K, the row-owning adapter
+schedule), so results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -117,11 +119,21 @@ def _fused_nf4(weight: torch.Tensor | NF4Tensor, num_tokens: int) -> bool:
     return isinstance(weight, NF4Tensor) and nf4_ops.supports(weight) and nf4_ops.nf4_route(num_tokens) == "fused"
 
 
+def _adapter_rows_dtype(weight: torch.Tensor | NF4Tensor, rows: torch.Tensor) -> torch.dtype:
+    """The dtype the rowwise adapter kernel writes its rows in: bf16 where cuBLAS adds them (a dense base,
+    or NF4 on the dequantize route) to bf16 activations, which then skip an fp32 write and a cast pass;
+    fp32 for the fused NF4 GEMMs' epilogues, and for fp16, whose running sum over the components could
+    overflow where the fp32 sum would not (the atomic schedule returns fp32 whatever is asked)."""
+    if rows.dtype == torch.bfloat16 and not _fused_nf4(weight, rows.shape[0]):
+        return torch.bfloat16
+    return torch.float32
+
+
 def _base_matmul(
     x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x · W0ᵀ + add + bias: add (fp32) and bias join in the fused NF4 GEMM's epilogue, or in cuBLAS's
-    beta term (add rounded to x's dtype first, as for a dense base)."""
+    beta term (add, fp32 or already in x's dtype, taken in x's dtype, as for a dense base)."""
     if _fused_nf4(weight, x2d.shape[0]):
         return nf4_ops.nf4_matmul(x2d, weight, add=add, bias=bias)
     dense = _dense_base(weight, x2d.dtype)
@@ -169,9 +181,7 @@ def moka_forward_triton(
             nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
             kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
         return acc.to(x2d.dtype)
-    # In the fused NF4 GEMM's epilogue the adapter output is read in fp32; cuBLAS (a dense base, or an NF4
-    # base on the dequantize route) takes it in x's dtype, so the rowwise schedule writes that directly.
-    out_dtype = torch.float32 if _fused_nf4(weight, x2d.shape[0]) else x2d.dtype
+    out_dtype = _adapter_rows_dtype(weight, x2d)
     adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=out_dtype)
     return _base_matmul(x2d, weight, adapter, bias)
 
@@ -208,9 +218,9 @@ def moka_backward_triton(
 
     # c = scale·softmax(g) is formed inside every kernel from the logits: no small torch ops here
     adapter_dx = None
-    if need_adapter_x:  # fp32 only for the fused NF4 GEMM's epilogue (see the forward)
-        fused_epilogue = not separate and _fused_nf4(weight, grad_out.shape[0])
-        dx_dtype = torch.float32 if fused_epilogue else grad_out.dtype
+    if need_adapter_x:
+        dx_dtype = grad_out.dtype if separate and grad_out.dtype == torch.bfloat16 else None
+        dx_dtype = dx_dtype or _adapter_rows_dtype(weight, grad_out)
         adapter_dx = kron_mixture_backward_dx(
             grad_out, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=dx_dtype
         )

@@ -448,17 +448,25 @@ def nf4_route(num_tokens: int) -> str:
     """``"fused"`` (the dequant-GEMM kernels) or ``"dequantize"`` (W decoded to a dense copy, then cuBLAS)
     for a GEMM over ``num_tokens`` rows; ``MOKA_NF4_ROUTE`` = ``fused`` | ``dequantize`` forces one.
 
-    Always ``"fused"`` under ``torch.use_deterministic_algorithms(True)`` unless forced: PyTorch refuses
-    cuBLAS there without ``CUBLAS_WORKSPACE_CONFIG``, and the fused kernels (no split-K) are deterministic.
+    ``"fused"`` at every T under ``torch.use_deterministic_algorithms(True)`` when PyTorch would refuse
+    cuBLAS there (no ``CUBLAS_WORKSPACE_CONFIG`` of ``:4096:8`` or ``:16:8``, and not ``warn_only``), unless
+    forced; the fused kernels need no split-K in that mode.
     """
     forced = os.environ.get("MOKA_NF4_ROUTE", "auto").strip().lower() or "auto"
     if forced not in NF4_ROUTES:
         raise ValueError(f"MOKA_NF4_ROUTE: expected one of {list(NF4_ROUTES)}, got {forced!r}")
     if forced != "auto":
         return forced
-    if num_tokens < DEQUANTIZE_MIN_TOKENS or torch.are_deterministic_algorithms_enabled():
+    if num_tokens < DEQUANTIZE_MIN_TOKENS or not _cublas_allowed():
         return "fused"
     return "dequantize"
+
+
+def _cublas_allowed() -> bool:
+    """Whether PyTorch runs a cuBLAS GEMM in the current determinism mode (it raises without the config)."""
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        return True
+    return os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
 
 
 def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int | None = None) -> int:
