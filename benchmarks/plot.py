@@ -138,9 +138,11 @@ GPU_TARGETS = [
     ("fused NF4+MoKA fwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t == 4096, 1.15),
     ("fused NF4+MoKA fwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, 1.05),
     ("fused NF4+MoKA fwd+bwd / our NF4 base", "moka_triton[nf4]", "ours_nf4[nf4]", "fwd+bwd", lambda t: True, 1.3),
-    ("our NF4 base / dequantize + cuBLAS (bnb)", "ours_nf4[nf4]", "bnb_nf4[nf4]", "fwd", lambda t: t >= 512, 1.1),
-    ("our NF4 base / dequantize + cuBLAS (bnb)", "ours_nf4[nf4]", "bnb_nf4[nf4]", "fwd+bwd", lambda t: t >= 512, 1.1),
-    ("dequantize + cuBLAS (bnb) / our NF4 base", "bnb_nf4[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -2.0),
+    ("our NF4 base / dequantize + cuBLAS", "ours_nf4[nf4]", "dequant_cublas[nf4]", "fwd", lambda t: t >= 512, 1.1),
+    ("our NF4 base / dequantize + cuBLAS", "ours_nf4[nf4]", "dequant_cublas[nf4]", "fwd+bwd", lambda t: t >= 512, 1.1),
+    ("dequantize + cuBLAS / our NF4 base", "dequant_cublas[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -2.0),
+    # QLoRA's base as users run it (matmul_4bit: bitsandbytes' GEMV at T = 1 without grad), for reference
+    ("bitsandbytes matmul_4bit / our NF4 base", "bnb_nf4[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -1.0),
 ]
 
 

@@ -10,7 +10,9 @@ Providers (all on the same W0, x and dy):
 * base alone: ``dense_linear`` (F.linear), ``bnb_nf4`` (bitsandbytes ``matmul_4bit``), ``ours_nf4``
   (our NF4 base as ``moka_linear`` runs it: on CUDA the fused Triton dequant-GEMMs below
   ``DEQUANTIZE_MIN_TOKENS`` tokens, our one-launch decode + cuBLAS from there; dequantize + GEMM on CPU),
-  ``ours_nf4_fused`` (CUDA: the fused Triton GEMMs at every T, to place ``DEQUANTIZE_MIN_TOKENS``);
+  ``ours_nf4_fused`` (CUDA: the fused Triton GEMMs at every T, to place ``DEQUANTIZE_MIN_TOKENS``),
+  ``dequant_cublas`` (CUDA: bitsandbytes ``dequantize_4bit`` + ``F.linear`` at every T, the GPU target's
+  comparator; ``matmul_4bit`` itself takes a GEMV at T = 1 without grad);
 * adapters: ``moka_torch`` / ``moka_triton`` (ours, NF4 or dense base), ``lokr_materialized`` (PEFT LoKr's
   way: ΔW = Σ α_i kron(A_i, B_i) every step, then a full-size F.linear on a dense base), ``lora_r16``,
   ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at MoKA's trainable-parameter count).
@@ -160,6 +162,24 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
         layer = _linear4bit(nf4(w_dense), dtype)
         state = layer.weight.quant_state
         return Case(lambda x: bnb.matmul_4bit(x, layer.weight.t(), quant_state=state), frozen=persistent)
+    if provider == "dequant_cublas":
+        import bitsandbytes.functional as bnbf
+
+        layer = _linear4bit(nf4(w_dense), dtype)
+        packed, state = layer.weight.data, layer.weight.quant_state
+
+        class _DequantizeThenGemm(torch.autograd.Function):
+            # W decoded in the forward and again in the backward (never saved), as QLoRA's MatMul4Bit does
+            @staticmethod
+            def forward(ctx, x):
+                return F.linear(x, bnbf.dequantize_4bit(packed, state).to(x.dtype))
+
+            @staticmethod
+            def backward(ctx, dy):
+                return dy @ bnbf.dequantize_4bit(packed, state).to(dy.dtype)
+
+        note = "bitsandbytes dequantize_4bit, then F.linear (cuBLAS) at every T, forward and backward"
+        return Case(_DequantizeThenGemm.apply, note=note, frozen=persistent)
     if provider in ("ours_nf4", "ours_nf4_fused"):
         w_nf4 = nf4(w_dense)
         if device.type == "cuda":
@@ -233,6 +253,7 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
 PROVIDERS = (
     "dense_linear",
     "bnb_nf4",
+    "dequant_cublas",
     "ours_nf4",
     "ours_nf4_fused",
     "moka_torch",

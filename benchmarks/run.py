@@ -51,7 +51,13 @@ CPU_PROVIDERS = [
     ("lora_r16", "nf4"),
     ("lora_r32", "nf4"),
 ]
-CUDA_PROVIDERS = [*CPU_PROVIDERS, ("ours_nf4_fused", "nf4"), ("moka_triton", "nf4"), ("moka_triton", "dense")]
+CUDA_PROVIDERS = [
+    *CPU_PROVIDERS,
+    ("dequant_cublas", "nf4"),
+    ("ours_nf4_fused", "nf4"),
+    ("moka_triton", "nf4"),
+    ("moka_triton", "dense"),
+]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        providers = [p for p in providers if not (p[0] == "bnb_nf4" or (p[0].startswith("lora") and p[1] == "nf4"))]
+        needs_bnb = ("bnb_nf4", "dequant_cublas")
+        providers = [p for p in providers if not (p[0] in needs_bnb or (p[0].startswith("lora") and p[1] == "nf4"))]
     min_run_time = 0.05 if args.smoke else args.min_run_time
     measure = make_timer(device, min_run_time)
     conds = conditions(device, dtype, min_run_time)
