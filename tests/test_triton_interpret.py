@@ -764,6 +764,38 @@ def test_autotuning_keeps_the_partial_sums_an_accumulating_call_adds_to(monkeypa
     torch.testing.assert_close(acc, partial + x @ dequantize_nf4(q, torch.float32).T, rtol=1e-4, atol=1e-4)
 
 
+def test_autotuning_tunes_the_base_alone_and_the_fused_layer_apart(monkeypatch):
+    """The NF4 GEMMs' tuning key holds the epilogue's add and the decode fusion's adapter programs: the base
+    alone, the prefill with the adapter output added, and the decode with the adapter inside each tune once."""
+    import triton
+    from triton.runtime import autotuner
+
+    import moka_kernels.ops.fused_linear as fl
+    import moka_kernels.ops.nf4_matmul as nm
+
+    tuned = []
+    for kernel, configs in ((nm._nf4_matmul_kernel, nm.NF4_MATMUL_CONFIGS), (nm._nf4_matmul_t_kernel, None)):
+        configs = configs or nm.NF4_MATMUL_T_CONFIGS
+        monkeypatch.setattr(kernel, "configs", [*configs, triton.Config(dict(configs[0].kwargs))])
+        monkeypatch.setattr(kernel, "cache", {})
+        tuned.append(kernel.cache)
+
+    def timing_once(self):
+        return lambda fn, quantiles=None: (fn(), [1.0, 1.0, 1.0])[1]
+
+    monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(timing_once))
+    q = quantize_nf4(torch.randn(32, 64))
+    a_f, b_f = [torch.randn(4, 8)], [torch.randn(8, 8)]
+    for tokens in (20, 1):  # prefill (add in the epilogue), decode (adapter programs in the GEMV's launch)
+        x, dy = torch.randn(tokens, 64), torch.randn(tokens, 32)
+        nm.nf4_matmul(x, q)
+        nm.nf4_matmul_t(dy, q)
+        fl.moka_forward_triton(x, None, q, None, None, 1.0, a_f, b_f)
+        nm.nf4_matmul_t(dy, q, add=torch.randn(tokens, 64))
+    forward, transposed = tuned
+    assert len(forward) == 4 and len(transposed) == 4  # with and without the add / adapter, per token count
+
+
 NF4_DECODE_LAYERS = [(37, 96, 32), (100, 320, 64), (5, 1024, 512), (64, 256, 256)]  # (N, K, blocksize)
 
 

@@ -158,8 +158,13 @@ def _decode_nf4_rows(
 
 # restore_value, not reset_to_zero: autotuning runs the kernel once per config, and the split-K/decode path
 # adds into out_ptr, which may hold the caller's partial sums (nf4_matmul_accumulate); a reset would wipe
-# them on each new key's first call.
-@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"], restore_value=["out_ptr"])
+# them on each new key's first call. The key holds what changes the best tile, shapes aside: the epilogue's
+# fp32 add (the adapter output), the adapter programs of the decode fusion and the scale decoding, so the
+# base alone and the fused layer, called at one shape, do not share one tuning.
+NF4_MATMUL_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "HAS_ADD", "HAS_ADAPTER", "BLOCKSIZE", "DOUBLE_QUANT"]
+
+
+@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=NF4_MATMUL_KEY, restore_value=["out_ptr"])
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr,  # (M, K) activations
@@ -338,7 +343,7 @@ def _nf4_matmul_program(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
-@triton.autotune(configs=NF4_MATMUL_T_CONFIGS, key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=NF4_MATMUL_T_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_ADD", "BLOCKSIZE", "DOUBLE_QUANT"])
 @triton.jit
 def _nf4_matmul_t_kernel(
     dy_ptr,  # (M, N) upstream gradient
