@@ -119,22 +119,26 @@ def _fused_nf4(weight: torch.Tensor | NF4Tensor, num_tokens: int) -> bool:
     return isinstance(weight, NF4Tensor) and nf4_ops.supports(weight) and nf4_ops.nf4_route(num_tokens) == "fused"
 
 
-def _adapter_rows_dtype(weight: torch.Tensor | NF4Tensor, rows: torch.Tensor) -> torch.dtype:
-    """The dtype the rowwise adapter kernel writes its rows in: bf16 where cuBLAS adds them (a dense base,
-    or NF4 on the dequantize route) to bf16 activations, which then skip an fp32 write and a cast pass;
-    fp32 for the fused NF4 GEMMs' epilogues, and for fp16, whose running sum over the components could
-    overflow where the fp32 sum would not (the atomic schedule returns fp32 whatever is asked)."""
-    if rows.dtype == torch.bfloat16 and not _fused_nf4(weight, rows.shape[0]):
-        return torch.bfloat16
-    return torch.float32
+def _adapter_rows_dtype(rows_dtype: torch.dtype, fused_epilogue: bool) -> torch.dtype:
+    """The dtype the rowwise adapter kernel writes its rows in: bf16 for bf16 activations when the rows do
+    not go to a fused NF4 GEMM's epilogue (cuBLAS adds them, or they are the adapter input's gradient),
+    which skips an fp32 write and a cast pass; else fp32: the fused epilogues read fp32, and an fp16 running
+    sum over the components could overflow where the fp32 sum would not. (The atomic schedule returns fp32
+    whatever is asked.)"""
+    return torch.bfloat16 if rows_dtype == torch.bfloat16 and not fused_epilogue else torch.float32
 
 
 def _base_matmul(
-    x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
+    x2d: torch.Tensor,
+    weight: torch.Tensor | NF4Tensor,
+    add: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """x · W0ᵀ + add + bias: add (fp32) and bias join in the fused NF4 GEMM's epilogue, or in cuBLAS's
-    beta term (add, fp32 or already in x's dtype, taken in x's dtype, as for a dense base)."""
-    if _fused_nf4(weight, x2d.shape[0]):
+    beta term (add, fp32 or already in x's dtype, taken in x's dtype, as for a dense base). ``fused``: the
+    caller's ``_fused_nf4`` answer, if it already asked."""
+    if _fused_nf4(weight, x2d.shape[0]) if fused is None else fused:
         return nf4_ops.nf4_matmul(x2d, weight, add=add, bias=bias)
     dense = _dense_base(weight, x2d.dtype)
     base_in = add.to(x2d.dtype) if add is not None else None
@@ -145,9 +149,12 @@ def _base_matmul(
     return torch.addmm(base_in, x2d, dense.t())
 
 
-def _base_matmul_t(grad_out: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None):
-    """dy · W0 (+ add): the NF4 bytes read in place by the fused kernel, or cuBLAS on a decoded copy."""
-    if _fused_nf4(weight, grad_out.shape[0]):
+def _base_matmul_t(
+    grad_out: torch.Tensor, weight: torch.Tensor | NF4Tensor, add: torch.Tensor | None, fused: bool | None = None
+):
+    """dy · W0 (+ add): the NF4 bytes read in place by the fused kernel, or cuBLAS on a decoded copy
+    (``fused`` as in :func:`_base_matmul`)."""
+    if _fused_nf4(weight, grad_out.shape[0]) if fused is None else fused:
         return nf4_ops.nf4_matmul_t(grad_out, weight, add=add)
     dense = _dense_base(weight, grad_out.dtype)
     if add is None:
@@ -181,9 +188,10 @@ def moka_forward_triton(
             nf4_ops.nf4_matmul_accumulate(x2d, weight, acc, bias)
             kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out=acc)
         return acc.to(x2d.dtype)
-    out_dtype = _adapter_rows_dtype(weight, x2d)
+    fused = _fused_nf4(weight, x2d.shape[0])
+    out_dtype = _adapter_rows_dtype(x2d.dtype, fused)
     adapter = kron_mixture_forward(xa, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=out_dtype)
-    return _base_matmul(x2d, weight, adapter, bias)
+    return _base_matmul(x2d, weight, adapter, bias, fused)
 
 
 def _decode_fusion(x2d: torch.Tensor, weight: torch.Tensor | NF4Tensor) -> bool:
@@ -217,14 +225,14 @@ def moka_backward_triton(
     a_factors, b_factors = factors_in_dtype(a_factors, b_factors, grad_out.dtype)
 
     # c = scale·softmax(g) is formed inside every kernel from the logits: no small torch ops here
+    fused = _fused_nf4(weight, grad_out.shape[0])
     adapter_dx = None
     if need_adapter_x:
-        dx_dtype = grad_out.dtype if separate and grad_out.dtype == torch.bfloat16 else None
-        dx_dtype = dx_dtype or _adapter_rows_dtype(weight, grad_out)
+        dx_dtype = _adapter_rows_dtype(grad_out.dtype, fused_epilogue=fused and not separate)
         adapter_dx = kron_mixture_backward_dx(
             grad_out, a_factors, b_factors, gate_logits=gate_logits, scale=scale, out_dtype=dx_dtype
         )
-    grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx) if needs.x else None
+    grad_x = _base_matmul_t(grad_out, weight, None if separate else adapter_dx, fused) if needs.x else None
     grad_xa = adapter_dx.to(grad_out.dtype) if (separate and need_adapter_x) else None
 
     requests = factor_requests(needs, len(a_factors))
