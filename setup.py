@@ -27,6 +27,7 @@ setup(
         # CPU machines: install with -c constraints-cpu.txt so that pip takes the CPU build of torch.
         "torch>=2.4",
         "numpy",  # the Triton interpreter needs it; neither triton nor CPU torch declares it
+        "tqdm>=4",  # progress bars (quantize_model)
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,7 +1,8 @@
 """moka: Mixture of Kronecker Adapters (MoKA) for frozen dense or NF4 linear layers.
 
-User-facing API: :class:`MoKAConfig`, :class:`MoKALinear`, :class:`NF4Linear`; model patching with
-:func:`apply_moka`, :func:`remove_moka`, :func:`merge_moka`, :func:`save_adapter`, :func:`load_adapter`;
+User-facing API: :class:`MoKAConfig`, :class:`MoKALinear`, :class:`NF4Linear`; :func:`quantize_model` (an NF4
+base without bitsandbytes); model patching with :func:`apply_moka`, :func:`remove_moka`, :func:`merge_moka`,
+:func:`save_adapter`, :func:`load_adapter`;
 the fine-tune CLI in :mod:`moka.finetune`. The functional ops live in :mod:`moka_kernels`.
 """
 
@@ -16,6 +17,7 @@ from .model import (
     load_adapter,
     merge_moka,
     moka_layers,
+    quantize_model,
     remove_moka,
     save_adapter,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "merge_moka",
     "moka_layers",
     "moka_linear",
+    "quantize_model",
     "quantize_nf4",
     "remove_moka",
     "save_adapter",

@@ -25,9 +25,13 @@ _NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
 class NF4Linear(nn.Module):
     """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
 
-    The NF4 fields are buffers, so ``.to(device)`` and ``state_dict`` carry them. Casts (``.to(dtype)``,
-    ``.half()``, a whole model's ``.to(torch.bfloat16)``) reach the bias and the dtype W decodes to
-    (``nf4_dtype``), never the NF4 fields: their fp32 scales define W bit for bit, so they only move.
+    The packed bytes (and the absmax bytes with double quantization) are frozen integer ``nn.Parameter``s,
+    so FSDP2's ``fully_shard`` shards the 4-bit base across ranks and all-gathers it bit for bit (FSDP casts
+    only floating parameters); the small floating fields (fp32 scales, the nested code, the offset, the bias)
+    are buffers, which FSDP replicates and never casts. ``.to(device)`` and ``state_dict`` carry all of them.
+    Casts (``.to(dtype)``, ``.half()``, a whole model's ``.to(torch.bfloat16)``) reach the bias and the dtype
+    W decodes to (``nf4_dtype``), never the NF4 fields: their fp32 scales define W bit for bit, so they only
+    move.
     """
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None) -> None:
@@ -38,7 +42,11 @@ class NF4Linear(nn.Module):
         self.nf4_dtype = weight.dtype
         self.blocksize = weight.blocksize
         for name in _NF4_FIELDS:
-            self.register_buffer(name, getattr(weight, name))
+            t = getattr(weight, name)
+            if t is not None and not t.is_floating_point():
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -47,19 +55,29 @@ class NF4Linear(nn.Module):
         # Module.to/half/cuda/... all land here with fn applied to every tensor. The probe learns what fn
         # does to a floating tensor here (device and dtype); the NF4 fields take only its device.
         probe = fn(torch.empty(0, dtype=self.nf4_dtype, device=self.packed.device))
-        moved = {}
+        held = {}  # field -> (its dict, the moved tensor), taken out while Module._apply casts the rest
         for name in _NF4_FIELDS:
-            t = self._buffers[name]
-            moved[name] = None if t is None else (t.to(probe.device) if t.is_floating_point() else fn(t))
-        order = list(self._buffers)
-        for name in _NF4_FIELDS:
-            del self._buffers[name]
+            store = self._parameters if name in self._parameters else self._buffers
+            t = store[name]
+            if t is None or t.is_floating_point():
+                moved = None if t is None else t.to(probe.device)
+            else:
+                moved = fn(t)  # integer bytes: fn only moves them
+                if isinstance(t, nn.Parameter) and not isinstance(moved, nn.Parameter):
+                    moved = nn.Parameter(moved, requires_grad=False)
+            held[name] = (store, list(store), moved)
+        for name, (store, _, _) in held.items():
+            del store[name]
         try:
             super()._apply(fn, recurse)
-        finally:  # keep the buffers' order (state_dict keys) and never lose a field
-            rest = dict(self._buffers)
-            self._buffers.clear()
-            self._buffers.update({name: moved[name] if name in moved else rest[name] for name in order})
+        finally:  # keep each dict's order (state_dict keys) and never lose a field
+            for store in (self._parameters, self._buffers):
+                order = next((o for st, o, _ in held.values() if st is store), None)
+                if order is None:
+                    continue
+                rest = dict(store)
+                store.clear()
+                store.update({n: held[n][2] if n in held and held[n][0] is store else rest[n] for n in order})
         self.nf4_dtype = probe.dtype
         return self
 

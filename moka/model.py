@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bnb_compat import is_linear4bit
-from .config import MoKAConfig
+from moka_kernels import NF4Tensor, quantize_nf4
+from moka_kernels.nf4 import VALID_BLOCKSIZES
+
+from .bnb_compat import is_linear4bit, nf4_from_linear4bit
+from .config import LLAMA_TARGET_MODULES, MoKAConfig
 from .layer import MoKALinear, NF4Linear
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "load_adapter",
     "merge_moka",
     "moka_layers",
+    "quantize_model",
     "remove_moka",
     "save_adapter",
 ]
@@ -73,6 +77,9 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     seen: set[int] = set()
     for module in model.modules():
+        if isinstance(module, NF4Linear):  # its bytes are parameters (for FSDP): count W's logical size
+            total += module.in_features * module.out_features
+            continue
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # e.g. an lm_head tied to the input embedding
                 continue
@@ -82,8 +89,6 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
                 n = module.in_features * module.out_features
             total += n
             trainable += n if p.requires_grad else 0
-        if isinstance(module, NF4Linear):
-            total += module.in_features * module.out_features
     return trainable, total
 
 
@@ -93,10 +98,14 @@ def _summary(model: nn.Module) -> MoKASummary:
     return MoKASummary(len(layers), trainable, total, list(layers))
 
 
+_BASE_LAYERS = (nn.Linear, NF4Linear)  # Linear4bit is an nn.Linear
+
+
 def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummary:
     """Replace the target linear layers of ``model`` in place with MoKALinear and freeze all but the adapters.
 
-    Targets are ``nn.Linear`` (dense bases) and bitsandbytes ``Linear4bit`` layers whose names match
+    Targets are ``nn.Linear`` (dense bases), bitsandbytes ``Linear4bit`` and moka's own :class:`NF4Linear`
+    layers (what ``merge_moka(requantize=True)`` and :func:`quantize_model` leave) whose names match
     ``config.target_modules``. All shapes are checked before the first layer is replaced.
 
     Returns:
@@ -110,10 +119,10 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
     targets = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name and config.matches(name)
+        if isinstance(module, _BASE_LAYERS) and name and config.matches(name)
     }
     if not targets:
-        linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, _BASE_LAYERS)})
         raise ValueError(
             f"target_modules: {config.target_modules!r} matched no linear layer; this model's linear layers are "
             f"named {linear_names}"
@@ -134,6 +143,68 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         layer.reset_requires_grad()
     model.moka_config = config
     return _summary(model)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    target_modules: list[str] | str = LLAMA_TARGET_MODULES,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    progress: bool = True,
+) -> int:
+    """Turn the target linear layers of ``model`` in place into moka's own NF4 layers (:class:`NF4Linear`),
+    without bitsandbytes: QLoRA's frozen 4-bit base for :func:`apply_moka`, which FSDP2 can shard.
+
+    * A dense ``nn.Linear`` (fp32/fp16/bf16 W) is quantized: ``quantize_nf4(W, blocksize, double_quant)``,
+      the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` would hold,
+      decoding to W's dtype.
+    * A bitsandbytes NF4 ``Linear4bit`` (e.g. loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) becomes
+      an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are
+      its own). Under FSDP2 a ``Linear4bit`` loses its ``quant_state`` when its weight is sharded; an
+      NF4Linear's bytes are plain integer parameters, sharded and gathered bit for bit.
+
+    Biases are kept. Layers are converted one at a time on their own device, so the peak memory is the model
+    plus one weight's work space.
+
+    Args:
+        model: any module; e.g. a Hugging Face causal LM.
+        target_modules: module-name suffixes, or one regular expression (as ``MoKAConfig.target_modules``).
+        blocksize: elements per absmax block for dense layers; one of 32, 64, ..., 4096 dividing every
+            dense target's size.
+        double_quant: also quantize the block scales of dense layers to 8 bits.
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The number of layers converted. Every target is checked before the first one is replaced.
+    """
+    matches = MoKAConfig(target_modules=target_modules).matches  # validates target_modules
+    if moka_layers(model):
+        raise ValueError("model: has MoKA layers; quantize the base before apply_moka (or merge/remove first)")
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize}")
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name and matches(name)}
+    if not targets:
+        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear layer of the model")
+    views: dict[str, NF4Tensor] = {}
+    for name, m in targets.items():
+        if is_linear4bit(m):
+            try:
+                views[name] = nf4_from_linear4bit(m)
+            except ValueError as err:
+                raise ValueError(f"model: {name} cannot become an NF4Linear: {err}") from None
+        elif m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"model: {name}.weight is {m.weight.dtype}; expected float32, float16 or bfloat16")
+        elif m.weight.numel() % blocksize:
+            raise ValueError(f"blocksize: expected a divisor of {name}'s {m.weight.numel()} elements, got {blocksize}")
+    from tqdm.auto import tqdm
+
+    for name, m in tqdm(targets.items(), desc="NF4", unit="layer", disable=not progress or len(targets) < 8):
+        weight = views.pop(name, None) or quantize_nf4(m.weight.detach(), blocksize, double_quant)
+        bias = None if m.bias is None else m.bias.detach()
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, NF4Linear(weight, bias))
+    return len(targets)
 
 
 def remove_moka(model: nn.Module) -> nn.Module:

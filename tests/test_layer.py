@@ -220,18 +220,32 @@ def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast):
     q = quantize_nf4(torch.randn(64, 96), 64, double_quant)
     layer = MoKALinear(q, MoKAConfig(num_components=2), bias=torch.randn(64))
     w0 = layer.dense_base_weight(torch.float32)
-    fields = {n: (b.dtype, b.clone()) for n, b in layer.base_layer.named_buffers() if n != "bias"}
+    keys = list(layer.base_layer.state_dict())
+    fields = {n: (t.dtype, t.clone()) for n, t in layer.base_layer.state_dict().items() if n != "bias"}
+    kinds = {n: type(getattr(layer.base_layer, n)) for n in fields}
     dtype = {"to-bf16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
     cast_layer = {"to-bf16": lambda m: m.to(torch.bfloat16), "half": nn.Module.half, "double": nn.Module.double}[cast]
     assert cast_layer(layer) is layer
     for name, (field_dtype, before) in fields.items():
         after = getattr(layer.base_layer, name)
         assert after.dtype == field_dtype and torch.equal(after, before), name
-    assert list(dict(layer.base_layer.named_buffers())) == [*fields, "bias"]  # state_dict order kept
+        assert type(after) is kinds[name] and not after.requires_grad, name  # frozen parameters stay parameters
+    assert list(layer.base_layer.state_dict()) == keys  # state_dict order kept
     assert layer.base_layer.nf4_dtype == dtype and layer.bias.dtype == dtype and layer.b_factors[0].dtype == dtype
     assert torch.equal(layer.dense_base_weight(torch.float32), w0)
     x = torch.randn(3, 96, dtype=dtype)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, w0.to(dtype), layer.bias))  # ΔW = 0 at init
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+def test_nf4_layer_holds_its_bytes_as_frozen_parameters_and_its_scales_as_buffers(double_quant):
+    """Integer fields are parameters (FSDP2 shards them and never casts integers); floating ones are buffers."""
+    base = MoKALinear(quantize_nf4(torch.randn(64, 64), 64, double_quant), MoKAConfig(num_components=2)).base_layer
+    params = dict(base.named_parameters())
+    assert list(params) == (["packed", "absmax"] if double_quant else ["packed"])
+    assert all(p.dtype == torch.uint8 and not p.requires_grad for p in params.values())
+    assert all(b.is_floating_point() for b in base.buffers())
+    assert ("absmax" in dict(base.named_buffers())) is not double_quant
 
 
 def test_nf4_layer_moves_to_meta_whole():

@@ -13,14 +13,17 @@ from torch import nn
 from moka import (
     MoKAConfig,
     MoKALinear,
+    NF4Linear,
     adapter_state_dict,
     apply_moka,
     load_adapter,
     merge_moka,
     moka_layers,
+    quantize_model,
     remove_moka,
     save_adapter,
 )
+from moka_kernels import dequantize_nf4, quantize_nf4
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -153,8 +156,8 @@ def test_generate_matches_the_base_at_init():
     assert torch.equal(model.generate(IDS[:1], max_new_tokens=6, do_sample=False), base_tokens)
 
 
-def test_4bit_base_through_bitsandbytes_config(tmp_path):
-    """transformers' BitsAndBytesConfig NF4 + double quant on CPU, with the CPU repack kept away."""
+def _bnb_nf4_model(tmp_path, double_quant: bool = True):
+    """A tiny LLaMA loaded through transformers' BitsAndBytesConfig (NF4) on CPU, in eval mode."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -164,14 +167,19 @@ def test_4bit_base_through_bitsandbytes_config(tmp_path):
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
     for m in model.modules():  # bitsandbytes would repack 4-bit bytes in place in eval/no-grad forwards
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-    model.eval()
+    return model.eval()
+
+
+def test_4bit_base_through_bitsandbytes_config(tmp_path):
+    """transformers' BitsAndBytesConfig NF4 + double quant on CPU, with the CPU repack kept away."""
+    model = _bnb_nf4_model(tmp_path)
     with torch.no_grad():
         reference = model(IDS).logits
     summary = apply_moka(model)
@@ -272,3 +280,94 @@ def test_patched_fp32_model_runs_under_autocast():
     assert out.dtype == torch.bfloat16  # as nn.Linear returns under autocast
     bf16 = copy.deepcopy(layer).to(torch.bfloat16)
     assert torch.equal(out, bf16(x.bfloat16()))
+
+
+def test_quantize_model_gives_an_nf4_base_that_patches_exactly_and_trains():
+    """moka's own NF4 base, no bitsandbytes: each projection decodes to quantize_nf4's W, lm_head stays dense."""
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    assert quantize_model(model, blocksize=128, double_quant=True, progress=False) == 14
+    for name, m in dense.named_modules():
+        if name.endswith("_proj"):
+            m.weight.data = dequantize_nf4(quantize_nf4(m.weight.data, 128, True), torch.float32)
+    assert all(isinstance(m, NF4Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert type(model.lm_head) is nn.Linear
+    reference = dense(IDS).logits
+    assert torch.equal(model(IDS).logits, reference)
+    summary = apply_moka(model, MoKAConfig(num_components=2))
+    assert summary.layers_patched == 14 and all(m.is_4bit for m in moka_layers(model).values())
+    assert summary.total_parameters == sum(p.numel() for p in dense.parameters()) + summary.trainable_parameters
+    assert torch.equal(model(IDS).logits, reference)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_requantized_merge_can_be_patched_again():
+    """merge_moka(requantize=True) leaves NF4Linear layers; apply_moka takes them as bases."""
+    model = tiny_llama()
+    quantize_model(model, progress=False)
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    merge_moka(model, requantize=True)
+    assert all(isinstance(m, NF4Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    merged = model(IDS).logits
+    assert apply_moka(model, MoKAConfig(num_components=2)).layers_patched == 14
+    assert torch.equal(model(IDS).logits, merged)
+
+
+def test_quantize_model_bad_input_names_the_parameter_and_changes_nothing():
+    model = tiny_llama()
+    reference = model(IDS).logits
+    with pytest.raises(ValueError, match=r"blocksize: expected one of"):
+        quantize_model(model, blocksize=48)
+    with pytest.raises(
+        ValueError, match=r"blocksize: .* of model\.layers\.0\.self_attn\.k_proj's 2048 elements, got 4096"
+    ):
+        quantize_model(model, blocksize=4096)
+    with pytest.raises(ValueError, match=r"target_modules: .*matched no nn\.Linear"):
+        quantize_model(model, target_modules=["qkv"])
+    with pytest.raises(TypeError, match=r"lm_head\.weight is torch\.float64"):
+        model.lm_head.double()
+        quantize_model(model, target_modules=["lm_head"], progress=False)
+    model.lm_head.float()
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    assert torch.equal(model(IDS).logits, reference)
+    apply_moka(model, MoKAConfig(num_components=2))
+    with pytest.raises(ValueError, match=r"model: has MoKA layers"):
+        quantize_model(model)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
+def test_quantize_model_takes_bitsandbytes_nf4_layers_over_without_a_copy(tmp_path, double_quant):
+    """A model loaded with BitsAndBytesConfig: its Linear4bit layers become NF4Linear views of the same bytes."""
+    model = _bnb_nf4_model(tmp_path, double_quant)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    storage = {n: m.weight.untyped_storage().data_ptr() for n, m in model.named_modules() if n.endswith("_proj")}
+    assert quantize_model(model, blocksize=4096, progress=False) == 14  # blocksize is the layers' own
+    layers = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    assert all(isinstance(m, NF4Linear) and m.blocksize == 64 for m in layers.values())
+    assert {n: m.packed.untyped_storage().data_ptr() for n, m in layers.items()} == storage
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-5)
+    apply_moka(model, MoKAConfig(num_components=2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-5)
+
+
+def test_quantize_model_refuses_a_non_nf4_linear4bit_and_changes_nothing():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(64, 64))
+    model.add_module("v_proj", bnb.nn.Linear4bit(64, 64, quant_type="fp4").to("cpu"))
+    with pytest.raises(ValueError, match=r"model: v_proj cannot become an NF4Linear: .*'nf4'"):
+        quantize_model(model, progress=False)
+    assert type(model.q_proj) is nn.Linear

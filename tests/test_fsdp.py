@@ -1,0 +1,54 @@
+"""FSDP2 (``fully_shard``, gloo on CPU, 2 processes) trains MoKA on a dense or an NF4 base as one process does,
+with the NF4 base's bytes sharded across the ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fsdp_worker import BATCH, adapter_state, build, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
+    model = build(base)
+    losses = train(model, BATCH)
+    expected = adapter_state(model)
+    env = dict(
+        os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
+    out = tmp_path / "fsdp.pt"
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    done = subprocess.run(
+        [sys.executable, *argv, str(ROOT / "tests" / "fsdp_worker.py"), base, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(out)
+    sharding = result["sharding"]
+    # the frozen base is sharded too: half the rows of W (dense) or of the packed NF4 bytes on each rank
+    assert sharding["type"] == "DTensor" and sharding["shard_0"] == [True]
+    rows, dtype = (128 * 128 // 2, "torch.uint8") if base == "nf4" else (128, "torch.float32")
+    assert sharding["local_rows"] * 2 == sharding["rows"] == rows and sharding["dtype"] == dtype
+    assert result["losses"][0] != pytest.approx(losses[0], abs=1e-7)  # rank 0 saw half the batch
+    assert expected.keys() == result["state"].keys() and len(expected) == 14 * 5
+    moved = [k for k in expected if not torch.equal(expected[k], build(base).state_dict()[k])]
+    assert len(moved) == len(expected), "every adapter tensor should have trained"
+    for key, value in expected.items():
+        torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
