@@ -160,6 +160,7 @@ class MoKALinear(nn.Module):
             # remove_moka) from repacking the bytes in place on AVX512-BF16 CPUs.
             base_layer.support_avx512bf16_for_cpu = False
             base_dtype = base_layer.compute_dtype or base_layer.weight.quant_state.dtype
+            self._wraps_linear4bit = True
         elif isinstance(base_layer, nn.Linear):
             if not base_layer.weight.is_floating_point():  # e.g. bitsandbytes' Linear8bitLt after quantizing
                 raise TypeError(
@@ -225,15 +226,23 @@ class MoKALinear(nn.Module):
             self.gate_logits.requires_grad_(True)
 
     # -- the base ------------------------------------------------------------------------------
+    _wraps_linear4bit = False  # set in __init__: whether the base was a bitsandbytes Linear4bit
+
     @property
     def is_4bit(self) -> bool:
-        return isinstance(self.base_layer, NF4Linear) or is_linear4bit(self.base_layer)
+        return isinstance(self.base_layer, NF4Linear) or self._wraps_linear4bit
 
     def base_weight(self) -> torch.Tensor | NF4Tensor:
         """W0 as moka_kernels takes it: the dense weight, or a zero-copy NF4Tensor."""
         if isinstance(self.base_layer, NF4Linear):
             return self.base_layer.nf4_weight
-        if is_linear4bit(self.base_layer):
+        if self._wraps_linear4bit:
+            if not is_linear4bit(self.base_layer):
+                raise RuntimeError(
+                    "base_layer: the bitsandbytes Linear4bit's weight has lost its quant_state (FSDP's fully_shard "
+                    "replaces it with a plain tensor); call moka.quantize_model(model) before apply_moka: its "
+                    "NF4Linear layers hold the same bytes and shard under FSDP2"
+                )
             return nf4_from_linear4bit(self.base_layer)
         return self.base_layer.weight
 

@@ -46,6 +46,16 @@ def test_linear_base_equals_dense_math(dtype, variant):
     assert_close_rel(layer(x), expected, TOLERANCES[dtype])
 
 
+def test_linear4bit_that_lost_its_quant_state_fails_clearly():
+    """FSDP2's fully_shard swaps a Linear4bit's Params4bit for a plain uint8 parameter: say so, don't treat the
+    bytes as a dense weight."""
+    layer = MoKALinear(_linear4bit(48, 64), MoKAConfig(num_components=2))
+    layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.data.clone(), requires_grad=False)
+    assert layer.is_4bit
+    with pytest.raises(RuntimeError, match=r"base_layer: .*lost its quant_state.*moka\.quantize_model"):
+        layer(torch.randn(3, 64))
+
+
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
 def test_linear4bit_base_equals_dense_math(double_quant):
     base = _linear4bit(48, 64, double_quant=double_quant)
