@@ -25,59 +25,86 @@ _NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
 class NF4Linear(nn.Module):
     """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
 
-    The packed bytes (and the absmax bytes with double quantization) are frozen integer ``nn.Parameter``s,
-    so FSDP2's ``fully_shard`` shards the 4-bit base across ranks and all-gathers it bit for bit (FSDP casts
-    only floating parameters); the small floating fields (fp32 scales, the nested code, the offset, the bias)
-    are buffers, which FSDP replicates and never casts. ``.to(device)`` and ``state_dict`` carry all of them.
-    Casts (``.to(dtype)``, ``.half()``, a whole model's ``.to(torch.bfloat16)``) reach the bias and the dtype
-    W decodes to (``nf4_dtype``), never the NF4 fields: their fp32 scales define W bit for bit, so they only
-    move.
+    Args:
+        weight: the NF4 weight; its ``dtype`` is the layer's ``nf4_dtype`` (an adapter's default dtype, a
+            merge's dtype).
+        bias: optional, shape (out_features,).
+        compute_dtype: the dtype the layer computes in (x is cast to it and the output back to x's dtype, as
+            bitsandbytes' ``Linear4bit`` does); None: x's own dtype.
+        shardable: hold the integer fields (the packed bytes; the absmax bytes with double quantization) as
+            frozen ``nn.Parameter``s, which FSDP2's ``fully_shard`` shards across ranks and all-gathers bit
+            for bit (FSDP casts only floating parameters). Default False: buffers, which FSDP replicates;
+            FSDP1 needs that, since it flattens a unit's parameters into one dtype.
+
+    The floating fields (fp32 scales, the nested code, the offset, the bias) are always buffers. ``.to(device)``
+    and ``state_dict`` carry every field. Casts (``.to(dtype)``, ``.half()``, a whole model's
+    ``.to(torch.bfloat16)``) reach the bias and ``nf4_dtype``, never the NF4 fields: their fp32 scales define
+    W bit for bit, so they only move.
     """
 
-    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        shardable: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(weight, NF4Tensor):
             raise TypeError(f"weight: expected an NF4Tensor, got {type(weight).__name__}")
+        if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"compute_dtype: expected None or a floating dtype, got {compute_dtype}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         self.out_features, self.in_features = weight.shape
         self.nf4_dtype = weight.dtype
         self.blocksize = weight.blocksize
+        self.compute_dtype = compute_dtype
+        self.shardable = bool(shardable)
         for name in _NF4_FIELDS:
             t = getattr(weight, name)
-            if t is not None and not t.is_floating_point():
+            if self.shardable and t is not None and not t.is_floating_point():
                 self.register_parameter(name, nn.Parameter(t, requires_grad=False))
             else:
                 self.register_buffer(name, t)
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _apply(self, fn, recurse=True):
         # Module.to/half/cuda/... all land here with fn applied to every tensor. The probe learns what fn
-        # does to a floating tensor here (device and dtype); the NF4 fields take only its device.
+        # does to a floating tensor here (device and dtype); the NF4 fields take only its device. They are
+        # taken out while Module._apply casts the rest, then put back in their places (state_dict order).
         probe = fn(torch.empty(0, dtype=self.nf4_dtype, device=self.packed.device))
-        held = {}  # field -> (its dict, the moved tensor), taken out while Module._apply casts the rest
+        held: dict[str, tuple[dict, torch.Tensor | None]] = {}
+        orders = {id(self._parameters): list(self._parameters), id(self._buffers): list(self._buffers)}
         for name in _NF4_FIELDS:
             store = self._parameters if name in self._parameters else self._buffers
-            t = store[name]
-            if t is None or t.is_floating_point():
-                moved = None if t is None else t.to(probe.device)
-            else:
-                moved = fn(t)  # integer bytes: fn only moves them
-                if isinstance(t, nn.Parameter) and not isinstance(moved, nn.Parameter):
+            t = store.pop(name)
+            if t is None:
+                held[name] = (store, None)
+                continue
+            moved = t.to(probe.device) if t.is_floating_point() else fn(t)  # integer bytes: fn only moves them
+            if isinstance(t, nn.Parameter) and moved is not t:  # the Parameter object as Module._apply keeps it
+                if torch.__future__.get_swap_module_params_on_conversion():
+                    torch.utils.swap_tensors(t, nn.Parameter(moved, requires_grad=False))
+                    moved = t
+                elif torch._has_compatible_shallow_copy_type(t, moved) and not (
+                    torch.__future__.get_overwrite_module_params_on_conversion()
+                ):
+                    t.data = moved
+                    moved = t
+                else:  # e.g. to or from meta: a new Parameter, as Module._apply makes one
                     moved = nn.Parameter(moved, requires_grad=False)
-            held[name] = (store, list(store), moved)
-        for name, (store, _, _) in held.items():
-            del store[name]
+            held[name] = (store, moved)
         try:
             super()._apply(fn, recurse)
-        finally:  # keep each dict's order (state_dict keys) and never lose a field
+        finally:  # never lose a field
             for store in (self._parameters, self._buffers):
-                order = next((o for st, o, _ in held.values() if st is store), None)
-                if order is None:
-                    continue
                 rest = dict(store)
                 store.clear()
-                store.update({n: held[n][2] if n in held and held[n][0] is store else rest[n] for n in order})
+                for name in orders[id(store)]:
+                    store[name] = held[name][1] if name in held else rest.pop(name)
+                store.update(rest)
         self.nf4_dtype = probe.dtype
         return self
 
@@ -95,11 +122,21 @@ class NF4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(self.compute_dtype or input_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize_nf4(self.nf4_weight, x.dtype), bias)
+        return F.linear(x, dequantize_nf4(self.nf4_weight, x.dtype), bias).to(input_dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}"
+        extra = "".join(
+            [
+                f", compute_dtype={self.compute_dtype}" if self.compute_dtype else "",
+                ", shardable" if self.shardable else "",
+            ]
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}{extra}"
+        )
 
 
 def _factors_as_taken(
@@ -163,9 +200,15 @@ class MoKALinear(nn.Module):
             self._wraps_linear4bit = True
         elif isinstance(base_layer, nn.Linear):
             if not base_layer.weight.is_floating_point():  # e.g. bitsandbytes' Linear8bitLt after quantizing
+                hint = (
+                    " (a Linear4bit whose quant_state FSDP dropped? call moka.quantize_model(model, shardable=True) "
+                    "before sharding)"
+                    if base_layer.weight.dtype == torch.uint8
+                    else ""
+                )
                 raise TypeError(
                     "base_layer: expected a floating-point weight or an NF4 Linear4bit, got a "
-                    f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}{at}"
+                    f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}{at}{hint}"
                 )
             base_dtype = base_layer.weight.dtype
         else:
@@ -230,18 +273,18 @@ class MoKALinear(nn.Module):
 
     @property
     def is_4bit(self) -> bool:
-        return isinstance(self.base_layer, NF4Linear) or self._wraps_linear4bit
+        return isinstance(self.base_layer, NF4Linear) or self._wraps_linear4bit or is_linear4bit(self.base_layer)
 
     def base_weight(self) -> torch.Tensor | NF4Tensor:
         """W0 as moka_kernels takes it: the dense weight, or a zero-copy NF4Tensor."""
         if isinstance(self.base_layer, NF4Linear):
             return self.base_layer.nf4_weight
-        if self._wraps_linear4bit:
+        if self._wraps_linear4bit or is_linear4bit(self.base_layer):
             if not is_linear4bit(self.base_layer):
                 raise RuntimeError(
                     "base_layer: the bitsandbytes Linear4bit's weight has lost its quant_state (FSDP's fully_shard "
-                    "replaces it with a plain tensor); call moka.quantize_model(model) before apply_moka: its "
-                    "NF4Linear layers hold the same bytes and shard under FSDP2"
+                    "replaces it with a plain tensor); call moka.quantize_model(model, shardable=True) before "
+                    "apply_moka: its NF4Linear layers hold the same bytes and shard under FSDP2"
                 )
             return nf4_from_linear4bit(self.base_layer)
         return self.base_layer.weight
@@ -258,7 +301,7 @@ class MoKALinear(nn.Module):
         return self.base_layer.bias
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if is_linear4bit(self.base_layer) and self.base_layer.compute_dtype is not None:
+        if (is_linear4bit(self.base_layer) or isinstance(self.base_layer, NF4Linear)) and self.base_layer.compute_dtype:
             return self.base_layer.compute_dtype
         return x.dtype
 
@@ -323,7 +366,8 @@ class MoKALinear(nn.Module):
             if is_linear4bit(self.base_layer):
                 layer = linear4bit_from_nf4(q, bias, self.base_layer.compute_dtype)
             else:
-                layer = NF4Linear(q, bias)
+                base = self.base_layer
+                layer = NF4Linear(q, bias, compute_dtype=base.compute_dtype, shardable=base.shardable)
             layer.moka_requantization_error = report
             logger.info(
                 "merge: NF4 requantization error max_abs=%.3g rel_rms=%.3g", report["max_abs"], report["rel_rms"]

@@ -151,21 +151,19 @@ def quantize_model(
     target_modules: list[str] | str = LLAMA_TARGET_MODULES,
     blocksize: int = 64,
     double_quant: bool = True,
+    *,
+    shardable: bool = False,
     progress: bool = True,
 ) -> int:
     """Turn the target linear layers of ``model`` in place into moka's own NF4 layers (:class:`NF4Linear`),
-    without bitsandbytes: QLoRA's frozen 4-bit base for :func:`apply_moka`, which FSDP2 can shard.
+    without bitsandbytes: QLoRA's frozen 4-bit base for :func:`apply_moka`.
 
     * A dense ``nn.Linear`` (fp32/fp16/bf16 W) is quantized: ``quantize_nf4(W, blocksize, double_quant)``,
-      the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` would hold,
-      decoding to W's dtype.
+      the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` would hold.
+      The layer computes in x's dtype; W's dtype is its ``nf4_dtype`` (the adapter's and a merge's dtype).
     * A bitsandbytes NF4 ``Linear4bit`` (e.g. loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) becomes
       an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are
-      its own). Under FSDP2 a ``Linear4bit`` loses its ``quant_state`` when its weight is sharded; an
-      NF4Linear's bytes are plain integer parameters, sharded and gathered bit for bit.
-
-    Biases are kept. Layers are converted one at a time on their own device, so the peak memory is the model
-    plus one weight's work space.
+      its own), computing in its ``compute_dtype`` as before.
 
     Args:
         model: any module; e.g. a Hugging Face causal LM.
@@ -173,10 +171,14 @@ def quantize_model(
         blocksize: elements per absmax block for dense layers; one of 32, 64, ..., 4096 dividing every
             dense target's size.
         double_quant: also quantize the block scales of dense layers to 8 bits.
+        shardable: for FSDP2 (``fully_shard``): the NF4 bytes become frozen integer parameters, which it
+            shards and gathers bit for bit. (A ``Linear4bit`` loses its ``quant_state`` when FSDP2 shards it.)
+            Leave it False for FSDP1, which needs one dtype per flattened unit, and for anything else.
         progress: show a progress bar over the layers.
 
     Returns:
-        The number of layers converted. Every target is checked before the first one is replaced.
+        The number of layers converted. Every target is checked before the first one is replaced; an error
+        while converting (out of memory) leaves the layers converted so far, each one whole.
     """
     matches = MoKAConfig(target_modules=target_modules).matches  # validates target_modules
     if moka_layers(model):
@@ -195,15 +197,18 @@ def quantize_model(
                 raise ValueError(f"model: {name} cannot become an NF4Linear: {err}") from None
         elif m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"model: {name}.weight is {m.weight.dtype}; expected float32, float16 or bfloat16")
-        elif m.weight.numel() % blocksize:
+        elif m.weight.numel() == 0 or m.weight.numel() % blocksize:
             raise ValueError(f"blocksize: expected a divisor of {name}'s {m.weight.numel()} elements, got {blocksize}")
     from tqdm.auto import tqdm
 
     for name, m in tqdm(targets.items(), desc="NF4", unit="layer", disable=not progress or len(targets) < 8):
-        weight = views.pop(name, None) or quantize_nf4(m.weight.detach(), blocksize, double_quant)
+        if name in views:
+            weight, compute_dtype = views.pop(name), m.compute_dtype
+        else:
+            weight, compute_dtype = quantize_nf4(m.weight.detach(), blocksize, double_quant), None
         bias = None if m.bias is None else m.bias.detach()
         parent, attr = _parent_and_attr(model, name)
-        setattr(parent, attr, NF4Linear(weight, bias))
+        setattr(parent, attr, NF4Linear(weight, bias, compute_dtype=compute_dtype, shardable=shardable))
     return len(targets)
 
 

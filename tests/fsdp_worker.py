@@ -23,7 +23,7 @@ def build(base: str):
     """``base``: "dense" (fp32 nn.Linear) or "nf4" (quantize_model with double quantization)."""
     model = tiny_llama(hidden=128).train()
     if base == "nf4":
-        quantize_model(model, progress=False)
+        quantize_model(model, shardable=True, progress=False)
     apply_moka(model, MoKAConfig(num_components=2))
     randomize_adapters(model, std=0.05)
     return model

@@ -223,12 +223,13 @@ def test_wrapping_prevents_a_later_repack():
     assert isinstance(NF4Tensor.from_bnb(base.weight), NF4Tensor)
 
 
+@pytest.mark.parametrize("shardable", [False, True], ids=["buffers", "shardable"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
 @pytest.mark.parametrize("cast", ["to-bf16", "half", "double"])
-def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast):
+def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast, shardable):
     """model.to(dtype) reaches the adapters, the bias and the decode dtype, never the NF4 codes or scales."""
     q = quantize_nf4(torch.randn(64, 96), 64, double_quant)
-    layer = MoKALinear(q, MoKAConfig(num_components=2), bias=torch.randn(64))
+    layer = MoKALinear(NF4Linear(q, torch.randn(64), shardable=shardable), MoKAConfig(num_components=2))
     w0 = layer.dense_base_weight(torch.float32)
     keys = list(layer.base_layer.state_dict())
     fields = {n: (t.dtype, t.clone()) for n, t in layer.base_layer.state_dict().items() if n != "bias"}
@@ -247,15 +248,45 @@ def test_casting_an_nf4_layer_keeps_w0_bit_exact(double_quant, cast):
     torch.testing.assert_close(layer(x), nn.functional.linear(x, w0.to(dtype), layer.bias))  # ΔW = 0 at init
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["data", "swap"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
-def test_nf4_layer_holds_its_bytes_as_frozen_parameters_and_its_scales_as_buffers(double_quant):
-    """Integer fields are parameters (FSDP2 shards them and never casts integers); floating ones are buffers."""
-    base = MoKALinear(quantize_nf4(torch.randn(64, 64), 64, double_quant), MoKAConfig(num_components=2)).base_layer
+def test_shardable_nf4_layer_holds_its_bytes_as_frozen_parameters_and_its_scales_as_buffers(double_quant, swap):
+    """shardable: integer fields are parameters (FSDP2 shards them and never casts integers), floating ones
+    buffers; a move keeps each Parameter object, as Module._apply does (FSDP2 relies on it). Default: buffers."""
+    q = quantize_nf4(torch.randn(64, 64), 64, double_quant)
+    assert not list(NF4Linear(q).parameters())  # FSDP1 flattens a unit's parameters into one dtype
+    base = NF4Linear(q, shardable=True)
     params = dict(base.named_parameters())
     assert list(params) == (["packed", "absmax"] if double_quant else ["packed"])
     assert all(p.dtype == torch.uint8 and not p.requires_grad for p in params.values())
     assert all(b.is_floating_point() for b in base.buffers())
     assert ("absmax" in dict(base.named_buffers())) is not double_quant
+    keys = list(base.state_dict())
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        base._apply(lambda t: t.clone())  # what a cpu -> cuda move does: new tensors of the same kind
+        assert all(getattr(base, n) is p for n, p in params.items())
+        base.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    # swap mode keeps the object on any move; otherwise a move to another tensor type makes a new one
+    assert all((getattr(base, n) is p) is swap and getattr(base, n).device.type == "meta" for n, p in params.items())
+    assert all(type(p) is nn.Parameter and not p.requires_grad for p in base.parameters())
+    assert list(base.state_dict()) == keys
+
+
+def test_nf4_layer_computes_in_its_compute_dtype_and_returns_the_input_dtype():
+    """As Linear4bit: x is cast to compute_dtype, the output back to x's dtype (quantize_model keeps a
+    Linear4bit's compute_dtype)."""
+    q, bias = quantize_nf4(torch.randn(48, 64), 64, True), torch.randn(48)
+    x = torch.randn(3, 64)
+    expected = nn.functional.linear(x.bfloat16(), dequantize_nf4(q, torch.bfloat16), bias.bfloat16()).float()
+    layer = NF4Linear(q, bias, compute_dtype=torch.bfloat16)
+    assert torch.equal(layer(x), expected)
+    moka = MoKALinear(layer, MoKAConfig(num_components=2))
+    assert moka(x).dtype == torch.float32 and torch.equal(moka(x), expected)  # ΔW = 0 at init
+    assert not torch.equal(NF4Linear(q, bias)(x), expected)  # fp32 compute differs: the test can see it
 
 
 def test_nf4_layer_moves_to_meta_whole():

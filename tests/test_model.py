@@ -313,11 +313,11 @@ def test_quantize_model_gives_an_nf4_base_that_patches_exactly_and_trains():
 def test_requantized_merge_can_be_patched_again():
     """merge_moka(requantize=True) leaves NF4Linear layers; apply_moka takes them as bases."""
     model = tiny_llama()
-    quantize_model(model, progress=False)
+    quantize_model(model, shardable=True, progress=False)
     apply_moka(model, MoKAConfig(num_components=2))
     randomize_adapters(model)
     merge_moka(model, requantize=True)
-    assert all(isinstance(m, NF4Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert all(isinstance(m, NF4Linear) and m.shardable for n, m in model.named_modules() if n.endswith("_proj"))
     merged = model(IDS).logits
     assert apply_moka(model, MoKAConfig(num_components=2)).layers_patched == 14
     assert torch.equal(model(IDS).logits, merged)
@@ -355,6 +355,7 @@ def test_quantize_model_takes_bitsandbytes_nf4_layers_over_without_a_copy(tmp_pa
     assert quantize_model(model, blocksize=4096, progress=False) == 14  # blocksize is the layers' own
     layers = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
     assert all(isinstance(m, NF4Linear) and m.blocksize == 64 for m in layers.values())
+    assert all(m.compute_dtype == torch.float32 and not m.shardable for m in layers.values())  # Linear4bit's own
     assert {n: m.packed.untyped_storage().data_ptr() for n, m in layers.items()} == storage
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-5)
