@@ -20,9 +20,10 @@ STEPS = 3
 
 
 def build(base: str):
-    """``base``: "dense" (fp32 nn.Linear) or "nf4" (quantize_model with double quantization)."""
+    """``base``: "dense" (fp32 nn.Linear) or "nf4" (quantize_model with double quantization); "nf4-bf16" is
+    "nf4" under FSDP2's bf16 MixedPrecisionPolicy (built the same)."""
     model = tiny_llama(hidden=128).train()
-    if base == "nf4":
+    if base.startswith("nf4"):
         quantize_model(model, shardable=True, progress=False)
     apply_moka(model, MoKAConfig(num_components=2))
     randomize_adapters(model, std=0.05)
@@ -54,11 +55,16 @@ def main(base: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(base)
+    mixed = {}
+    if base.endswith("bf16"):  # bf16 compute, fp32 gradient reduction: the usual GPU setting
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mixed["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **mixed)
+    fully_shard(model, **mixed)
     base_layer = model.model.layers[0].self_attn.q_proj.base_layer
-    frozen = base_layer.packed if base == "nf4" else base_layer.weight  # the NF4 bytes, or the dense W
+    frozen = base_layer.packed if base.startswith("nf4") else base_layer.weight  # the NF4 bytes, or the dense W
     sharding = {
         "type": type(frozen).__name__,
         "dtype": str(frozen.dtype),

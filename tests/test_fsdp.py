@@ -22,8 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("base", ["dense", "nf4", "nf4-bf16"])
 def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
+    initial = adapter_state(build(base))
     model = build(base)
     losses = train(model, BATCH)
     expected = adapter_state(model)
@@ -44,11 +45,20 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
     sharding = result["sharding"]
     # the frozen base is sharded too: half the rows of W (dense) or of the packed NF4 bytes on each rank
     assert sharding["type"] == "DTensor" and sharding["shard_0"] == [True]
-    rows, dtype = (128 * 128 // 2, "torch.uint8") if base == "nf4" else (128, "torch.float32")
+    rows, dtype = (128 * 128 // 2, "torch.uint8") if base.startswith("nf4") else (128, "torch.float32")
     assert sharding["local_rows"] * 2 == sharding["rows"] == rows and sharding["dtype"] == dtype
     assert result["losses"][0] != pytest.approx(losses[0], abs=1e-7)  # rank 0 saw half the batch
     assert expected.keys() == result["state"].keys() and len(expected) == 14 * 5
-    moved = [k for k in expected if not torch.equal(expected[k], build(base).state_dict()[k])]
-    assert len(moved) == len(expected), "every adapter tensor should have trained"
-    for key, value in expected.items():
-        torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert all(not torch.equal(expected[k], initial[k]) for k in expected), "every adapter tensor should train"
+    if base.endswith("bf16"):  # bf16 compute (the NF4 bytes never cast): the updates within bf16 error
+        steps = {k: (result["state"][k] - initial[k], expected[k] - initial[k]) for k in expected}
+        assert all(result["state"][k].dtype == torch.float32 for k in expected)  # fp32 master adapters
+        for key, (step, reference) in steps.items():
+            # the gate logits' gradients are small differences between components: bf16 can't hold them
+            if "_factors." in key:
+                assert (step - reference).norm() < 0.05 * reference.norm(), key
+        step, reference = (torch.cat([t.flatten() for t in ts]) for ts in zip(*steps.values(), strict=True))
+        assert (step - reference).norm() < 0.03 * reference.norm()
+    else:
+        for key, value in expected.items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
