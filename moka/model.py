@@ -255,17 +255,41 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by name: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}``, ``{layer}.gate_logits``."""
-    state: dict[str, torch.Tensor] = {}
+def _adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter parameters themselves, by their adapter names (DTensors under FSDP2)."""
+    params: dict[str, torch.Tensor] = {}
     for name, layer in moka_layers(model).items():
         for i, a in enumerate(layer.a_factors):
-            state[f"{name}.a_factors.{i}"] = a.detach()
+            params[f"{name}.a_factors.{i}"] = a
         for i, b in enumerate(layer.b_factors):
-            state[f"{name}.b_factors.{i}"] = b.detach()
+            params[f"{name}.b_factors.{i}"] = b
         if layer.gate_logits is not None:
-            state[f"{name}.gate_logits"] = layer.gate_logits.detach()
-    return state
+            params[f"{name}.gate_logits"] = layer.gate_logits
+    return params
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _is_sharded(params: dict[str, torch.Tensor]) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params.values())
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by name: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}``, ``{layer}.gate_logits``.
+
+    Adapters sharded by FSDP2 (DTensors) are gathered whole: a collective, so every rank must call it."""
+    params = _adapter_parameters(model)
+    if not _is_sharded(params):
+        return {k: p.detach() for k, p in params.items()}
+    dtensor = _dtensor_type()
+    return {k: (p.full_tensor() if isinstance(p, dtensor) else p).detach() for k, p in params.items()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -273,18 +297,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Both files are written into a temp dir first: a new directory appears whole (one rename); into an
     existing one each file is renamed over its old version, so a failed call never leaves a partial file.
+
+    Under FSDP2 (adapters sharded as DTensors) every rank must call it: the shards are gathered on every
+    rank, and rank 0 alone writes.
     """
     from safetensors.torch import save_file
 
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to save")
+    if _is_sharded(_adapter_parameters(model)):
+        state = adapter_state_dict(model)  # the collective, before any rank returns
+        if torch.distributed.get_rank() != 0:
+            return Path(directory)
+    else:
+        state = adapter_state_dict(model)
     config = getattr(model, "moka_config", None) or next(iter(layers.values())).config
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        tensors = {k: v.contiguous().cpu() for k, v in state.items()}
         save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "moka", "version": str(FORMAT_VERSION)})
         meta = {
             "format_version": FORMAT_VERSION,
@@ -329,7 +362,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
 
     Names and shapes (and, for an already patched model, the scale, gate and variant) are validated
     against the model before anything is copied; on any mismatch a ValueError names the first problems
-    and the model is left as it was.
+    and the model is left as it was. Into adapters sharded by FSDP2 (patch before ``fully_shard``), every
+    rank loads the file and keeps its own shards.
     """
     from safetensors.torch import load_file
 
@@ -350,7 +384,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
                     "remove_moka(model) first and load_adapter patches the model with the adapter's config"
                 )
     try:
-        expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
+        params = _adapter_parameters(model)
+        expected = {k: p.shape for k, p in params.items()}  # a DTensor's shape is the whole tensor's
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [
@@ -366,13 +401,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
                 f"directory: adapter {str(directory)!r} does not fit this model (saved from a model of another "
                 f"shape or with another config): " + "; ".join(problems)
             )
-        for name, layer in moka_layers(model).items():
-            for i, a in enumerate(layer.a_factors):
-                a.copy_(tensors[f"{name}.a_factors.{i}"])
-            for i, b in enumerate(layer.b_factors):
-                b.copy_(tensors[f"{name}.b_factors.{i}"])
-            if layer.gate_logits is not None:
-                layer.gate_logits.copy_(tensors[f"{name}.gate_logits"])
+        dtensor = _dtensor_type() if _is_sharded(params) else None
+        for key, p in params.items():
+            value = tensors[key].to(device=p.device, dtype=p.dtype)
+            if dtensor is not None and isinstance(p, dtensor):  # this rank's shards of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(value)
     except BaseException:
         if patched_here:
             remove_moka(model)

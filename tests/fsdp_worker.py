@@ -1,8 +1,10 @@
 """Three SGD steps of a tiny MoKA LLaMA, in one process or sharded by FSDP2 (run under torchrun, gloo).
 
-``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py BASE OUT``: each rank trains on its
-half of the batch with every decoder layer and the root wrapped by ``fully_shard``; rank 0 saves the adapter
-(gathered) and what it saw of the sharding to OUT. ``train(BASE)`` in one process is the reference.
+``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py BASE OUT_DIR``: each rank trains on
+its half of the batch with every decoder layer and the root wrapped by ``fully_shard``, then every rank calls
+``save_adapter`` (OUT_DIR/adapter, written by rank 0) and ``load_adapter`` into a fresh sharded model. Rank 0
+records the sharding, its losses and the reload check in OUT_DIR/result.pt. ``train`` in one process is the
+reference.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import torch
 from helpers import randomize_adapters, tiny_llama
 
-from moka import MoKAConfig, apply_moka, quantize_model
+from moka import MoKAConfig, adapter_state_dict, apply_moka, load_adapter, quantize_model, save_adapter
 
 BATCH = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
 STEPS = 3
@@ -42,27 +44,24 @@ def train(model, ids: torch.Tensor) -> list[float]:
     return losses
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}  # collective
-    return {k: v.clone() for k, v in full.items() if "_factors." in k or k.endswith("gate_logits")}
+def shard(model, base: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-
-def main(base: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = build(base)
     mixed = {}
     if base.endswith("bf16"):  # bf16 compute, fp32 gradient reduction: the usual GPU setting
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         mixed["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, **mixed)
     fully_shard(model, **mixed)
+
+
+def main(base: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build(base)
+    shard(model, base)
     base_layer = model.model.layers[0].self_attn.q_proj.base_layer
     frozen = base_layer.packed if base.startswith("nf4") else base_layer.weight  # the NF4 bytes, or the dense W
     sharding = {
@@ -72,11 +71,26 @@ def main(base: str, out: str) -> None:
         "local_rows": frozen.to_local().shape[0] if hasattr(frozen, "to_local") else frozen.shape[0],
         "rows": frozen.shape[0],
     }
-    per_rank = BATCH.shape[0] // world
-    losses = train(model, BATCH[rank * per_rank : (rank + 1) * per_rank])
-    state = adapter_state(model)
+    ids = BATCH[rank * (BATCH.shape[0] // world) : (rank + 1) * (BATCH.shape[0] // world)]
+    losses = train(model, ids)
+    save_adapter(model, f"{out_dir}/adapter")  # every rank; rank 0 writes
+    dist.barrier()
+    fresh = build(base)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.zero_()  # so that only the load can make it equal
+    shard(fresh, base)
+    load_adapter(fresh, f"{out_dir}/adapter")
+    trained, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    with torch.no_grad():
+        same_loss = model(ids, labels=ids).loss.item() == fresh(ids, labels=ids).loss.item()
     if rank == 0:
-        torch.save({"state": state, "sharding": sharding, "losses": losses}, out)
+        reloaded = trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+        torch.save(
+            {"sharding": sharding, "losses": losses, "reloaded": reloaded, "same_loss": same_loss},
+            f"{out_dir}/result.pt",
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import BATCH, adapter_state, build, train
+from fsdp_worker import BATCH, build, train
+from safetensors.torch import load_file
+
+from moka import adapter_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +27,14 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("base", ["dense", "nf4", "nf4-bf16"])
 def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
-    initial = adapter_state(build(base))
+    initial = adapter_state_dict(build(base))
     model = build(base)
     losses = train(model, BATCH)
-    expected = adapter_state(model)
+    expected = adapter_state_dict(model)
     env = dict(
         os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
     )
-    out = tmp_path / "fsdp.pt"
+    out = tmp_path / "fsdp"
     argv = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     done = subprocess.run(
         [sys.executable, *argv, str(ROOT / "tests" / "fsdp_worker.py"), base, str(out)],
@@ -41,18 +44,21 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(out)
+    result = torch.load(out / "result.pt")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")  # save_adapter gathered the shards
+    # load_adapter into a fresh sharded model (adapters zeroed) gives the trained adapters and the same loss
+    assert result["reloaded"] and result["same_loss"]
     sharding = result["sharding"]
     # the frozen base is sharded too: half the rows of W (dense) or of the packed NF4 bytes on each rank
     assert sharding["type"] == "DTensor" and sharding["shard_0"] == [True]
     rows, dtype = (128 * 128 // 2, "torch.uint8") if base.startswith("nf4") else (128, "torch.float32")
     assert sharding["local_rows"] * 2 == sharding["rows"] == rows and sharding["dtype"] == dtype
     assert result["losses"][0] != pytest.approx(losses[0], abs=1e-7)  # rank 0 saw half the batch
-    assert expected.keys() == result["state"].keys() and len(expected) == 14 * 5
+    assert expected.keys() == saved.keys() and len(expected) == 14 * 5
     assert all(not torch.equal(expected[k], initial[k]) for k in expected), "every adapter tensor should train"
     if base.endswith("bf16"):  # bf16 compute (the NF4 bytes never cast): the updates within bf16 error
-        steps = {k: (result["state"][k] - initial[k], expected[k] - initial[k]) for k in expected}
-        assert all(result["state"][k].dtype == torch.float32 for k in expected)  # fp32 master adapters
+        steps = {k: (saved[k] - initial[k], expected[k] - initial[k]) for k in expected}
+        assert all(saved[k].dtype == torch.float32 for k in expected)  # fp32 master adapters
         for key, (step, reference) in steps.items():
             # the gate logits' gradients are small differences between components: bf16 can't hold them
             if "_factors." in key:
@@ -61,4 +67,4 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
         assert (step - reference).norm() < 0.03 * reference.norm()
     else:
         for key, value in expected.items():
-            torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+            torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-7, msg=key)
