@@ -45,7 +45,7 @@ setup(
             "ruff>=0.6",
         ],
     },
-    entry_points={"console_scripts": ["moka-finetune=moka.finetune:main"]},
+    entry_points={"console_scripts": ["moka-finetune=moka.finetune:main", "moka-merge=moka.merge:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

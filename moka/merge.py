@@ -1,0 +1,176 @@
+"""Merge a saved MoKA adapter into its base model and save a plain Hugging Face model: ``python -m moka.merge``
+or ``moka-merge``.
+
+Each adapted projection becomes an ``nn.Linear`` holding W0 + s·Σᵢ αᵢ (Aᵢ ⊗ Bᵢ), so the output loads with a
+plain ``from_pretrained`` anywhere (inference servers, GGUF converters), with no moka installed. With
+``--load-in-4bit`` (the default for the embedded model, as in ``moka.finetune``) W0 is the NF4-decoded base
+the adapter was trained against, and every other 4-bit layer is decoded too; without it, W0 is the
+checkpoint's full-precision weight (as PEFT's ``merge_and_unload`` on a bf16 base). Before saving, the
+merged model's logits on a probe text are compared with the adapted model's (``--no-check`` skips it).
+
+Examples::
+
+    python -m moka.merge                                    # the embedded default's adapter (moka-output/)
+    python -m moka.merge --model ./llama-dir --adapter run/adapter --output-dir merged --load-in-4bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moka_kernels import dequantize_nf4
+
+from .bnb_compat import is_linear4bit, nf4_from_linear4bit
+from .finetune import EMBEDDED, CLIError, load_model, resolve_model_path
+from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config
+
+__all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moka-merge",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=EMBEDDED, help="the base model: local dir, hub id, or the embedded SmolLM2")
+    p.add_argument("--adapter", type=Path, default=Path("moka-output/adapter"), help="a save_adapter directory")
+    p.add_argument("--output-dir", type=Path, default=Path("moka-output/merged"))
+    p.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merge into the NF4-decoded base the adapter was trained on (default: on for the embedded model)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="dtype of the merged weights; auto = the base checkpoint's (fp32 if it does not say)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output-dir")
+    p.add_argument("--no-check", action="store_true", help="skip the logits comparison on a probe text")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.load_in_4bit is None:
+        args.load_in_4bit = args.model == EMBEDDED
+    try:
+        read_adapter_config(args.adapter)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+    out = args.output_dir
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"--output-dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    return args
+
+
+def checkpoint_dtype(model_dir: str) -> torch.dtype:
+    """The dtype a model directory's config.json names (``dtype`` or ``torch_dtype``); fp32 if none."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+@torch.no_grad()
+def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes NF4 ``Linear4bit`` by an ``nn.Linear`` holding its decoded weight (moka's
+    decode: bit-exact to bitsandbytes' on every shape, where its CPU kernel is not) and drop the model's
+    quantization config, so ``save_pretrained`` writes a plain model. Returns the number of layers decoded."""
+    layers = {name: m for name, m in model.named_modules() if is_linear4bit(m)}
+    for name, m in layers.items():
+        weight = dequantize_nf4(nf4_from_linear4bit(m), dtype)
+        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=weight.device, dtype=dtype)
+        dense.weight.copy_(weight)
+        if m.bias is not None:
+            dense.bias.copy_(m.bias)
+        dense.requires_grad_(False)
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, dense)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return len(layers)
+
+
+def _probe_logits(model, tokenizer) -> torch.Tensor:
+    device = next(model.parameters()).device
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """The whole job; returns what it prints (layers merged, dtype, the probe's logits difference)."""
+    model_dir = resolve_model_path(args.model)
+    local = Path(model_dir).is_dir()
+    dtype = DTYPES.get(args.dtype) or (checkpoint_dtype(model_dir) if local else torch.float32)
+    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype)
+    if args.load_in_4bit:  # every 4-bit layer decoded to dtype: the base the adapter was trained on, dense
+        decode_4bit_layers(model, dtype)
+    try:
+        summary = load_adapter(model, args.adapter)
+    except ValueError as err:
+        raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+    model.eval()
+    adapted = None if args.no_check else _probe_logits(model, tokenizer)
+    merge_moka(model, dtype=dtype)
+    result: dict = {"layers_merged": summary.layers_patched, "dtype": str(dtype).removeprefix("torch.")}
+    if adapted is not None:
+        diff = (_probe_logits(model, tokenizer) - adapted).abs().max().item()
+        result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
+    out = args.output_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # written whole into a temp dir, then renamed into place: never a half-written model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "moka_merge.json").write_text(
+            json.dumps({**result, "base_model": args.model, "adapter": str(args.adapter)}, indent=1)
+        )
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result["output_dir"] = str(out)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    print(f"merged {result['layers_merged']} MoKA layers into {result['output_dir']} ({result['dtype']})")
+    if "probe_max_abs_diff" in result:
+        print(
+            f"probe logits, merged vs adapted: max |diff| {result['probe_max_abs_diff']:.3g} "
+            f"(logits up to {result['probe_logit_scale']:.3g})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        print_summary(merge(parse_args(argv)))
+    except (CLIError, FileNotFoundError, ValueError) as err:
+        print(f"moka-merge: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""moka-merge: a saved adapter merged into its base and saved as a plain Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize_adapters, tiny_llama, word_level_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moka import MoKAConfig, apply_moka, load_adapter, save_adapter
+from moka.finetune import load_model
+from moka.merge import PROBE_TEXT, main
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny LLaMA dir (hidden 128: every K a multiple of bitsandbytes' blocksize) and a random adapter on it."""
+    directory = tmp_path_factory.mktemp("merge")
+    tokenizer, vocab = word_level_tokenizer(["the", "quick", "brown", "fox", *[f"w{i}" for i in range(30)]])
+    tiny_llama(hidden=128, vocab=vocab).save_pretrained(directory / "base")
+    tokenizer.save_pretrained(directory / "base")
+    model = AutoModelForCausalLM.from_pretrained(directory / "base")
+    apply_moka(model, MoKAConfig(num_components=3, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapters(model, std=0.3)
+    save_adapter(model, directory / "adapter")
+    return directory / "base", directory / "adapter"
+
+
+def _adapted_logits(base: Path, adapter: Path, four_bit: bool) -> torch.Tensor:
+    model, _ = load_model(str(base), four_bit, torch.float32)
+    load_adapter(model, adapter)
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense-base", "nf4-base"])
+def test_merged_model_loads_plainly_and_computes_the_adapted_function(base_and_adapter, tmp_path, capsys, four_bit):
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(out), "--dtype", "fp32"]
+    assert main([*argv, "--load-in-4bit" if four_bit else "--no-load-in-4bit"]) == 0
+    printed = capsys.readouterr().out
+    assert f"merged 6 MoKA layers into {out} (float32)" in printed and "probe logits" in printed
+    report = json.loads((out / "moka_merge.json").read_text())
+    assert report["layers_merged"] == 6 and report["probe_max_abs_diff"] < 1e-4 * report["probe_logit_scale"]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # a plain model: no moka, no bitsandbytes
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
+    assert AutoTokenizer.from_pretrained(out)(PROBE_TEXT)["input_ids"]
+    with torch.no_grad():
+        logits = merged(IDS).logits
+    expected = _adapted_logits(base, adapter, four_bit)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    other = _adapted_logits(base, adapter, not four_bit)  # the other base differs: the test can tell them apart
+    assert (logits - other).abs().max() > 1e-3
+
+
+def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+
+    def fails(argv, pattern):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moka-merge:")]
+        assert len(err) == 1 and pattern in err[0], err
+
+    common = ["--model", str(base), "--output-dir", str(out), "--no-load-in-4bit"]
+    fails([*common, "--adapter", str(tmp_path / "nowhere")], "--adapter: expected a MoKA adapter dir")
+    assert not out.exists()
+    fails(["--model", str(tmp_path), "--adapter", str(adapter), "--output-dir", str(out)], "--model:")
+    assert not out.exists()
+    other = tmp_path / "other"  # an adapter saved from a model of another shape
+    model = tiny_llama(hidden=64)
+    apply_moka(model, MoKAConfig(num_components=2))
+    save_adapter(model, other)
+    fails([*common, "--adapter", str(other)], "--adapter: adapter")
+    assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    fails([*common, "--adapter", str(adapter)], "--output-dir: ")
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_cli_entry_runs_as_a_module(base_and_adapter, tmp_path):
+    base, adapter = base_and_adapter
+    argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(tmp_path / "m"), "--no-check"]
+    done = subprocess.run(
+        [sys.executable, "-m", "moka.merge", *argv],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "merged 6 MoKA layers" in done.stdout and "probe" not in done.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()
