@@ -161,6 +161,11 @@ def print_summary(result: dict) -> None:
             f"probe logits, merged vs adapted: max |diff| {result['probe_max_abs_diff']:.3g} "
             f"(logits up to {result['probe_logit_scale']:.3g})"
         )
+        if result["probe_max_abs_diff"] > 0.01 * result["probe_logit_scale"] and result["dtype"] != "float32":
+            print(
+                f"note: rounding W0 + ΔW to {result['dtype']} changed the logits by over 1%; "
+                "--dtype fp32 keeps the adapter's effect whole"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ def test_merged_model_loads_plainly_and_computes_the_adapted_function(base_and_a
     assert main([*argv, "--load-in-4bit" if four_bit else "--no-load-in-4bit"]) == 0
     printed = capsys.readouterr().out
     assert f"merged 6 MoKA layers into {out} (float32)" in printed and "probe logits" in printed
+    assert "note: rounding" not in printed
     report = json.loads((out / "moka_merge.json").read_text())
     assert report["layers_merged"] == 6 and report["probe_max_abs_diff"] < 1e-4 * report["probe_logit_scale"]
     config = json.loads((out / "config.json").read_text())
@@ -105,3 +106,14 @@ def test_cli_entry_runs_as_a_module(base_and_adapter, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "merged 6 MoKA layers" in done.stdout and "probe" not in done.stdout
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_summary_warns_when_the_merge_dtype_rounds_the_adapter_away(capsys):
+    from moka.merge import print_summary
+
+    result = {"layers_merged": 3, "output_dir": "m", "probe_logit_scale": 30.0}
+    print_summary({**result, "dtype": "bfloat16", "probe_max_abs_diff": 1.5})
+    assert "note: rounding W0 + ΔW to bfloat16" in capsys.readouterr().out
+    for dtype, diff in [("bfloat16", 0.2), ("float32", 1.5)]:
+        print_summary({**result, "dtype": dtype, "probe_max_abs_diff": diff})
+        assert "note:" not in capsys.readouterr().out
