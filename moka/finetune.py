@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise CLIError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {value}")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(args.output_dir)!r}")
+    if args.load_in_4bit:
+        require_bitsandbytes("--load-in-4bit", "or train a full-precision base with --no-load-in-4bit")
     return args
 
 
@@ -152,6 +154,14 @@ def moka_config_from_args(args: argparse.Namespace) -> MoKAConfig:
 
 
 # -- model --------------------------------------------------------------------------------------------
+def require_bitsandbytes(flag: str, alternative: str) -> None:
+    """A CLIError naming ``flag`` when bitsandbytes is not installed (transformers would raise ImportError)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CLIError(f"{flag}: needs bitsandbytes (pip install bitsandbytes), {alternative}")
+
+
 def compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -187,7 +197,7 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: e.g. no tokenizer files, a malformed config.json
         raise CLIError(f"--model: could not load {path!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -29,7 +29,7 @@ from torch import nn
 from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
-from .finetune import EMBEDDED, CLIError, load_model, resolve_model_path
+from .finetune import EMBEDDED, CLIError, load_model, require_bitsandbytes, resolve_model_path
 from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="dtype of the merged weights; auto = the base checkpoint's (fp32 if it does not say)",
+        help="dtype of the merged weights; auto = a local checkpoint's (fp32 if it does not say, or for a hub id)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output-dir")
     p.add_argument("--no-check", action="store_true", help="skip the logits comparison on a probe text")
@@ -72,17 +72,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+    if args.load_in_4bit:
+        require_bitsandbytes("--load-in-4bit", "or merge into the full-precision base with --no-load-in-4bit")
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CLIError(f"--output-dir: {str(out)!r} lies under the file {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--output-dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    inputs = [("--adapter", args.adapter)] + ([("--model", Path(args.model))] if Path(args.model).exists() else [])
+    for flag, path in inputs:
+        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+            raise CLIError(f"--output-dir: {str(out)!r} holds the {flag} directory; choose another")
     return args
 
 
 def checkpoint_dtype(model_dir: str) -> torch.dtype:
     """The dtype a model directory's config.json names (``dtype`` or ``torch_dtype``); fp32 if none."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except ValueError as err:
+        raise CLIError(f"--model: {model_dir}/config.json is not valid JSON ({err})") from None
     name = config.get("dtype") or config.get("torch_dtype")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
@@ -121,8 +133,9 @@ def merge(args: argparse.Namespace) -> dict:
     local = Path(model_dir).is_dir()
     dtype = DTYPES.get(args.dtype) or (checkpoint_dtype(model_dir) if local else torch.float32)
     model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype)
-    if args.load_in_4bit:  # every 4-bit layer decoded to dtype: the base the adapter was trained on, dense
-        decode_4bit_layers(model, dtype)
+    # Every 4-bit layer decoded to dtype: the base the adapter was trained on, dense. (A checkpoint saved in
+    # 4-bit loads quantized whatever --load-in-4bit says.)
+    decode_4bit_layers(model, dtype)
     try:
         summary = load_adapter(model, args.adapter)
     except ValueError as err:
@@ -144,12 +157,16 @@ def merge(args: argparse.Namespace) -> dict:
             json.dumps({**result, "base_model": args.model, "adapter": str(args.adapter)}, indent=1)
         )
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     result["output_dir"] = str(out)
     return result
 

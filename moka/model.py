@@ -271,8 +271,10 @@ def _adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor  # public from torch 2.5
+    except ImportError:
+        return None
     return DTensor
 
 
@@ -299,21 +301,39 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     existing one each file is renamed over its old version, so a failed call never leaves a partial file.
 
     Under FSDP2 (adapters sharded as DTensors) every rank must call it: the shards are gathered on every
-    rank, and rank 0 alone writes.
+    rank, rank 0 alone writes, and every rank returns once the files are in place (or raises if rank 0
+    could not write them).
     """
-    from safetensors.torch import save_file
-
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to save")
-    if _is_sharded(_adapter_parameters(model)):
-        state = adapter_state_dict(model)  # the collective, before any rank returns
-        if torch.distributed.get_rank() != 0:
-            return Path(directory)
-    else:
-        state = adapter_state_dict(model)
-    config = getattr(model, "moka_config", None) or next(iter(layers.values())).config
+    state = adapter_state_dict(model)  # under FSDP2 a collective: every rank gathers before any writes
     directory = Path(directory)
+    if not _is_sharded(_adapter_parameters(model)):
+        return _write_adapter(model, layers, state, directory)
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            _write_adapter(model, layers, state, directory)
+        except BaseException as err:  # reported to every rank before anyone raises
+            error = err
+    failed = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        raise RuntimeError(f"save_adapter: rank 0 could not write {str(directory)!r}: {failed[0]}")
+    return directory
+
+
+def _write_adapter(
+    model: nn.Module, layers: dict[str, MoKALinear], state: dict[str, torch.Tensor], directory: Path
+) -> Path:
+    from safetensors.torch import save_file
+
+    config = getattr(model, "moka_config", None) or next(iter(layers.values())).config
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -407,7 +427,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
             if dtensor is not None and isinstance(p, dtensor):  # this rank's shards of the whole tensor
                 from torch.distributed.tensor import distribute_tensor
 
-                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+                try:  # every rank read the same file: no communication needed (torch >= 2.7)
+                    value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+                except TypeError:  # older torch: rank 0's copy is scattered, the same values
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
             p.copy_(value)
     except BaseException:
         if patched_here:

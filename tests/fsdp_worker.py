@@ -73,8 +73,7 @@ def main(base: str, out_dir: str) -> None:
     }
     ids = BATCH[rank * (BATCH.shape[0] // world) : (rank + 1) * (BATCH.shape[0] // world)]
     losses = train(model, ids)
-    save_adapter(model, f"{out_dir}/adapter")  # every rank; rank 0 writes
-    dist.barrier()
+    save_adapter(model, f"{out_dir}/adapter")  # every rank; rank 0 writes, all return once it is written
     fresh = build(base)
     with torch.no_grad():
         for p in fresh.parameters():

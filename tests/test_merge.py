@@ -67,6 +67,37 @@ def test_merged_model_loads_plainly_and_computes_the_adapted_function(base_and_a
     assert (logits - other).abs().max() > 1e-3
 
 
+def test_a_checkpoint_saved_in_4bit_is_decoded_whatever_the_flag(base_and_adapter, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    base, adapter = base_and_adapter
+    model, tokenizer = load_model(str(base), True, torch.float32)
+    model.save_pretrained(tmp_path / "nf4")
+    tokenizer.save_pretrained(tmp_path / "nf4")
+    out = tmp_path / "merged"
+    argv = ["--model", str(tmp_path / "nf4"), "--adapter", str(adapter), "--output-dir", str(out)]
+    assert main([*argv, "--no-load-in-4bit"]) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out).eval()(IDS).logits
+    torch.testing.assert_close(logits, _adapted_logits(base, adapter, True), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_dtype_is_the_checkpoints_and_overwrite_replaces_the_output(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "bf16")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    argv = ["--model", str(tmp_path / "bf16"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"]
+    assert main(argv) == 0
+    assert "(bfloat16)" in capsys.readouterr().out and not (out / "old.txt").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert not list(tmp_path.glob(".merged.*"))  # neither the temp dir nor the old one is left
+
+
 def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_path, capsys):
     base, adapter = base_and_adapter
     out = tmp_path / "merged"
@@ -91,6 +122,36 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     (out / "keep.txt").write_text("x")
     fails([*common, "--adapter", str(adapter)], "--output-dir: ")
     assert (out / "keep.txt").read_text() == "x"
+    # --overwrite never deletes an input: an output dir that is, or holds, the adapter or the base
+    for target in (adapter, adapter.parent, base):
+        fails([*common, "--adapter", str(adapter), "--output-dir", str(target), "--overwrite"], "holds the --")
+    assert (adapter / "adapter_config.json").is_file() and (base / "config.json").is_file()
+    (tmp_path / "file").write_text("x")
+    fails([*common, "--adapter", str(adapter), "--output-dir", str(tmp_path / "file" / "m")], "lies under the file")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    fails(
+        ["--model", str(tmp_path / "broken"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"],
+        "--model: ",
+    )
+
+
+def test_load_in_4bit_without_bitsandbytes_is_one_clear_line(base_and_adapter, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    base, adapter = base_and_adapter
+    argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(tmp_path / "m"), "--load-in-4bit"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moka-merge: error: --load-in-4bit: needs bitsandbytes (pip install bitsandbytes), or merge into "
+        "the full-precision base with --no-load-in-4bit"
+    ]
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_entry_runs_as_a_module(base_and_adapter, tmp_path):
