@@ -30,7 +30,7 @@ from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
 from .finetune import EMBEDDED, CLIError, load_model, require_bitsandbytes, resolve_model_path
-from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config
+from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
 
@@ -156,7 +156,7 @@ def merge(args: argparse.Namespace) -> dict:
         (tmp / "moka_merge.json").write_text(
             json.dumps({**result, "base_model": args.model, "adapter": str(args.adapter)}, indent=1)
         )
-        tmp.chmod(0o755)
+        share_like_a_new_dir(tmp)
         old = None
         if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

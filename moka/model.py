@@ -349,7 +349,7 @@ def _write_adapter(
             "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
         }
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=1))
-        tmp.chmod(0o755)
+        share_like_a_new_dir(tmp)
         if directory.exists():
             for item in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
                 (tmp / item).replace(directory / item)
@@ -360,6 +360,17 @@ def _write_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def share_like_a_new_dir(directory: Path) -> None:
+    """Modes of a directory and the files in it as a plain ``mkdir``/``open`` would have made them (umask
+    applied): ``mkdtemp`` makes the directory 0700, and safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for item in directory.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~umask)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def test_merged_model_loads_plainly_and_computes_the_adapted_function(base_and_a
     assert report["layers_merged"] == 6 and report["probe_max_abs_diff"] < 1e-4 * report["probe_logit_scale"]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}["model.safetensors"] == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # a plain model: no moka, no bitsandbytes
     assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
     assert AutoTokenizer.from_pretrained(out)(PROBE_TEXT)["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -79,6 +80,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no pickle
+    umask = os.umask(0)
+    os.umask(umask)  # modes as a plain mkdir/open would make them (safetensors alone writes 0600)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()} == {0o666 & ~umask}
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask
     meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert meta["config"]["num_components"] == 3 and len(meta["layers"]) == 14
 
