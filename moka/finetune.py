@@ -27,7 +27,7 @@ import torch
 
 from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
-from .model import MoKASummary, apply_moka, load_adapter, moka_layers, save_adapter
+from .model import MoKASummary, apply_moka, load_adapter, moka_layers, quantize_model, save_adapter
 
 # bitsandbytes logs on import, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing (and
 # transformers' Trainer imports it): MoKA layers never call that GEMM, and the line would stand beside a
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="NF4 with double quantization via bitsandbytes (default: on for the embedded model)",
+    )
+    g.add_argument(
+        "--nf4-backend",
+        choices=["auto", *NF4_BACKENDS],
+        default="auto",
+        help="who quantizes the 4-bit base: bitsandbytes (on load) or moka's quantize_model (no bitsandbytes "
+        "needed; the same NF4 format, its 8-bit scale codes the nearest, as bitsandbytes' CUDA kernel picks them); "
+        "auto = bitsandbytes when installed",
     )
     g.add_argument(
         "--dtype",
@@ -134,8 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise CLIError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {value}")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(args.output_dir)!r}")
-    if args.load_in_4bit:
-        require_bitsandbytes("--load-in-4bit", "or train a full-precision base with --no-load-in-4bit")
+    args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
 
 
@@ -154,12 +161,19 @@ def moka_config_from_args(args: argparse.Namespace) -> MoKAConfig:
 
 
 # -- model --------------------------------------------------------------------------------------------
-def require_bitsandbytes(flag: str, alternative: str) -> None:
-    """A CLIError naming ``flag`` when bitsandbytes is not installed (transformers would raise ImportError)."""
+NF4_BACKENDS = ("bitsandbytes", "moka")
+
+
+def resolve_nf4_backend(choice: str) -> str:
+    """``auto`` → bitsandbytes when it is installed, else moka; an explicit bitsandbytes must be installed."""
     import importlib.util
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise CLIError(f"{flag}: needs bitsandbytes (pip install bitsandbytes), {alternative}")
+    installed = importlib.util.find_spec("bitsandbytes") is not None
+    if choice == "auto":
+        return "bitsandbytes" if installed else "moka"
+    if choice == "bitsandbytes" and not installed:
+        raise CLIError("--nf4-backend: bitsandbytes is not installed (pip install bitsandbytes), or use moka")
+    return choice
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -181,19 +195,29 @@ def resolve_model_path(model: str) -> str:
     return str(path) if looks_local else model
 
 
-def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype):
-    """(model, tokenizer); 4-bit loads NF4 with double quantization, computing in ``dtype``."""
+def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: str = "bitsandbytes"):
+    """(model, tokenizer); 4-bit loads NF4 with double quantization (blocksize 64), computing in ``dtype``.
+
+    ``nf4_backend``: ``"bitsandbytes"`` quantizes while loading (``BitsAndBytesConfig``: ``Linear4bit``
+    layers); ``"moka"`` loads the weights in ``dtype`` and quantizes the same layers (every linear layer but
+    the output embedding) with :func:`moka.quantize_model` into ``NF4Linear`` layers, without bitsandbytes:
+    the same nibbles and fp32 scales; the 8-bit codes of the scales are the nearest ones, as bitsandbytes'
+    reference and CUDA kernels pick them (its CPU kernel picks a neighbour for ~1% of blocks). Its peak memory
+    holds one dense copy of the model first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    if nf4_backend not in NF4_BACKENDS:
+        raise ValueError(f"nf4_backend: expected one of {NF4_BACKENDS}, got {nf4_backend!r}")
     kwargs: dict = {"dtype": dtype}
     if load_in_4bit:
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    if load_in_4bit and nf4_backend == "bitsandbytes":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -201,6 +225,10 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype):
         raise CLIError(f"--model: could not load {path!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if load_in_4bit and nf4_backend == "moka":  # bitsandbytes' choice of layers: all linear but the output
+        output = model.get_output_embeddings()
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output]
+        quantize_model(model, target_modules=names, blocksize=64, double_quant=True)
     for module in model.modules():  # bitsandbytes' CPU inference path would repack 4-bit bytes in place
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -358,7 +386,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     resume = _last_checkpoint(args)
     dtype = compute_dtype(args.dtype)
     model_path = resolve_model_path(args.model)
-    model, tokenizer = load_model(model_path, args.load_in_4bit, dtype)
+    model, tokenizer = load_model(model_path, args.load_in_4bit, dtype, args.nf4_backend)
+    if args.load_in_4bit:
+        print(f"NF4 base quantized by {args.nf4_backend}", flush=True)
     try:
         summary: MoKASummary = load_adapter(model, args.adapter) if args.adapter else apply_moka(model, config)
     except (ValueError, FileNotFoundError) as err:
@@ -414,6 +444,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         "trainable_parameters": summary.trainable_parameters,
         "total_parameters": summary.total_parameters,
         "layers_patched": summary.layers_patched,
+        "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
     }
     if can_score and is_main and not args.resume:
         result["accuracy_before"], _ = exact_match_accuracy(model, tokenizer, eval_records, args.eval_max_new_tokens)

@@ -29,7 +29,8 @@ from torch import nn
 from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
-from .finetune import EMBEDDED, CLIError, load_model, require_bitsandbytes, resolve_model_path
+from .finetune import EMBEDDED, CLIError, load_model, resolve_model_path, resolve_nf4_backend
+from .layer import NF4Linear
 from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
@@ -72,8 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
-    if args.load_in_4bit:
-        require_bitsandbytes("--load-in-4bit", "or merge into the full-precision base with --no-load-in-4bit")
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")
@@ -101,12 +100,14 @@ def checkpoint_dtype(model_dir: str) -> torch.dtype:
 
 @torch.no_grad()
 def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every bitsandbytes NF4 ``Linear4bit`` by an ``nn.Linear`` holding its decoded weight (moka's
-    decode: bit-exact to bitsandbytes' on every shape, where its CPU kernel is not) and drop the model's
-    quantization config, so ``save_pretrained`` writes a plain model. Returns the number of layers decoded."""
-    layers = {name: m for name, m in model.named_modules() if is_linear4bit(m)}
+    """Replace every 4-bit layer (bitsandbytes NF4 ``Linear4bit``, moka ``NF4Linear``) by an ``nn.Linear``
+    holding its decoded weight (moka's decode: bit-exact to bitsandbytes' on every shape, where its CPU kernel
+    is not) and drop the model's quantization config, so ``save_pretrained`` writes a plain model. Returns the
+    number of layers decoded."""
+    layers = {name: m for name, m in model.named_modules() if is_linear4bit(m) or isinstance(m, NF4Linear)}
     for name, m in layers.items():
-        weight = dequantize_nf4(nf4_from_linear4bit(m), dtype)
+        nf4 = m.nf4_weight if isinstance(m, NF4Linear) else nf4_from_linear4bit(m)
+        weight = dequantize_nf4(nf4, dtype)
         dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=weight.device, dtype=dtype)
         dense.weight.copy_(weight)
         if m.bias is not None:
@@ -132,7 +133,9 @@ def merge(args: argparse.Namespace) -> dict:
     model_dir = resolve_model_path(args.model)
     local = Path(model_dir).is_dir()
     dtype = DTYPES.get(args.dtype) or (checkpoint_dtype(model_dir) if local else torch.float32)
-    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype)
+    # Either backend gives the same NF4 format (the scale codes as bitsandbytes' CUDA kernel picks them; on a
+    # CPU its kernel picks a neighbour for ~1% of blocks): moka's when bitsandbytes is missing.
+    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype, resolve_nf4_backend("auto"))
     # Every 4-bit layer decoded to dtype: the base the adapter was trained on, dense. (A checkpoint saved in
     # 4-bit loads quantized whatever --load-in-4bit says.)
     decode_4bit_layers(model, dtype)

@@ -159,7 +159,8 @@ def quantize_model(
     without bitsandbytes: QLoRA's frozen 4-bit base for :func:`apply_moka`.
 
     * A dense ``nn.Linear`` (fp32/fp16/bf16 W) is quantized: ``quantize_nf4(W, blocksize, double_quant)``,
-      the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` would hold.
+      the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` holds when
+      quantized on a GPU (its CPU kernel picks a neighbouring 8-bit scale code for ~1% of blocks).
       The layer computes in x's dtype; W's dtype is its ``nf4_dtype`` (the adapter's and a merge's dtype).
     * A bitsandbytes NF4 ``Linear4bit`` (e.g. loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) becomes
       an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are
