@@ -529,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, ValueError) as err:
         print(f"moka-finetune: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun: a process group left to interpreter exit can abort there (gloo's threads; NCCL warns).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

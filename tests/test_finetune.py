@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -192,12 +191,6 @@ def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_pa
     assert "steps: 4 (0 in this run, after --resume)" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process(model_dir, tmp_path):
     """gloo DDP via torchrun, 2 × batch 2, against 1 × batch 4: the same global batches, the same adapter."""
     texts = [{"text": " ".join(WORDS[(i * 7 + j) % 40] for j in range(10))} for i in range(16)]
@@ -232,10 +225,9 @@ def test_two_process_ddp_matches_one_process(model_dir, tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port picked by torchrun itself
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(_free_port()),
             "-m",
             "moka.finetune",
             *common,

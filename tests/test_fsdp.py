@@ -4,7 +4,6 @@ with the NF4 base's bytes sharded across the ranks."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,6 @@ from moka import adapter_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("base", ["dense", "nf4", "nf4-bf16"])
 def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
     initial = adapter_state_dict(build(base))
@@ -35,7 +28,7 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
         os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
     )
     out = tmp_path / "fsdp"
-    argv = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # torchrun picks a free port
     done = subprocess.run(
         [sys.executable, *argv, str(ROOT / "tests" / "fsdp_worker.py"), base, str(out)],
         env=env,
