@@ -153,6 +153,7 @@ def merge(args: argparse.Namespace) -> dict:
     out = args.output_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
     try:  # written whole into a temp dir, then renamed into place: never a half-written model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -160,13 +161,15 @@ def merge(args: argparse.Namespace) -> dict:
             json.dumps({**result, "base_model": args.model, "adapter": str(args.adapter)}, indent=1)
         )
         share_like_a_new_dir(tmp)
-        old = None
         if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             out.rename(old / out.name)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():  # put the old output back where it was
+            (old / out.name).rename(out)
+            shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

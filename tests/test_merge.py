@@ -182,3 +182,22 @@ def test_summary_warns_when_the_merge_dtype_rounds_the_adapter_away(capsys):
     for dtype, diff in [("bfloat16", 0.2), ("float32", 1.5)]:
         print_summary({**result, "dtype": dtype, "probe_max_abs_diff": diff})
         assert "note:" not in capsys.readouterr().out
+
+
+def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path, monkeypatch):
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    real_rename = Path.rename
+
+    def rename(self, target):  # the new dir's rename into place fails, after the old one moved aside
+        if Path(target) == out and self.name.startswith(".merged.") and ".old." not in self.name:
+            raise OSError("disk full")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite", "--no-check"]
+    with pytest.raises(OSError, match="disk full"):
+        main(argv)
+    assert (out / "old.txt").read_text() == "x" and not list(tmp_path.glob(".merged.*"))
