@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -195,6 +196,14 @@ def resolve_model_path(model: str) -> str:
     return str(path) if looks_local else model
 
 
+def _process_device() -> torch.device:
+    """This process's device: its GPU under torchrun/accelerate (LOCAL_RANK; the launcher has not set the
+    current device yet when the model loads), the current GPU alone, or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
 def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: str = "bitsandbytes"):
     """(model, tokenizer); 4-bit loads NF4 with double quantization (blocksize 64), computing in ``dtype``.
 
@@ -203,15 +212,15 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
     the output embedding) with :func:`moka.quantize_model` into ``NF4Linear`` layers, without bitsandbytes:
     the same nibbles and fp32 scales; the 8-bit codes of the scales are the nearest ones, as bitsandbytes'
     reference and CUDA kernels pick them (its CPU kernel picks a neighbour for ~1% of blocks). Its peak memory
-    holds one dense copy of the model first."""
+    holds the dense model in CPU memory and one dense weight at a time on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if nf4_backend not in NF4_BACKENDS:
         raise ValueError(f"nf4_backend: expected one of {NF4_BACKENDS}, got {nf4_backend!r}")
     kwargs: dict = {"dtype": dtype}
-    if load_in_4bit:
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    if load_in_4bit and nf4_backend == "bitsandbytes":
+    device = _process_device()
+    if load_in_4bit and nf4_backend == "bitsandbytes":  # quantized while loading, onto this process's device
+        kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -228,7 +237,9 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
     if load_in_4bit and nf4_backend == "moka":  # bitsandbytes' choice of layers: all linear but the output
         output = model.get_output_embeddings()
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output]
-        quantize_model(model, target_modules=names, blocksize=64, double_quant=True)
+        # loaded on the CPU; each weight reaches the device alone and stays there in 4-bit, then the rest moves
+        quantize_model(model, target_modules=names, blocksize=64, double_quant=True, device=device)
+        model.to(device)
     for module in model.modules():  # bitsandbytes' CPU inference path would repack 4-bit bytes in place
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -523,16 +534,21 @@ def print_summary(result: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _destroy_process_group() -> None:
+    # Under torchrun: a process group left to interpreter exit can abort there (gloo's threads; NCCL warns).
+    # Only on a normal exit: after an error, NCCL's destroy may wait on collectives the other ranks never run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
     except (CLIError, FileNotFoundError, ValueError) as err:
         print(f"moka-finetune: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        _destroy_process_group()
         return 2
-    finally:
-        # Under torchrun: a process group left to interpreter exit can abort there (gloo's threads; NCCL warns).
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    _destroy_process_group()
     return 0
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
-from .finetune import EMBEDDED, CLIError, load_model, resolve_model_path, resolve_nf4_backend
+from .finetune import EMBEDDED, NF4_BACKENDS, CLIError, load_model, resolve_model_path, resolve_nf4_backend
 from .layer import NF4Linear
 from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
 
@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge into the NF4-decoded base the adapter was trained on (default: on for the embedded model)",
     )
     p.add_argument(
+        "--nf4-backend",
+        choices=["auto", *NF4_BACKENDS],
+        default="auto",
+        help="who quantizes the 4-bit base: pass what the fine-tune used (its summary.json says); auto = "
+        "bitsandbytes when installed",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
@@ -69,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
+    args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     try:
         read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
@@ -133,9 +141,9 @@ def merge(args: argparse.Namespace) -> dict:
     model_dir = resolve_model_path(args.model)
     local = Path(model_dir).is_dir()
     dtype = DTYPES.get(args.dtype) or (checkpoint_dtype(model_dir) if local else torch.float32)
-    # Either backend gives the same NF4 format (the scale codes as bitsandbytes' CUDA kernel picks them; on a
-    # CPU its kernel picks a neighbour for ~1% of blocks): moka's when bitsandbytes is missing.
-    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype, resolve_nf4_backend("auto"))
+    # The backend the fine-tune used: on a CPU bitsandbytes' kernel picks a neighbouring scale code for ~1% of
+    # blocks where moka takes the nearest, so the other backend's W0 differs slightly there.
+    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype, args.nf4_backend)
     # Every 4-bit layer decoded to dtype: the base the adapter was trained on, dense. (A checkpoint saved in
     # 4-bit loads quantized whatever --load-in-4bit says.)
     decode_4bit_layers(model, dtype)
@@ -146,7 +154,11 @@ def merge(args: argparse.Namespace) -> dict:
     model.eval()
     adapted = None if args.no_check else _probe_logits(model, tokenizer)
     merge_moka(model, dtype=dtype)
-    result: dict = {"layers_merged": summary.layers_patched, "dtype": str(dtype).removeprefix("torch.")}
+    result: dict = {
+        "layers_merged": summary.layers_patched,
+        "dtype": str(dtype).removeprefix("torch."),
+        "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
+    }
     if adapted is not None:
         diff = (_probe_logits(model, tokenizer) - adapted).abs().max().item()
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
@@ -162,14 +174,13 @@ def merge(args: argparse.Namespace) -> dict:
         )
         share_like_a_new_dir(tmp)
         if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
+            old = out.parent / f"{tmp.name}.old"  # a fresh name: tmp's is unique
+            out.rename(old)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():  # put the old output back where it was
-            (old / out.name).rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():  # put the old output back where it was
+            old.rename(out)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -153,6 +153,7 @@ def quantize_model(
     double_quant: bool = True,
     *,
     shardable: bool = False,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> int:
     """Turn the target linear layers of ``model`` in place into moka's own NF4 layers (:class:`NF4Linear`),
@@ -166,12 +167,19 @@ def quantize_model(
       an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are
       its own), computing in its ``compute_dtype`` as before.
 
+    Biases are kept. Layers are converted one at a time and each dense weight is freed once its layer is
+    replaced (unless something else holds it), so the peak memory is the model plus one weight's work space.
+    With ``device`` (e.g. a GPU), each weight is moved there alone, quantized there, and its NF4 layer stays
+    there: a model loaded on the CPU reaches the GPU in 4-bit, one dense weight at a time (move the rest of
+    the model after).
+
     Args:
         model: any module; e.g. a Hugging Face causal LM.
         target_modules: module-name suffixes, or one regular expression (as ``MoKAConfig.target_modules``).
         blocksize: elements per absmax block for dense layers; one of 32, 64, ..., 4096 dividing every
             dense target's size.
         double_quant: also quantize the block scales of dense layers to 8 bits.
+        device: where to quantize and keep the NF4 layers; None: each layer's own device.
         shardable: for FSDP2 (``fully_shard``): the NF4 bytes become frozen integer parameters, which it
             shards and gathers bit for bit. (A ``Linear4bit`` loses its ``quant_state`` when FSDP2 shards it.)
             Leave it False for FSDP1, which needs one dtype per flattened unit, and for anything else.
@@ -202,15 +210,21 @@ def quantize_model(
             raise ValueError(f"blocksize: expected a divisor of {name}'s {m.weight.numel()} elements, got {blocksize}")
     from tqdm.auto import tqdm
 
-    for name, m in tqdm(targets.items(), desc="NF4", unit="layer", disable=not progress or len(targets) < 8):
+    count = len(targets)
+    for name in tqdm(list(targets), desc="NF4", unit="layer", disable=not progress or count < 8):
+        m = targets.pop(name)  # no reference left here once the layer is replaced: its dense weight is freed
         if name in views:
             weight, compute_dtype = views.pop(name), m.compute_dtype
         else:
-            weight, compute_dtype = quantize_nf4(m.weight.detach(), blocksize, double_quant), None
+            dense = m.weight.detach() if device is None else m.weight.detach().to(device)
+            weight, compute_dtype = quantize_nf4(dense, blocksize, double_quant), None
+            del dense
         bias = None if m.bias is None else m.bias.detach()
+        layer = NF4Linear(weight, bias, compute_dtype=compute_dtype, shardable=shardable)
         parent, attr = _parent_and_attr(model, name)
-        setattr(parent, attr, NF4Linear(weight, bias, compute_dtype=compute_dtype, shardable=shardable))
-    return len(targets)
+        setattr(parent, attr, layer if device is None else layer.to(device))
+        del m, weight, bias, layer
+    return count
 
 
 def remove_moka(model: nn.Module) -> nn.Module:
@@ -363,11 +377,24 @@ def _write_adapter(
     return directory
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it to read it, which
+    would briefly apply to files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def share_like_a_new_dir(directory: Path) -> None:
     """Modes of a directory and the files in it as a plain ``mkdir``/``open`` would have made them (umask
     applied): ``mkdtemp`` makes the directory 0700, and safetensors writes its files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     directory.chmod(0o777 & ~umask)
     for item in directory.iterdir():
         if item.is_file():

@@ -153,6 +153,7 @@ def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_ada
     out = tmp_path / "m"
     argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(out), "--load-in-4bit"]
     assert main([*argv, "--dtype", "fp32"]) == 0
+    assert json.loads((out / "moka_merge.json").read_text())["nf4_backend"] == "moka"
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(out).eval()(IDS).logits
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
@@ -192,7 +193,7 @@ def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path,
     real_rename = Path.rename
 
     def rename(self, target):  # the new dir's rename into place fails, after the old one moved aside
-        if Path(target) == out and self.name.startswith(".merged.") and ".old." not in self.name:
+        if Path(target) == out and self.name.startswith(".merged.") and not self.name.endswith(".old"):
             raise OSError("disk full")
         return real_rename(self, target)
 

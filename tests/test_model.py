@@ -377,3 +377,29 @@ def test_quantize_model_refuses_a_non_nf4_linear4bit_and_changes_nothing():
     with pytest.raises(ValueError, match=r"model: v_proj cannot become an NF4Linear: .*'nf4'"):
         quantize_model(model, progress=False)
     assert type(model.q_proj) is nn.Linear
+
+
+def test_quantize_model_frees_each_dense_weight_and_can_quantize_onto_another_device(monkeypatch):
+    """One dense weight at a time: each is released once its NF4 layer replaces it; with ``device`` the NF4
+    layers land there while the rest of the model stays (meta stands in for a GPU here)."""
+    import gc
+    import weakref
+
+    import moka.model
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    refs = [weakref.ref(layer.weight) for layer in model]
+    alive, quantize = [], moka.model.quantize_nf4
+
+    def counting(w, *args):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return quantize(w, *args)
+
+    monkeypatch.setattr(moka.model, "quantize_nf4", counting)
+    assert quantize_model(model, target_modules=r"\d", progress=False) == 4
+    assert alive == [4, 3, 2, 1]
+    other = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
+    quantize_model(other, target_modules=["0"], device="meta", progress=False)
+    assert isinstance(other[0], NF4Linear) and {t.device.type for t in other[0].buffers()} == {"meta"}
+    assert other[1].weight.device.type == "cpu"
