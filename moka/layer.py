@@ -75,13 +75,13 @@ class NF4Linear(nn.Module):
         # does to a floating tensor here (device and dtype); the NF4 fields take only its device. They are
         # taken out while Module._apply casts the rest, then put back in their places (state_dict order).
         probe = fn(torch.empty(0, dtype=self.nf4_dtype, device=self.packed.device))
-        held: dict[str, tuple[dict, torch.Tensor | None]] = {}
+        held: dict[str, torch.Tensor | None] = {}
         orders = {id(self._parameters): list(self._parameters), id(self._buffers): list(self._buffers)}
         for name in _NF4_FIELDS:
             store = self._parameters if name in self._parameters else self._buffers
             t = store.pop(name)
             if t is None:
-                held[name] = (store, None)
+                held[name] = None
                 continue
             moved = t.to(probe.device) if t.is_floating_point() else fn(t)  # integer bytes: fn only moves them
             if isinstance(t, nn.Parameter) and moved is not t:  # the Parameter object as Module._apply keeps it
@@ -95,7 +95,7 @@ class NF4Linear(nn.Module):
                     moved = t
                 else:  # e.g. to or from meta: a new Parameter, as Module._apply makes one
                     moved = nn.Parameter(moved, requires_grad=False)
-            held[name] = (store, moved)
+            held[name] = moved
         try:
             super()._apply(fn, recurse)
         finally:  # never lose a field
@@ -103,7 +103,7 @@ class NF4Linear(nn.Module):
                 rest = dict(store)
                 store.clear()
                 for name in orders[id(store)]:
-                    store[name] = held[name][1] if name in held else rest.pop(name)
+                    store[name] = held[name] if name in held else rest.pop(name)
                 store.update(rest)
         self.nf4_dtype = probe.dtype
         return self

@@ -13,7 +13,7 @@ import os
 import sys
 
 import torch
-from helpers import randomize_adapters, tiny_llama
+from helpers import randomize_adapters, tiny_llama, train_steps
 
 from moka import MoKAConfig, adapter_state_dict, apply_moka, load_adapter, quantize_model, save_adapter
 
@@ -33,15 +33,8 @@ def build(base: str):
 
 
 def train(model, ids: torch.Tensor) -> list[float]:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(STEPS):
-        loss = model(ids, labels=ids).loss  # every sequence has the same number of labels: rank means average
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    # every sequence has the same number of labels, so the ranks' mean losses average to one process's
+    return train_steps(model, ids, STEPS, lr=0.5, optimizer=torch.optim.SGD)
 
 
 def shard(model, base: str) -> None:

@@ -96,3 +96,16 @@ def word_level_tokenizer(words: list[str]):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast, len(vocab)
+
+
+def train_steps(model, ids: torch.Tensor, steps: int, lr: float, optimizer=torch.optim.AdamW) -> list[float]:
+    """``steps`` optimizer steps of causal-LM loss on ``ids`` over the trainable parameters; the losses."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import randomize_adapters, tiny_llama
+from helpers import randomize_adapters, tiny_llama, train_steps
 from torch import nn
 
 from moka import (
@@ -127,14 +127,7 @@ def test_training_steps_reduce_the_loss():
     model = tiny_llama()
     apply_moka(model)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(12):
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, IDS, steps=12, lr=3e-2)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -193,15 +186,8 @@ def test_4bit_base_through_bitsandbytes_config(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-5)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    first = None
-    for _ in range(5):
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        first = first if first is not None else loss.item()
-    assert loss.item() < first
+    losses = train_steps(model, IDS, steps=5, lr=1e-2)
+    assert losses[-1] < losses[0]
     model.eval()
     assert model.generate(IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
     assert not any(
@@ -304,14 +290,7 @@ def test_quantize_model_gives_an_nf4_base_that_patches_exactly_and_trains():
     assert summary.total_parameters == sum(p.numel() for p in dense.parameters()) + summary.trainable_parameters
     assert torch.equal(model(IDS).logits, reference)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, IDS, steps=4, lr=1e-2)
     assert losses[-1] < losses[0]
 
 
