@@ -248,11 +248,15 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
 
 # -- trainer ------------------------------------------------------------------------------------------
 class MoKATrainer(Trainer):
-    """``Trainer`` whose checkpoints hold only the adapters (safetensors + JSON, via save_adapter)."""
+    """``Trainer`` whose checkpoints hold only the adapters (safetensors + JSON, via save_adapter).
 
-    def __init__(self, *args, model=None, **kwargs):
+    ``run_conditions``: a JSON-able dict saved beside each checkpoint's adapter as ``moka_run.json`` (the CLI
+    records what the run trained on there, and ``--resume`` checks it)."""
+
+    def __init__(self, *args, model=None, run_conditions: dict | None = None, **kwargs):
         if model is None or not moka_layers(model):
             raise ValueError("model: expected a model patched with apply_moka")
+        self.run_conditions = run_conditions
         # transformers refuses to train a quantized model unless it knows adapters are attached.
         previous = getattr(model, "_hf_peft_config_loaded", None)
         model._hf_peft_config_loaded = True
@@ -269,6 +273,8 @@ class MoKATrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.run_conditions is not None:
+            (Path(output_dir) / RUN_CONDITIONS_NAME).write_text(json.dumps(self.run_conditions, indent=1))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -387,6 +393,58 @@ def _last_checkpoint(args) -> tuple[str, dict] | None:
     return path, json.loads((Path(path) / "trainer_state.json").read_text())
 
 
+RUN_CONDITIONS_NAME = "moka_run.json"
+# What a checkpoint was trained on, and the flag that sets it: --resume refuses a run that differs in any.
+_RESUME_FLAGS = {
+    "model": "--model",
+    "load_in_4bit": "--load-in-4bit",
+    "nf4_backend": "--nf4-backend",
+    "dtype": "--dtype",
+    "data": "--data",
+    "max_length": "--max-length",
+    "dropout": "--dropout",
+}
+
+
+def _where(value: str) -> str:
+    """A local path made absolute (so ./x and x compare equal); a hub id or the embedded name as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """What the trained adapter depends on beyond its own config (which ``load_adapter`` checks): the base
+    weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, and dropout."""
+    return {
+        "model": _where(args.model),
+        "load_in_4bit": bool(args.load_in_4bit),
+        "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
+        "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype],
+        "data": None if args.data is None else _where(str(args.data)),
+        "max_length": args.max_length,
+        "dropout": args.dropout,
+    }
+
+
+def _check_resume_conditions(checkpoint: str, conditions: dict) -> None:
+    """A CLIError naming each flag whose value differs from the one ``checkpoint`` was trained with: resuming
+    would silently continue another experiment (a requantized base, other data) from its optimizer state."""
+    path = Path(checkpoint) / RUN_CONDITIONS_NAME
+    if not path.is_file():  # a checkpoint from before moka recorded them
+        return
+    saved = json.loads(path.read_text())
+    differ = [
+        f"{_RESUME_FLAGS[k]} {saved[k]!r} (this run: {conditions[k]!r})"
+        for k in _RESUME_FLAGS
+        if k in saved and saved[k] != conditions[k]
+    ]
+    if differ:
+        raise CLIError(
+            f"--resume: {checkpoint} was trained with " + ", ".join(differ) + "; pass the same flags, or start a "
+            f"new run from its adapter with --adapter {checkpoint} and another --output-dir"
+        )
+
+
 def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     """The whole job; ``callbacks`` are extra TrainerCallbacks (tests use them to interrupt a run)."""
     from transformers import TrainingArguments, set_seed
@@ -396,6 +454,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     train_records, eval_records, data_name = _datasets(args)  # validates data before anything is written
     resume = _last_checkpoint(args)
     dtype = compute_dtype(args.dtype)
+    conditions = run_conditions(args, dtype)
+    if resume is not None:
+        _check_resume_conditions(resume[0], conditions)
     model_path = resolve_model_path(args.model)
     model, tokenizer = load_model(model_path, args.load_in_4bit, dtype, args.nf4_backend)
     if args.load_in_4bit:
@@ -446,6 +507,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         data_collator=DataCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[recorder, *(callbacks or [])],
+        run_conditions=conditions,
     )
     is_main = trainer.is_world_process_zero()
     result: dict = {

@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_llama, word_level_tokenizer
 from safetensors.torch import load_file
 
-from moka.finetune import main, parse_args, run
+from moka.finetune import main, parse_args, run, run_conditions
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(40)]
@@ -164,6 +164,34 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_pa
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resume_refuses_a_run_on_another_base_or_data(model_dir, data, tmp_path, capsys):
+    """A checkpoint records what it was trained on; --resume with other flags would silently train another
+    experiment from its optimizer state (e.g. a requantized base), so it is refused before anything runs."""
+    from transformers import TrainerCallback
+
+    class StopAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise _Interrupt
+
+    out = tmp_path / "broken"
+    common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy", "--load-in-4bit", "--nf4-backend", "moka"]
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, out, *common)), callbacks=[StopAfterCheckpoint()])
+    recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "moka_run.json").read_text())
+    assert recorded["nf4_backend"] == "moka" and recorded["dtype"] == "fp32" and recorded["max_length"] == 256
+    _fails(
+        _args(model_dir, data, out, *common, "--resume", "--nf4-backend", "bitsandbytes"),
+        capsys,
+        "--nf4-backend 'moka' (this run: 'bitsandbytes')",
+        out,
+    )
+    _fails(_args(model_dir, data, out, *common, "--resume", "--max-length", "64"), capsys, "--max-length 256", out)
+    relative = os.path.relpath(data[0])  # the same file named another way is the same data
+    train_elsewhere = _jsonl(tmp_path / "other.jsonl", [{"text": "other data"}] * 8)
+    _fails(_args(model_dir, (train_elsewhere, data[1]), out, *common, "--resume"), capsys, "--data", out)
+    assert run_conditions(parse_args(_args(model_dir, (relative, data[1]), out, *common)), torch.float32) == recorded
 
 
 def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_path, capsys):
