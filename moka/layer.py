@@ -6,10 +6,9 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, quantize_nf4
+from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, nf4_linear, quantize_nf4
 from moka_kernels import delta_weight as materialized_delta_weight
 
 from .bnb_compat import is_linear4bit, linear4bit_from_nf4, nf4_from_linear4bit
@@ -124,8 +123,7 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.to(self.compute_dtype or input_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize_nf4(self.nf4_weight, x.dtype), bias).to(input_dtype)
+        return nf4_linear(x, self.nf4_weight, self.bias).to(input_dtype)
 
     def extra_repr(self) -> str:
         extra = "".join(

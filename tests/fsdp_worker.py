@@ -16,18 +16,23 @@ import torch
 from helpers import randomize_adapters, tiny_llama, train_steps
 
 from moka import MoKAConfig, adapter_state_dict, apply_moka, load_adapter, quantize_model, save_adapter
+from moka.config import LLAMA_TARGET_MODULES
 
 BATCH = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
 STEPS = 3
 
 
 def build(base: str):
-    """``base``: "dense" (fp32 nn.Linear) or "nf4" (quantize_model with double quantization); "nf4-bf16" is
-    "nf4" under FSDP2's bf16 MixedPrecisionPolicy (built the same)."""
+    """``base``: "dense" (fp32 nn.Linear, MoKA on all seven projections) or "nf4" (quantize_model with double
+    quantization, MoKA on the attention projections: the MLPs' NF4Linear layers train through unwrapped, their
+    bytes resharded after the forward and gathered again for the backward); "nf4-bf16" is "nf4" under FSDP2's
+    bf16 MixedPrecisionPolicy (built the same)."""
     model = tiny_llama(hidden=128).train()
+    targets = list(LLAMA_TARGET_MODULES)
     if base.startswith("nf4"):
         quantize_model(model, shardable=True, progress=False)
-    apply_moka(model, MoKAConfig(num_components=2))
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the MLPs stay frozen NF4Linear layers
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=targets))
     randomize_adapters(model, std=0.05)
     return model
 

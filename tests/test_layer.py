@@ -8,6 +8,7 @@ from conftest import TOLERANCES, assert_close_rel
 from torch import nn
 
 from moka import MoKAConfig, MoKALinear, NF4Linear, NF4Tensor, dequantize_nf4, quantize_nf4
+from moka_kernels import nf4_linear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -287,6 +288,30 @@ def test_nf4_layer_computes_in_its_compute_dtype_and_returns_the_input_dtype():
     moka = MoKALinear(layer, MoKAConfig(num_components=2))
     assert moka(x).dtype == torch.float32 and torch.equal(moka(x), expected)  # ΔW = 0 at init
     assert not torch.equal(NF4Linear(q, bias)(x), expected)  # fp32 compute differs: the test can see it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_nf4_layer_trains_through_without_saving_its_decoded_weight(dtype):
+    """A frozen NF4Linear (one apply_moka left unwrapped) in a training graph: its output and dx equal
+    autograd through decode + F.linear, bit for bit (the same ops), while autograd would save the decoded
+    weight (a dense copy per layer until the backward) and it saves nothing."""
+    q, bias = quantize_nf4(torch.randn(80, 96), 32, True), torch.randn(80)
+    layer = NF4Linear(q, bias).to(dtype)
+    x = torch.randn(2, 5, 96, dtype=dtype, requires_grad=True)
+    saved, plain_saved = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t.numel()) or t, lambda t: t):
+        ref = nn.functional.linear(ref_x, dequantize_nf4(q, dtype), bias.to(dtype))
+    assert q.numel() in plain_saved and saved == []
+    grad_out = torch.randn_like(ref)
+    assert torch.equal(out, ref)
+    assert torch.equal(*(torch.autograd.grad(o, i, grad_out)[0] for o, i in ((out, x), (ref, ref_x))))
+    x32 = x.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as F.linear: x and the bias cast to the autocast dtype
+        in_autocast = nf4_linear(x32, q, bias)
+    assert torch.equal(in_autocast, nf4_linear(x32.bfloat16(), q, bias.bfloat16()))
 
 
 def test_nf4_layer_moves_to_meta_whole():

@@ -1003,3 +1003,37 @@ def test_deterministic_mode_repeats_bit_for_bit_in_the_interpreter():
     finally:
         torch.use_deterministic_algorithms(was)
     assert all(torch.equal(p, q_) for p, q_ in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("route", ["fused", "dequantize"])
+def test_nf4_linear_on_the_kernels_matches_the_reference(route, dtype, monkeypatch):
+    """The frozen NF4 base alone (NF4Linear's op) on the Triton backend: forward, dx and the bias' gradient
+    against fp64 on the decoded weight, for both routes of the base GEMM; nothing weight-sized is saved."""
+    from moka_kernels import nf4_linear
+
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    monkeypatch.setenv("MOKA_NF4_ROUTE", route)
+    weight = quantize_nf4(torch.randn(40, 96) * 0.1, 32)
+    dense64 = dequantize_nf4(weight, torch.float64)
+    saved: list[int] = []
+    for tokens, with_bias in [(0, True), (1, False), (7, True), (33, True)]:
+        x = torch.randn(tokens, 3, 96, dtype=dtype).requires_grad_(True)  # 3-D: leading dims are flattened
+        bias = torch.randn(40, dtype=dtype).requires_grad_(True) if with_bias else None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = nf4_linear(x, weight, bias)
+        assert out.dtype == dtype and out.shape == (tokens, 3, 40) and not saved
+        rx = x.detach().double().requires_grad_(True)
+        rbias = None if bias is None else bias.detach().double().requires_grad_(True)
+        ref = torch.nn.functional.linear(rx, dense64, rbias)
+        _check(out, ref, dtype, f"forward T={tokens}")
+        grad_out = torch.randn_like(ref)
+        inputs, ref_inputs = [x, *([bias] if with_bias else [])], [rx, *([rbias] if with_bias else [])]
+        for i, (ours, theirs) in enumerate(
+            zip(
+                torch.autograd.grad(out, inputs, grad_out.to(dtype)),
+                torch.autograd.grad(ref, ref_inputs, grad_out),
+                strict=True,
+            )
+        ):
+            _check(ours, theirs, dtype, f"grad {i} T={tokens}")
