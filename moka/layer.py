@@ -82,7 +82,9 @@ class NF4Linear(nn.Module):
             if t is None:
                 held[name] = None
                 continue
-            moved = t.to(probe.device) if t.is_floating_point() else fn(t)  # integer bytes: fn only moves them
+            moved = fn(t)  # integer bytes: fn only moves them (or, to_empty, makes new ones)
+            if moved.dtype != t.dtype:  # a cast: a floating field takes only the move (from t, unrounded)
+                moved = t.to(probe.device)
             if isinstance(t, nn.Parameter) and moved is not t:  # the Parameter object as Module._apply keeps it
                 if torch.__future__.get_swap_module_params_on_conversion():
                     torch.utils.swap_tensors(t, nn.Parameter(moved, requires_grad=False))

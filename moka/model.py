@@ -77,8 +77,9 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, NF4Linear):  # its bytes are parameters (for FSDP): count W's logical size
-            total += module.in_features * module.out_features
+        if isinstance(module, NF4Linear):  # its bytes may be parameters (for FSDP): count W's logical size
+            total += module.in_features * module.out_features  # and its bias (a buffer), as Linear4bit's counts
+            total += 0 if module.bias is None else module.bias.numel()
             continue
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # e.g. an lm_head tied to the input embedding
@@ -410,9 +411,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
             f"got {str(directory)!r}"
         )
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'config' object (as save_adapter writes it)")
+    return meta
 
 
 @torch.no_grad()

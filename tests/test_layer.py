@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TOLERANCES, assert_close_rel
@@ -312,6 +314,19 @@ def test_nf4_layer_trains_through_without_saving_its_decoded_weight(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as F.linear: x and the bias cast to the autocast dtype
         in_autocast = nf4_linear(x32, q, bias)
     assert torch.equal(in_autocast, nf4_linear(x32.bfloat16(), q, bias.bfloat16()))
+
+
+def test_nf4_layer_built_on_meta_then_to_empty_then_loaded():
+    """FSDP's build-on-meta pattern: to_empty gives fields of the same dtypes (a cast reaches none of them),
+    and load_state_dict fills them; Module.type(), which casts every tensor, leaves the NF4 bytes uint8."""
+    original = NF4Linear(quantize_nf4(torch.randn(48, 64), 32, True), torch.randn(48))
+    layer = copy.deepcopy(original).to("meta").to_empty(device="cpu")
+    dtypes = {k: v.dtype for k, v in original.state_dict().items()}
+    assert {k: v.dtype for k, v in layer.state_dict().items()} == dtypes
+    layer.load_state_dict(original.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), original(x))
+    assert layer.type(torch.float16).packed.dtype == torch.uint8 and layer.bias.dtype == torch.float16
 
 
 def test_nf4_layer_moves_to_meta_whole():

@@ -121,6 +121,12 @@ def test_apply_twice_and_missing_adapter_dir_are_rejected(tmp_path):
         apply_moka(model)
     with pytest.raises(FileNotFoundError, match="expected a MoKA adapter dir"):
         load_adapter(model, tmp_path / "nothing")
+    save_adapter(model, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    for text, problem in [("{", "not valid JSON"), ('{"layers": {}}', "a 'config' object"), ("[]", "a 'config'")]:
+        config_path.write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            load_adapter(tiny_llama(), tmp_path / "adapter")
 
 
 def test_training_steps_reduce_the_loss():
@@ -276,6 +282,8 @@ def test_patched_fp32_model_runs_under_autocast():
 def test_quantize_model_gives_an_nf4_base_that_patches_exactly_and_trains():
     """moka's own NF4 base, no bitsandbytes: each projection decodes to quantize_nf4's W, lm_head stays dense."""
     model = tiny_llama()
+    q_proj = model.model.layers[0].self_attn.q_proj  # a bias too (Qwen2-style), counted in the total
+    q_proj.bias = nn.Parameter(torch.randn(q_proj.out_features) * 0.1)
     dense = copy.deepcopy(model)
     assert quantize_model(model, blocksize=128, double_quant=True, progress=False) == 14
     for name, m in dense.named_modules():
