@@ -143,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise CLIError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {value}")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(args.output_dir)!r}")
-    args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
+    if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
+        args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
 
 
@@ -215,7 +216,7 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
     holds the dense model in CPU memory and one dense weight at a time on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if nf4_backend not in NF4_BACKENDS:
+    if load_in_4bit and nf4_backend not in NF4_BACKENDS:
         raise ValueError(f"nf4_backend: expected one of {NF4_BACKENDS}, got {nf4_backend!r}")
     kwargs: dict = {"dtype": dtype}
     device = _process_device()
@@ -238,7 +239,12 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
         output = model.get_output_embeddings()
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output]
         # loaded on the CPU; each weight reaches the device alone and stays there in 4-bit, then the rest moves
-        quantize_model(model, target_modules=names, blocksize=64, double_quant=True, device=device)
+        try:
+            quantize_model(model, target_modules=names, blocksize=64, double_quant=True, device=device)
+        except ValueError as err:  # e.g. a layer of an element count that 64-element blocks do not divide
+            raise CLIError(
+                f"--nf4-backend: moka cannot quantize {path!r}: {err}; --nf4-backend bitsandbytes pads the last block"
+            ) from None
         model.to(device)
     for module in model.modules():  # bitsandbytes' CPU inference path would repack 4-bit bytes in place
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -272,9 +278,10 @@ class MoKATrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
-        if self.run_conditions is not None:
+        if self.run_conditions is not None:  # first: a checkpoint cut short still says what it was trained on
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / RUN_CONDITIONS_NAME).write_text(json.dumps(self.run_conditions, indent=1))
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -380,6 +387,24 @@ def _datasets(args) -> tuple[list[dict], list[dict] | None, str]:
     return _read(args.data, "--data"), evaluation, str(args.data)
 
 
+def _planned_steps(trainer: Trainer, args: argparse.Namespace) -> float:
+    """This run's optimizer steps: --max-steps, or (-1) what --epochs come to on this data, as the Trainer
+    counts them (not the checkpoint's count: a resume may ask for more epochs)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    try:
+        return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    except (AttributeError, TypeError, IndexError):  # another transformers: let the Trainer decide
+        return math.inf
+
+
+def _read_json(path: Path, flag: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{flag}: cannot read {str(path)!r} ({str(err).splitlines()[0]})") from None
+
+
 def _last_checkpoint(args) -> tuple[str, dict] | None:
     """(path, trainer state) of the newest checkpoint for --resume; a CLIError if there is none."""
     if not args.resume:
@@ -390,7 +415,7 @@ def _last_checkpoint(args) -> tuple[str, dict] | None:
     path = get_last_checkpoint(str(directory)) if directory.is_dir() else None
     if path is None:
         raise CLIError(f"--resume: no checkpoint in {str(directory)!r} to continue from")
-    return path, json.loads((Path(path) / "trainer_state.json").read_text())
+    return path, _read_json(Path(path) / "trainer_state.json", "--resume")
 
 
 RUN_CONDITIONS_NAME = "moka_run.json"
@@ -432,7 +457,7 @@ def _check_resume_conditions(checkpoint: str, conditions: dict) -> None:
     path = Path(checkpoint) / RUN_CONDITIONS_NAME
     if not path.is_file():  # a checkpoint from before moka recorded them
         return
-    saved = json.loads(path.read_text())
+    saved = _read_json(path, "--resume")
     differ = [
         f"{_RESUME_FLAGS[k]} {saved[k]!r} (this run: {conditions[k]!r})"
         for k in _RESUME_FLAGS
@@ -530,7 +555,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         resumed_step = state["global_step"]
         recorder.replay(state.get("log_history", []))
     start = time.perf_counter()
-    if resume is not None and resumed_step >= (args.max_steps if args.max_steps > 0 else state["max_steps"]):
+    if resume is not None and resumed_step >= _planned_steps(trainer, args):
         # The Trainer would take one more step; the run had ended, only what follows training was lost.
         print(f"--resume: {checkpoint} is the end of training (step {resumed_step}); evaluating it", flush=True)
         trainer._load_from_checkpoint(checkpoint)
@@ -556,6 +581,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         adapter_dir = args.output_dir / "adapter"
         save_adapter(model, adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
         if can_score:
             result["accuracy_after"], preds = exact_match_accuracy(
                 model, tokenizer, eval_records, args.eval_max_new_tokens

@@ -85,6 +85,9 @@ def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys):
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "loss_curve.png").stat().st_size > 1000
     assert (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    recorded = json.loads((adapter / "moka_run.json").read_text())  # what moka-merge reads back
+    assert recorded == json.loads((out / "checkpoints" / "checkpoint-6" / "moka_run.json").read_text())
+    assert recorded["model"] == str(model_dir.resolve()) and recorded["load_in_4bit"] is False
     printed = capsys.readouterr().out
     assert "MoKA fine-tune summary" in printed and "exact-match accuracy before" in printed
 
@@ -192,6 +195,28 @@ def test_resume_refuses_a_run_on_another_base_or_data(model_dir, data, tmp_path,
     train_elsewhere = _jsonl(tmp_path / "other.jsonl", [{"text": "other data"}] * 8)
     _fails(_args(model_dir, (train_elsewhere, data[1]), out, *common, "--resume"), capsys, "--data", out)
     assert run_conditions(parse_args(_args(model_dir, (relative, data[1]), out, *common)), torch.float32) == recorded
+    (out / "checkpoints" / "checkpoint-2" / "moka_run.json").write_text("{not json")
+    _fails(_args(model_dir, data, out, *common, "--resume"), capsys, "moka_run.json", out)
+
+
+def test_resume_with_more_epochs_trains_them(model_dir, data, tmp_path):
+    """--max-steps -1: the end of training is this run's --epochs, not the checkpoint's."""
+    out = tmp_path / "run"
+    common = ["--max-steps", "-1", "--batch-size", "8", "--save-steps", "4", "--no-accuracy"]
+    first = run(parse_args(_args(model_dir, data, out, *common, "--epochs", "1")))
+    assert first["steps"] == 4  # 32 records, batch 8
+    again = run(parse_args(_args(model_dir, data, out, *common, "--epochs", "2", "--resume")))
+    assert (again["steps"], again["steps_this_run"]) == (8, 4)
+
+
+def test_moka_backend_refuses_a_layer_its_blocks_do_not_divide(tmp_path, data, capsys):
+    """A layer of 800 elements (40 × 20): 64-element blocks need bitsandbytes' short last block."""
+    directory = tmp_path / "odd"
+    tokenizer, vocab_size = _tokenizer()
+    tiny_llama(vocab=vocab_size, hidden=40).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    argv = _args(directory, data, tmp_path / "out", "--load-in-4bit", "--nf4-backend", "moka")
+    _fails(argv, capsys, "--nf4-backend: moka cannot quantize", tmp_path / "out")
 
 
 def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_path, capsys):
