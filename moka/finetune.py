@@ -431,7 +431,7 @@ _RESUME_FLAGS = {
 }
 
 
-def _where(value: str) -> str:
+def canonical_location(value: str) -> str:
     """A local path made absolute (so ./x and x compare equal); a hub id or the embedded name as given."""
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
@@ -441,11 +441,11 @@ def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """What the trained adapter depends on beyond its own config (which ``load_adapter`` checks): the base
     weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, and dropout."""
     return {
-        "model": _where(args.model),
+        "model": canonical_location(args.model),
         "load_in_4bit": bool(args.load_in_4bit),
         "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
         "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype],
-        "data": None if args.data is None else _where(str(args.data)),
+        "data": None if args.data is None else canonical_location(str(args.data)),
         "max_length": args.max_length,
         "dropout": args.dropout,
     }

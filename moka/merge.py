@@ -29,7 +29,16 @@ from torch import nn
 from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
-from .finetune import EMBEDDED, NF4_BACKENDS, CLIError, load_model, resolve_model_path, resolve_nf4_backend
+from .finetune import (
+    EMBEDDED,
+    NF4_BACKENDS,
+    RUN_CONDITIONS_NAME,
+    CLIError,
+    canonical_location,
+    load_model,
+    resolve_model_path,
+    resolve_nf4_backend,
+)
 from .layer import NF4Linear
 from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
 
@@ -52,14 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="merge into the NF4-decoded base the adapter was trained on (default: on for the embedded model)",
+        help="merge into the NF4-decoded base the adapter was trained on (default: what the fine-tune recorded "
+        "in the adapter dir's moka_run.json; without one, on for the embedded model)",
     )
     p.add_argument(
         "--nf4-backend",
         choices=["auto", *NF4_BACKENDS],
-        default="auto",
-        help="who quantizes the 4-bit base: pass what the fine-tune used (its summary.json says); auto = "
-        "bitsandbytes when installed",
+        default=None,
+        help="who quantizes the 4-bit base (default: what the fine-tune recorded in moka_run.json; without "
+        "one, auto = bitsandbytes when installed)",
     )
     p.add_argument(
         "--dtype",
@@ -72,15 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_run_record(adapter_dir: Path) -> dict:
+    """What the fine-tune trained the adapter on (``moka_run.json``: model, 4-bit, NF4 backend, dtype, ...);
+    empty for an adapter saved another way."""
+    path = adapter_dir / RUN_CONDITIONS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--adapter: cannot read {str(path)!r} ({str(err).splitlines()[0]})") from None
+    if not isinstance(record, dict):
+        raise CLIError(f"--adapter: {str(path)!r} is not a JSON object")
+    return record
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.load_in_4bit is None:
-        args.load_in_4bit = args.model == EMBEDDED
-    args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
+    args.adapter, args.output_dir = args.adapter.expanduser(), args.output_dir.expanduser()
     try:
         read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+    args.record = read_run_record(args.adapter)
+    if args.load_in_4bit is None:
+        args.load_in_4bit = bool(args.record.get("load_in_4bit", args.model == EMBEDDED))
+    if args.nf4_backend is None:
+        args.nf4_backend = args.record.get("nf4_backend") or "auto"
+    if args.load_in_4bit:
+        args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")
@@ -89,10 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise CLIError(f"--output-dir: {str(out)!r} lies under the file {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--output-dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    inputs = [("--adapter", args.adapter)] + ([("--model", Path(args.model))] if Path(args.model).exists() else [])
-    for flag, path in inputs:
+    model_path = Path(args.model).expanduser()
+    inputs = [("the --adapter", args.adapter), ("the current", Path.cwd())]
+    inputs += [("the --model", model_path)] if model_path.exists() else []
+    for what, path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
-            raise CLIError(f"--output-dir: {str(out)!r} holds the {flag} directory; choose another")
+            raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")
     return args
 
 
@@ -141,12 +173,16 @@ def merge(args: argparse.Namespace) -> dict:
     model_dir = resolve_model_path(args.model)
     local = Path(model_dir).is_dir()
     dtype = DTYPES.get(args.dtype) or (checkpoint_dtype(model_dir) if local else torch.float32)
-    # The backend the fine-tune used: on a CPU bitsandbytes' kernel picks a neighbouring scale code for ~1% of
-    # blocks where moka takes the nearest, so the other backend's W0 differs slightly there.
-    model, tokenizer = load_model(model_dir, args.load_in_4bit, dtype, args.nf4_backend)
+    record = getattr(args, "record", {})
+    # A 4-bit W0 is quantized from the weights as the fine-tune loaded them (its dtype: fp32 weights rounded to
+    # bf16 first quantize to other NF4 bytes), by the backend it used (on a CPU bitsandbytes' kernel picks a
+    # neighbouring scale code for ~1% of blocks where moka takes the nearest).
+    base_dtype = DTYPES.get(record.get("dtype"), dtype) if args.load_in_4bit else dtype
+    model, tokenizer = load_model(model_dir, args.load_in_4bit, base_dtype, args.nf4_backend)
     # Every 4-bit layer decoded to dtype: the base the adapter was trained on, dense. (A checkpoint saved in
     # 4-bit loads quantized whatever --load-in-4bit says.)
     decode_4bit_layers(model, dtype)
+    model.to(dtype)
     try:
         summary = load_adapter(model, args.adapter)
     except ValueError as err:
@@ -158,7 +194,10 @@ def merge(args: argparse.Namespace) -> dict:
         "layers_merged": summary.layers_patched,
         "dtype": str(dtype).removeprefix("torch."),
         "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
+        "base_dtype": str(base_dtype).removeprefix("torch."),
     }
+    if record.get("model") not in (None, canonical_location(args.model)):
+        result["trained_on"] = record["model"]
     if adapted is not None:
         diff = (_probe_logits(model, tokenizer) - adapted).abs().max().item()
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
@@ -190,6 +229,8 @@ def merge(args: argparse.Namespace) -> dict:
 
 def print_summary(result: dict) -> None:
     print(f"merged {result['layers_merged']} MoKA layers into {result['output_dir']} ({result['dtype']})")
+    if "trained_on" in result:
+        print(f"note: the adapter was trained on {result['trained_on']!r} (its moka_run.json), not on this --model")
     if "probe_max_abs_diff" in result:
         print(
             f"probe logits, merged vs adapted: max |diff| {result['probe_max_abs_diff']:.3g} "
@@ -205,7 +246,7 @@ def print_summary(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         print_summary(merge(parse_args(argv)))
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except (CLIError, OSError, ValueError) as err:  # OSError: e.g. no space left for the merged model
         print(f"moka-merge: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

@@ -13,7 +13,7 @@ import torch
 from helpers import randomize_adapters, tiny_llama, word_level_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moka import MoKAConfig, apply_moka, load_adapter, save_adapter
+from moka import MoKAConfig, apply_moka, dequantize_nf4, load_adapter, save_adapter
 from moka.finetune import load_model
 from moka.merge import PROBE_TEXT, main
 
@@ -131,6 +131,15 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     for target in (adapter, adapter.parent, base):
         fails([*common, "--adapter", str(adapter), "--output-dir", str(target), "--overwrite"], "holds the --")
     assert (adapter / "adapter_config.json").is_file() and (base / "config.json").is_file()
+    with pytest.MonkeyPatch.context() as patch:  # "~" as a shell leaves it in --model=~/base: still the base
+        patch.setenv("HOME", str(base.parent))
+        tilde = ["--model=~/base", "--adapter", str(adapter), "--no-load-in-4bit", "--overwrite"]
+        fails([*tilde, "--output-dir", str(base)], "holds the --model")
+        fails([*tilde, "--output-dir=~/base"], "holds the --model")
+        patch.chdir(out)  # the current directory, or one that holds it
+        for target in (".", ".."):
+            fails([*common, "--adapter", str(adapter), "--output-dir", target, "--overwrite"], "holds the current")
+    assert (base / "config.json").is_file() and (out / "keep.txt").is_file()
     (tmp_path / "file").write_text("x")
     fails([*common, "--adapter", str(adapter), "--output-dir", str(tmp_path / "file" / "m")], "lies under the file")
     (tmp_path / "broken").mkdir()
@@ -139,6 +148,31 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
         ["--model", str(tmp_path / "broken"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"],
         "--model: ",
     )
+
+
+def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, capsys):
+    """An adapter dir with the fine-tune's moka_run.json (4-bit by moka, computing in bf16): by default the merge
+    quantizes W0 from the weights in bf16, as that fine-tune loaded them, whatever the output --dtype is."""
+    import shutil
+
+    base, adapter = base_and_adapter
+    recorded = tmp_path / "adapter"
+    shutil.copytree(adapter, recorded)
+    record = {"model": str(tmp_path / "elsewhere"), "load_in_4bit": True, "nf4_backend": "moka", "dtype": "bf16"}
+    (recorded / "moka_run.json").write_text(json.dumps(record))
+    out = tmp_path / "merged"
+    assert main(["--model", str(base), "--adapter", str(recorded), "--output-dir", str(out), "--dtype", "fp32"]) == 0
+    assert "note: the adapter was trained on" in capsys.readouterr().out  # another --model than recorded
+    report = json.loads((out / "moka_merge.json").read_text())
+    assert (report["nf4_backend"], report["base_dtype"], report["dtype"]) == ("moka", "bfloat16", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32
+    trained_base, _ = load_model(str(base), True, torch.bfloat16, "moka")
+    fp32_base, _ = load_model(str(base), True, torch.float32, "moka")
+    name = "model.layers.0.self_attn.k_proj"  # no adapter there: W0 alone
+    ours = merged.get_submodule(name).weight
+    assert torch.equal(ours, dequantize_nf4(trained_base.get_submodule(name).nf4_weight, torch.float32))
+    assert not torch.equal(ours, dequantize_nf4(fp32_base.get_submodule(name).nf4_weight, torch.float32))
 
 
 def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_adapter, tmp_path, capsys, monkeypatch):
@@ -185,7 +219,7 @@ def test_summary_warns_when_the_merge_dtype_rounds_the_adapter_away(capsys):
         assert "note:" not in capsys.readouterr().out
 
 
-def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path, monkeypatch):
+def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path, monkeypatch, capsys):
     base, adapter = base_and_adapter
     out = tmp_path / "merged"
     out.mkdir()
@@ -199,6 +233,6 @@ def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path,
 
     monkeypatch.setattr(Path, "rename", rename)
     argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite", "--no-check"]
-    with pytest.raises(OSError, match="disk full"):
-        main(argv)
+    assert main(argv) == 2  # one line on stderr, as for bad input
+    assert capsys.readouterr().err.splitlines()[-1] == "moka-merge: error: disk full"
     assert (out / "old.txt").read_text() == "x" and not list(tmp_path.glob(".merged.*"))
