@@ -28,7 +28,15 @@ import torch
 
 from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
-from .model import MoKASummary, apply_moka, load_adapter, moka_layers, quantize_model, save_adapter
+from .model import (
+    MoKASummary,
+    apply_moka,
+    load_adapter,
+    moka_layers,
+    quantize_model,
+    read_adapter_config,
+    save_adapter,
+)
 
 # bitsandbytes logs on import, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing (and
 # transformers' Trainer imports it): MoKA layers never call that GEMM, and the line would stand beside a
@@ -405,6 +413,29 @@ def _read_json(path: Path, flag: str) -> dict:
         raise CLIError(f"{flag}: cannot read {str(path)!r} ({str(err).splitlines()[0]})") from None
 
 
+def _set_aside_earlier_checkpoints(args) -> None:
+    """A new run (no --resume) into an --output-dir that holds an earlier run's checkpoints moves them to
+    ``checkpoints.previous`` (replacing what an older run left there): left in place, the Trainer's rotation
+    would keep some of them beside this run's, and a later --resume would pick the highest step, maybe theirs.
+    Rank 0 only; the others wait for it (a process group exists only once the Trainer is made)."""
+    import shutil
+
+    directory = args.output_dir / "checkpoints"
+    if args.resume or int(os.environ.get("RANK", "0")) != 0 or not directory.is_dir():
+        return
+    earlier = sorted(p.name for p in directory.iterdir() if p.name.startswith("checkpoint-"))
+    if not earlier:
+        return
+    previous = args.output_dir / "checkpoints.previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    directory.rename(previous)
+    print(
+        f"new run (no --resume): moved {len(earlier)} checkpoint(s) of an earlier run ({', '.join(earlier)}) to "
+        f"{str(previous)!r}",
+        flush=True,
+    )
+
+
 def _last_checkpoint(args) -> tuple[str, dict] | None:
     """(path, trainer state) of the newest checkpoint for --resume; a CLIError if there is none."""
     if not args.resume:
@@ -439,7 +470,14 @@ def canonical_location(value: str) -> str:
 
 def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """What the trained adapter depends on beyond its own config (which ``load_adapter`` checks): the base
-    weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, and dropout."""
+    weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, and dropout (the --adapter
+    config's, when one is given: it wins over --dropout)."""
+    dropout = args.dropout
+    if args.adapter:
+        try:
+            dropout = read_adapter_config(args.adapter)["config"].get("dropout", 0.0)
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
     return {
         "model": canonical_location(args.model),
         "load_in_4bit": bool(args.load_in_4bit),
@@ -447,7 +485,7 @@ def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype],
         "data": None if args.data is None else canonical_location(str(args.data)),
         "max_length": args.max_length,
-        "dropout": args.dropout,
+        "dropout": dropout,
     }
 
 
@@ -497,6 +535,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
 
+    _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "checkpoints"),
         per_device_train_batch_size=args.batch_size,

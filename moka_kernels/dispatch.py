@@ -34,12 +34,15 @@ BACKENDS = ("torch", "triton")
 
 
 def select_backend(x: torch.Tensor) -> str:
-    """Backend for ``x``: ``MOKA_BACKEND`` if set to a backend name, else the best available one."""
+    """Backend for ``x``: ``MOKA_BACKEND`` if set to a backend name, else the best available one. fp64 always
+    takes the PyTorch path (the kernels accumulate in fp32: an fp64 result of fp32 accuracy would mislead)."""
     requested = os.environ.get("MOKA_BACKEND", "auto").strip().lower() or "auto"
-    if requested == "auto":  # fp64 stays on the PyTorch path: the kernels accumulate in fp32
-        return "triton" if (TRITON_AVAILABLE and x.is_cuda and x.dtype != torch.float64) else "torch"
-    if requested not in BACKENDS:
+    if requested not in ("auto", *BACKENDS):
         raise ValueError(f"MOKA_BACKEND: expected one of {['auto', *BACKENDS]}, got {requested!r}")
+    if x.dtype == torch.float64:
+        return "torch"
+    if requested == "auto":
+        return "triton" if (TRITON_AVAILABLE and x.is_cuda) else "torch"
     if requested == "triton":
         if not TRITON_AVAILABLE:
             raise ValueError("MOKA_BACKEND: 'triton' was asked for, but triton is not installed")
@@ -226,7 +229,9 @@ def moka_linear(
     the bias and adapter_input are cast to the autocast dtype (fp64 excepted; fp32 factors are left to the
     op, which rounds them the same way), and so is the output.
     """
-    if isinstance(x, torch.Tensor) and (dtype := _autocast_dtype(x.device.type)) is not None:
+    # (fp64 x is left alone by autocast, as F.linear leaves it; so are its other inputs then, which must match)
+    autocast = isinstance(x, torch.Tensor) and x.dtype != torch.float64
+    if autocast and (dtype := _autocast_dtype(x.device.type)) is not None:
         with torch.autocast(x.device.type, enabled=False):
             return moka_linear(
                 _cast_for_autocast(x, dtype),

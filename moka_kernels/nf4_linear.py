@@ -90,12 +90,11 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"x: expected a tensor on the weight's device {weight.packed.device}, got {x.device}")
     if bias is not None and (tuple(bias.shape) != (n_out,) or bias.device != x.device):
         raise ValueError(f"bias: expected shape ({n_out},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-    if (dtype := _autocast_dtype(x.device.type)) is not None:
+    if x.dtype != torch.float64 and (dtype := _autocast_dtype(x.device.type)) is not None:  # fp64: untouched
         x, bias = _cast_for_autocast(x, dtype), _cast_for_autocast(bias, dtype)
     bias = None if bias is None else bias.to(x.dtype)
     if _must_trace(x):
         return nf4_linear_reference(x, weight, bias)
     lead = x.shape[:-1]
-    backend = "torch" if x.dtype == torch.float64 else select_backend(x)  # the kernels accumulate in fp32
-    out = _NF4Linear.apply(x.reshape(-1, k_in), bias, weight, backend)
+    out = _NF4Linear.apply(x.reshape(-1, k_in), bias, weight, select_backend(x))
     return out.reshape(*lead, n_out)

@@ -10,7 +10,7 @@ from helpers import make_problem
 from torch import nn
 
 from moka import MoKAConfig, MoKALinear
-from moka_kernels import NF4Tensor, moka_linear, quantize_nf4
+from moka_kernels import NF4Tensor, moka_linear, nf4_linear, quantize_nf4
 
 
 @pytest.fixture
@@ -117,6 +117,34 @@ def test_factor_count_mismatch(problem):
 def test_bias_shape(problem):
     with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
         _call(problem, bias=torch.zeros(36))
+
+
+def test_fp64_under_autocast_is_left_alone_and_errors_name_the_dtype_passed(problem):
+    """autocast never touches an fp64 call (as F.linear): its other inputs are not rounded to bf16 first, and a
+    mismatch names the dtype the caller passed."""
+    x = problem[0].detach().double()
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(TypeError, match=r"weight: expected dtype torch.float64 .*, got torch.float32"),
+    ):
+        _call(problem, x=x)
+    q, bias = quantize_nf4(torch.randn(24, 64), 32), torch.randn(24) / 3  # an fp32 bias for an fp64 x: exact
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = nf4_linear(x, q, bias)
+    assert in_autocast.dtype == torch.float64 and torch.equal(in_autocast, nf4_linear(x, q, bias.double()))
+
+
+def test_nf4_linear_errors_name_the_parameter():
+    q = quantize_nf4(torch.randn(24, 64), 32)
+    with pytest.raises(TypeError, match="weight: expected an NF4Tensor"):
+        nf4_linear(torch.randn(2, 64), torch.randn(24, 64))
+    with pytest.raises(ValueError, match=r"x: expected last dimension 64"):
+        nf4_linear(torch.randn(2, 63), q)
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        nf4_linear(torch.ones(2, 64, dtype=torch.long), q)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
+        nf4_linear(torch.randn(2, 64), q, torch.randn(23))
 
 
 def test_trainable_base_weight_is_rejected(problem):

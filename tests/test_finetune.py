@@ -199,6 +199,33 @@ def test_resume_refuses_a_run_on_another_base_or_data(model_dir, data, tmp_path,
     _fails(_args(model_dir, data, out, *common, "--resume"), capsys, "moka_run.json", out)
 
 
+def test_a_new_run_sets_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_path, capsys):
+    """Without --resume, an earlier run's checkpoints in --output-dir move to checkpoints.previous: a later
+    --resume must find this run's, not the earlier run's higher step."""
+    out = tmp_path / "run"
+    common = ["--save-steps", "2", "--no-accuracy"]
+    run(parse_args(_args(model_dir, data, out, *common, "--max-steps", "4")))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    capsys.readouterr()
+    run(parse_args(_args(model_dir, data, out, *common, "--max-steps", "2")))
+    assert "moved 2 checkpoint(s) of an earlier run (checkpoint-2, checkpoint-4)" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoints.previous").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_adapter_flag_dropout_is_the_recorded_one(model_dir, data, tmp_path):
+    """--adapter's config wins over --dropout, so the run records (and --resume compares) the adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    from moka import MoKAConfig, apply_moka, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    apply_moka(model, MoKAConfig(num_components=2, dropout=0.3))
+    save_adapter(model, tmp_path / "adapter")
+    args = parse_args(_args(model_dir, data, tmp_path / "out", "--adapter", str(tmp_path / "adapter")))
+    assert args.dropout == 0.0 and run_conditions(args, torch.float32)["dropout"] == 0.3
+
+
 def test_resume_with_more_epochs_trains_them(model_dir, data, tmp_path):
     """--max-steps -1: the end of training is this run's --epochs, not the checkpoint's."""
     out = tmp_path / "run"

@@ -985,6 +985,10 @@ def test_auto_backend_takes_triton_for_cuda_tensors_except_fp64(monkeypatch):
     assert select_backend(torch.zeros(1)) == "torch"
     monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
     assert select_backend(cuda_like[torch.bfloat16]) == "torch"
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", True)
+    monkeypatch.setenv("MOKA_BACKEND", "triton")  # forced: still never fp64 on fp32-accumulating kernels
+    assert select_backend(torch.zeros(1, dtype=torch.float64)) == "torch"
+    assert select_backend(torch.zeros(1)) == "triton"  # (the interpreter runs CPU tensors)
 
 
 def test_deterministic_mode_repeats_bit_for_bit_in_the_interpreter():
