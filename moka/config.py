@@ -190,7 +190,15 @@ class MoKAConfig:
         if unknown:
             raise ValueError(f"config: unknown MoKAConfig fields {sorted(unknown)}")
         if data.get("adapter_dtype") is not None:
-            data["adapter_dtype"] = getattr(torch, data["adapter_dtype"])
+            name = data["adapter_dtype"]
+            data["adapter_dtype"] = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(data["adapter_dtype"], torch.dtype):
+                raise ValueError(f"adapter_dtype: expected a torch dtype name such as 'float32', got {name!r}")
         if data.get("components") is not None:
-            data["components"] = [tuple(c) for c in data["components"]]
+            try:
+                data["components"] = [tuple(c) for c in data["components"]]
+            except TypeError:
+                raise ValueError(
+                    f"components: expected a list of [a1, a2, b1, b2] lists, got {data['components']!r}"
+                ) from None
         return cls(**data)

@@ -188,6 +188,18 @@ def _gguf_dir() -> Path:
     return directory
 
 
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished model dir ``tmp`` to ``target``, unless another process (a torchrun rank converting
+    at the same time) got there first with a finished copy, which is then kept."""
+    if target.exists() and not (target / "config.json").is_file():  # a leftover without a model in it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+
+
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """A local bf16 model directory of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
     target = (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct-bf16"
@@ -211,9 +223,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared MOKA_CACHE from other users
-        if not (target / "config.json").is_file():
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

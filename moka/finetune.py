@@ -210,7 +210,9 @@ def _process_device() -> torch.device:
     current device yet when the model loads), the current GPU alone, or the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    # A launcher that gives each process one GPU (CUDA_VISIBLE_DEVICES per rank) leaves only device 0 visible.
+    return torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else torch.cuda.current_device())
 
 
 def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: str = "bitsandbytes"):

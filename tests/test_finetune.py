@@ -443,6 +443,34 @@ def test_embedded_model_missing_package_names_the_install(monkeypatch, tmp_path)
         embedded.embedded_model_dir(tmp_path)
 
 
+def test_embedded_conversion_keeps_a_copy_another_rank_finished_first(tmp_path):
+    from moka.embedded import _publish
+
+    def model_dir(name: str, text: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        return tmp_path / name
+
+    target = model_dir("target", "first")
+    _publish(model_dir("mine", "second"), target)  # the rename fails: target is a non-empty directory
+    assert (target / "config.json").read_text() == "first"
+    (target / "config.json").unlink()  # a leftover without a model: replaced
+    _publish(model_dir("again", "third"), target)
+    assert (target / "config.json").read_text() == "third"
+
+
+def test_each_process_takes_its_own_gpu_or_the_one_it_sees(monkeypatch):
+    from moka.finetune import _process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert _process_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES set per rank
+    assert _process_device() == torch.device("cuda", 0)
+
+
 # -- data files ---------------------------------------------------------------------------------------
 def test_jsonl_with_bom_and_extra_keys_reads(tmp_path):
     from moka.data import read_jsonl
