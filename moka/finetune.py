@@ -251,10 +251,8 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
         # loaded on the CPU; each weight reaches the device alone and stays there in 4-bit, then the rest moves
         try:
             quantize_model(model, target_modules=names, blocksize=64, double_quant=True, device=device)
-        except ValueError as err:  # e.g. a layer of an element count that 64-element blocks do not divide
-            raise CLIError(
-                f"--nf4-backend: moka cannot quantize {path!r}: {err}; --nf4-backend bitsandbytes pads the last block"
-            ) from None
+        except ValueError as err:  # e.g. an empty weight
+            raise CLIError(f"--nf4-backend: moka cannot quantize {path!r}: {err}") from None
         model.to(device)
     for module in model.modules():  # bitsandbytes' CPU inference path would repack 4-bit bytes in place
         if hasattr(module, "support_avx512bf16_for_cpu"):

@@ -177,8 +177,8 @@ def quantize_model(
     Args:
         model: any module; e.g. a Hugging Face causal LM.
         target_modules: module-name suffixes, or one regular expression (as ``MoKAConfig.target_modules``).
-        blocksize: elements per absmax block for dense layers; one of 32, 64, ..., 4096 dividing every
-            dense target's size.
+        blocksize: elements per absmax block for dense layers; one of 32, 64, ..., 4096 (a layer whose size
+            it does not divide gets a short last block, as bitsandbytes gives it).
         double_quant: also quantize the block scales of dense layers to 8 bits.
         device: where to quantize and keep the NF4 layers; None: each layer's own device.
         shardable: for FSDP2 (``fully_shard``): the NF4 bytes become frozen integer parameters, which it
@@ -207,8 +207,8 @@ def quantize_model(
                 raise ValueError(f"model: {name} cannot become an NF4Linear: {err}") from None
         elif m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"model: {name}.weight is {m.weight.dtype}; expected float32, float16 or bfloat16")
-        elif m.weight.numel() == 0 or m.weight.numel() % blocksize:
-            raise ValueError(f"blocksize: expected a divisor of {name}'s {m.weight.numel()} elements, got {blocksize}")
+        elif m.weight.numel() == 0:
+            raise ValueError(f"model: {name} has an empty weight; it cannot be quantized")
     from tqdm.auto import tqdm
 
     count = len(targets)

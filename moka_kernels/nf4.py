@@ -112,17 +112,17 @@ class NF4Tensor:
     def __post_init__(self) -> None:
         n_rows, n_cols = self.shape
         numel = n_rows * n_cols
-        if self.blocksize <= 0 or numel % self.blocksize != 0:
+        if numel <= 0 or self.blocksize <= 0 or self.blocksize % 2:
             raise ValueError(
-                f"blocksize: expected a positive divisor of the element count {numel} "
-                f"(shape {tuple(self.shape)}), got {self.blocksize}"
+                f"blocksize: expected a positive even element count per block for shape {tuple(self.shape)}, "
+                f"got {self.blocksize}"
             )
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (numel + 1) // 2:
             raise ValueError(
                 f"packed: expected uint8 with {(numel + 1) // 2} bytes for shape {tuple(self.shape)}, "
                 f"got {self.packed.dtype} with {self.packed.numel()} elements"
             )
-        n_blocks = numel // self.blocksize
+        n_blocks = -(-numel // self.blocksize)  # the last block may be short, as bitsandbytes' is
         if self.absmax.numel() != n_blocks:
             raise ValueError(f"absmax: expected {n_blocks} block scales, got {self.absmax.numel()}")
         if self.double_quant:
@@ -272,7 +272,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
     Args:
         w: (N, K) fp32/fp16/bf16 weight.
-        blocksize: elements per absmax block; one of 32, 64, ..., 4096, dividing N*K.
+        blocksize: elements per absmax block; one of 32, 64, ..., 4096 (the last block is short when it
+            does not divide N*K, as bitsandbytes makes it).
         double_quant: also quantize the block scales to 8 bits (``compress_statistics=True``).
 
     Returns:
@@ -284,13 +285,13 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise TypeError(f"w: expected float32, float16 or bfloat16, got {w.dtype}")
     if blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize}")
-    if w.numel() == 0 or w.numel() % blocksize != 0:
-        raise ValueError(f"blocksize: expected a divisor of the element count {w.numel()}, got {blocksize}")
+    if w.numel() == 0:
+        raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
     flat = w.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
     nibbles = _nearest_code(scaled, _code_on(_nf4_code_cpu(), w.device))
-    if nibbles.numel() % 2:
-        nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+    if nibbles.numel() % 2:  # an odd element count: the last byte's low nibble codes 0.0, as in bitsandbytes
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=NF4_CODE.index(0.0))
     packed = ((nibbles[::2] << 4) | nibbles[1::2]).unsqueeze(1)
     if not double_quant:
         return NF4Tensor(packed=packed, absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize)
@@ -347,11 +348,16 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     flat = q.packed.reshape(-1)
     scales = q.block_scales().reshape(-1, 1)
     out = torch.empty(q.numel(), dtype=dtype or q.dtype, device=q.device)
-    out_blocks = out.view(-1, q.blocksize)
+    full_blocks = q.numel() // q.blocksize
+    out_blocks = out[: full_blocks * q.blocksize].view(-1, q.blocksize)
     in_place = out.dtype == torch.float32  # decode straight into the output, else through an fp32 chunk
     blocks_per_chunk = max(1, DECODE_CHUNK_BYTES // (q.blocksize // 2))
-    for first in range(0, scales.shape[0], blocks_per_chunk):
-        last = min(first + blocks_per_chunk, scales.shape[0])
+    if full_blocks < scales.shape[0]:  # a short last block (its first element is even: a byte boundary)
+        start = full_blocks * q.blocksize
+        tail = pair_words.index_select(0, flat[start // 2 :].int()).view(torch.float32)[: q.numel() - start]
+        out[start:] = tail * scales[full_blocks]
+    for first in range(0, full_blocks, blocks_per_chunk):
+        last = min(first + blocks_per_chunk, full_blocks)
         codes = flat[first * q.blocksize // 2 : last * q.blocksize // 2].int()
         if in_place:
             target = out_blocks[first:last]

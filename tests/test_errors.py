@@ -153,14 +153,17 @@ def test_trainable_base_weight_is_rejected(problem):
         _call(problem, weight=weight.clone().requires_grad_(True))
 
 
-def test_nf4_blocksize_must_divide_numel():
+def test_nf4_blocksize_and_block_count_are_checked():
     q = quantize_nf4(torch.randn(8, 16), blocksize=32)
-    with pytest.raises(ValueError, match="blocksize: expected a positive divisor of the element count 128"):
+    with pytest.raises(ValueError, match="absmax: expected 3 block scales, got 4"):  # 128 = 48 + 48 + 32
         NF4Tensor(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=48)
+    with pytest.raises(ValueError, match="blocksize: expected a positive even element count per block"):
+        NF4Tensor(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=33)
     with pytest.raises(ValueError, match=r"blocksize: expected one of \(32, 64"):
         quantize_nf4(torch.randn(8, 16), blocksize=48)
-    with pytest.raises(ValueError, match="blocksize: expected a divisor of the element count 96"):
-        quantize_nf4(torch.randn(6, 16), blocksize=64)
+    with pytest.raises(ValueError, match="w: expected a non-empty weight"):
+        quantize_nf4(torch.randn(0, 16), blocksize=64)
+    assert quantize_nf4(torch.randn(6, 16), blocksize=64).absmax.numel() == 2  # 96 = 64 + a short 32
 
 
 def test_nf4_fields_must_share_the_packed_bytes_device():

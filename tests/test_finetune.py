@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama, word_level_tokenizer
+from helpers import tiny_llama, train_steps, word_level_tokenizer
 from safetensors.torch import load_file
 
 from moka.finetune import main, parse_args, run, run_conditions
@@ -236,14 +236,31 @@ def test_resume_with_more_epochs_trains_them(model_dir, data, tmp_path):
     assert (again["steps"], again["steps_this_run"]) == (8, 4)
 
 
-def test_moka_backend_refuses_a_layer_its_blocks_do_not_divide(tmp_path, data, capsys):
-    """A layer of 800 elements (40 × 20): 64-element blocks need bitsandbytes' short last block."""
+def test_moka_backend_quantizes_layers_64_does_not_divide_as_bitsandbytes_does(tmp_path):
+    """Layers of 800 and 1200 elements (hidden 40): a short last block of 32 or 48, as bitsandbytes makes it;
+    the model patches and trains."""
+    pytest.importorskip("bitsandbytes")
+    from moka import MoKAConfig, apply_moka
+    from moka.bnb_compat import nf4_from_linear4bit
+    from moka.finetune import load_model
+
     directory = tmp_path / "odd"
     tokenizer, vocab_size = _tokenizer()
     tiny_llama(vocab=vocab_size, hidden=40).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    argv = _args(directory, data, tmp_path / "out", "--load-in-4bit", "--nf4-backend", "moka")
-    _fails(argv, capsys, "--nf4-backend: moka cannot quantize", tmp_path / "out")
+    bnb_model, _ = load_model(str(directory), True, torch.float32, "bitsandbytes")
+    our_model, _ = load_model(str(directory), True, torch.float32, "moka")
+    short = 0
+    for name, layer in [(n, m) for n, m in bnb_model.named_modules() if n.endswith("_proj")]:
+        theirs, ours = nf4_from_linear4bit(layer), our_model.get_submodule(name).nf4_weight
+        assert torch.equal(theirs.packed, ours.packed), name
+        assert ours.absmax.numel() == -(-ours.numel() // 64) and torch.equal(theirs.nested_absmax, ours.nested_absmax)
+        short += ours.numel() % 64 != 0
+    assert short == 10  # k, v (20 × 40), gate, up (60 × 40), down (40 × 60) of both layers
+    apply_moka(our_model, MoKAConfig(num_components=2))
+    ids = torch.randint(3, vocab_size, (2, 8))
+    losses = train_steps(our_model.train(), ids, steps=3, lr=1e-2)
+    assert losses[-1] < losses[0]
 
 
 def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_path, capsys):

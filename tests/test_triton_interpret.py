@@ -450,6 +450,7 @@ FUSED = [
     ("dense", 24, 36, auto_component_shapes(24, 36, 2)),
     ("nf4", 40, 96, [(8, 12, 5, 8), (2, 32, 20, 3), (40, 2, 1, 48)]),
     ("nf4-unaligned-K", 24, 36, auto_component_shapes(24, 36, 1)),  # K % blocksize != 0: dequantize fallback
+    ("nf4-short-block", 20, 36, auto_component_shapes(20, 36, 2)),  # 720 = 22 blocks of 32 and one of 16
     ("nf4", 48, 64, auto_component_shapes(48, 64, 5)),
 ]
 
