@@ -29,8 +29,14 @@ def nf4_from_linear4bit(module: nn.Module) -> NF4Tensor:
     return NF4Tensor.from_bnb(weight, weight.quant_state)
 
 
-def linear4bit_from_nf4(q: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype | None) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` holding exactly the bytes of ``q`` (requires bitsandbytes)."""
+def linear4bit_from_nf4(
+    q: NF4Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype | None,
+    quant_storage: torch.dtype = torch.uint8,
+) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding exactly the bytes of ``q`` (requires bitsandbytes), stored as
+    ``quant_storage`` (FSDP-QLoRA setups store the bytes as bf16 so that FSDP flattens them with the rest)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
@@ -56,16 +62,19 @@ def linear4bit_from_nf4(q: NF4Tensor, bias: torch.Tensor | None, compute_dtype: 
         compute_dtype=compute_dtype,
         compress_statistics=q.double_quant,
         quant_type="nf4",
+        quant_storage=quant_storage,
         device="meta",
     )
+    packed = q.packed.reshape(-1).view(quant_storage).reshape(-1, 1) if quant_storage != torch.uint8 else q.packed
     layer.weight = bnb.nn.Params4bit(
-        q.packed,
+        packed,
         requires_grad=False,
         quant_state=state,
         blocksize=q.blocksize,
         compress_statistics=q.double_quant,
         quant_type="nf4",
         bnb_quantized=True,
+        quant_storage=quant_storage,
         module=layer,
     )
     if bias is not None:

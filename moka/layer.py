@@ -296,6 +296,17 @@ class MoKALinear(nn.Module):
             return self.base_layer.packed
         return self.base_layer.weight
 
+    def __setattr__(self, name: str, value) -> None:
+        # transformers ties an output embedding by assigning ``lm_head.weight = embed.weight`` (tie_weights,
+        # resize_token_embeddings): the assignment goes to the base layer the adapter wraps. (Module's
+        # __setattr__ would refuse a Parameter named like the ``weight`` property.)
+        if name == "weight" and "base_layer" in self.__dict__.get("_modules", {}):
+            if isinstance(self.base_layer, NF4Linear):
+                raise AttributeError("weight: an NF4 base layer's weight is its packed bytes; it cannot be assigned")
+            setattr(self.base_layer, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
@@ -307,8 +318,8 @@ class MoKALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # return the autocast dtype, as nn.Linear does
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # as nn.Linear: fp64 untouched
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # and the output in the autocast dtype
         input_dtype = x.dtype
         x = x.to(self._compute_dtype(x))
         dtype = x.dtype
@@ -364,7 +375,8 @@ class MoKALinear(nn.Module):
                 "rel_rms": (err.pow(2).mean().sqrt() / merged_fp32.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
             }
             if is_linear4bit(self.base_layer):
-                layer = linear4bit_from_nf4(q, bias, self.base_layer.compute_dtype)
+                storage = getattr(self.base_layer, "quant_storage", None) or self.base_layer.weight.dtype
+                layer = linear4bit_from_nf4(q, bias, self.base_layer.compute_dtype, storage)
             else:
                 base = self.base_layer
                 layer = NF4Linear(q, bias, compute_dtype=base.compute_dtype, shardable=base.shardable)

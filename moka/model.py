@@ -102,6 +102,22 @@ def _summary(model: nn.Module) -> MoKASummary:
 _BASE_LAYERS = (nn.Linear, NF4Linear)  # Linear4bit is an nn.Linear
 
 
+def _linears_under_two_names(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """(two names of one target module) if two different parents hold it: swapping it in one would leave the
+    other calling the bare layer. (One parent reachable under two names is fine: the swap reaches both.)"""
+    holders: dict[int, set[tuple[int, str]]] = {}
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        for attr, child in module._modules.items():
+            if child is not None:
+                holders.setdefault(id(child), set()).add((id(module), attr))
+    for module in targets.values():
+        if len(holders.get(id(module), ())) > 1:
+            return names[id(module)][0], names[id(module)][1]
+    return None
+
+
 def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummary:
     """Replace the target linear layers of ``model`` in place with MoKALinear and freeze all but the adapters.
 
@@ -122,6 +138,19 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         for name, module in model.named_modules()
         if isinstance(module, _BASE_LAYERS) and name and config.matches(name)
     }
+    unused_forward = [n for n in targets if isinstance(_parent_and_attr(model, n)[0], nn.MultiheadAttention)]
+    if unused_forward:
+        raise ValueError(
+            f"target_modules: {unused_forward[0]} is an nn.MultiheadAttention's projection, whose weight the "
+            "attention reads directly (never calling its forward), so an adapter there would never run; leave it "
+            "out of target_modules"
+        )
+    shared = _linears_under_two_names(model, targets)
+    if shared:
+        raise ValueError(
+            f"target_modules: one layer is reachable as {shared[0]!r} and {shared[1]!r}; wrapping it under one name "
+            "would leave the other call site without the adapter; untie the modules or target neither"
+        )
     if not targets:
         linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, _BASE_LAYERS)})
         raise ValueError(

@@ -327,8 +327,10 @@ def _must_trace(x: torch.Tensor) -> bool:
 class EagerLinear(torch.autograd.Function):
     """``moka::linear`` without the dispatcher: the same backend functions and the same saved tensors.
 
-    Saved for backward: x (and the adapter input if distinct), the gate logits and the factors; the frozen
-    base weight is kept by reference. Not saved: ΔW, a dequantized base weight (re-decoded in backward)
+    Saved for backward: x (and the adapter input if distinct), the gate logits, the factors and a dense base
+    weight (saved, not held: under autocast it is a cast copy, which activation checkpointing must be able to
+    free, as nn.Linear's); an NF4 base is kept by reference. Not saved: ΔW, a dequantized base weight
+    (re-decoded in backward)
     and the r per-component intermediates (recomputed). Factors are passed flat (``*a_factors,
     *b_factors``) so autograd sees each one as an input.
     """
@@ -337,12 +339,21 @@ class EagerLinear(torch.autograd.Function):
     def forward(ctx, x, adapter_x, weight, bias, gate_logits, scale, backend, num_components, *factors):
         a_factors, b_factors = factors[:num_components], factors[num_components:]
         forward, _ = BACKEND_IMPLS[backend]
-        ctx.meta = (weight, scale, backend, num_components, adapter_x is not None, gate_logits is not None)
+        dense = isinstance(weight, torch.Tensor)
+        ctx.meta = (
+            None if dense else weight,
+            scale,
+            backend,
+            num_components,
+            adapter_x is not None,
+            gate_logits is not None,
+        )
         empty = x.new_empty(0)
         ctx.save_for_backward(
             x,
             empty if adapter_x is None else adapter_x,
             empty if gate_logits is None else gate_logits,
+            weight if dense else empty,
             *factors,
         )
         return forward(x, adapter_x, weight, bias, gate_logits, scale, a_factors, b_factors)
@@ -356,8 +367,9 @@ class EagerLinear(torch.autograd.Function):
 
 def _eager_backward(ctx, grad_out):
     """EagerLinear's backward: the backend's hand-written gradients of what forward saved."""
-    weight, scale, backend, r, has_adapter_x, has_gate = ctx.meta
-    x, adapter_x, gate_logits, *factors = ctx.saved_tensors
+    nf4_weight, scale, backend, r, has_adapter_x, has_gate = ctx.meta
+    x, adapter_x, gate_logits, dense_weight, *factors = ctx.saved_tensors
+    weight = dense_weight if nf4_weight is None else nf4_weight
     n = ctx.needs_input_grad
     needs = GradRequest(n[0], n[1], n[3], n[4], tuple(n[8 : 8 + r]), tuple(n[8 + r :]))
     _, backward = BACKEND_IMPLS[backend]

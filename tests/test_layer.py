@@ -205,6 +205,56 @@ def test_merge_requantize_reports_error(kind):
     assert rel < 0.2, rel  # NF4 rounding of W0 + ΔW, no more
 
 
+def test_requantized_merge_keeps_the_linear4bit_quant_storage():
+    """FSDP-QLoRA stores the 4-bit bytes as bf16: the requantized layer is stored the same way."""
+    dense = nn.Linear(64, 48)
+    base = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    base.load_state_dict(dense.state_dict())
+    layer = MoKALinear(base.to("cpu"), MoKAConfig(num_components=2))
+    _randomize_adapter(layer)
+    merged = layer.merge(requantize=True)
+    assert merged.weight.dtype == merged.quant_storage == torch.bfloat16
+    x = torch.randn(5, 64)
+    expected = x @ dequantize_nf4(NF4Tensor.from_bnb(merged.weight), torch.float32).T + merged.bias
+    torch.testing.assert_close(merged(x), expected)
+
+
+def test_fp64_layer_stays_fp64_under_autocast():
+    """As nn.Linear: autocast leaves fp64 alone."""
+    layer = MoKALinear(nn.Linear(36, 24).double(), MoKAConfig(num_components=2))
+    x = torch.randn(3, 36, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float64 and torch.equal(out, layer(x))
+
+
+def test_autocast_weight_copy_is_a_saved_tensor_that_checkpointing_frees():
+    """Under autocast the dense base weight is a bf16 copy: it is saved for backward (so non-reentrant
+    checkpointing drops it and recomputes it), not held by the autograd node; without autocast the saved
+    weight is the parameter itself, no copy."""
+    layer = MoKALinear(nn.Linear(64, 48), MoKAConfig(num_components=2))
+    x = torch.randn(4, 64, requires_grad=True)
+    for autocast in (True, False):
+        saved: list[torch.Tensor] = []
+        with (
+            torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        ):
+            out = layer(x)
+        weights = [t for t in saved if t.shape == (48, 64)]
+        assert len(weights) == 1
+        assert (weights[0].dtype, weights[0].data_ptr() == layer.weight.data_ptr()) == (
+            (torch.bfloat16, False) if autocast else (torch.float32, True)
+        )
+        out.float().square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # checkpointed: only x's, nothing weight-sized, is kept
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    assert not any(t.shape == (48, 64) for t in kept)
+    out.float().sum().backward()
+
+
 def test_repacked_linear4bit_is_rejected():
     """bitsandbytes' CPU inference path rewrites the bytes in place; wrapping such a layer must fail clearly."""
     base = _linear4bit(64, 64)
