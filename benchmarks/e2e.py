@@ -253,6 +253,13 @@ def render(path: Path) -> Path:
         "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
         "",
     ]
+    for model in dict.fromkeys(r["model"] for r in data["rows"] if "conditions" in r):
+        own = next(r["conditions"] for r in data["rows"] if r["model"] == model and "conditions" in r)
+        lines += [
+            f"Rows of {model} are from an earlier run: "
+            + ", ".join(f"{k}={own.get(k)}" for k in ("git_sha", "date", "batch", "seq")),
+            "",
+        ]
     lines += [
         "| model | base | method | trainable | step (s) | tokens/s | peak memory (MB) | step peak (MB) "
         "| loss first→last |",
@@ -376,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",")
     # Rows of models not re-run now are kept; the file is rewritten after every method, so a run cut short
     # by a time limit keeps what it measured.
-    kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in models] if path.exists() else []
+    # Each kept row keeps the conditions it was measured under (another git sha, date, batch or seq).
+    earlier = json.loads(path.read_text()) if path.exists() else {"conditions": {}, "rows": []}
+    kept = [
+        {**r, "conditions": r.get("conditions", earlier["conditions"])}
+        for r in earlier["rows"]
+        if r["model"] not in models
+    ]
     rows: list[dict] = []
     for model_key in models:
         for method in METHODS.get(model_key, METHODS["smollm2"]):

@@ -262,9 +262,23 @@ def render_any(path: Path) -> Path:
         from .overhead import render as render_overhead
 
         return render_overhead(path)
-    return render(path)
+    if path.name.startswith("tiles"):
+        from .tiles import render as render_tiles
+
+        return render_tiles(path)
+    if path.name.startswith("registers"):
+        from .registers import render as render_registers
+
+        return render_registers(path)
+    if path.name.startswith("layers-"):
+        return render(path)
+    raise ValueError(f"{path}: not a results file the benchmarks write (layers-, e2e-, schedule-, ...)")
 
 
 if __name__ == "__main__":
+    # Every file named, or every results file; others (the GPU suite's env.json) are skipped, not fatal.
     for arg in sys.argv[1:] or [str(p) for p in sorted((Path(__file__).parent / "results").glob("*.json"))]:
-        print(render_any(Path(arg)))
+        try:
+            print(render_any(Path(arg)))
+        except ValueError as err:
+            print(f"skipped: {err}", file=sys.stderr)

@@ -55,11 +55,19 @@ def moka_shapes(n_out: int, k_in: int, r: int) -> list[tuple[int, int, int, int]
 
 
 def adapter_train_macs(shapes) -> int:
-    """Per-token MACs of the adapter's forward plus backward (dX, dA, dB) as the PyTorch path computes them."""
+    """Per-token MACs of the adapter's forward plus backward (dX, dA, dB) as the PyTorch path computes them,
+    each component in its cheaper order (``reference.moka_backward_torch``; counted op by op in a test):
+
+    * ``a_first``: Q = G B (a1·b1·b2), dX = Aᵀ Q, M = Σ Q Xᵀ, V = A X (a1·a2·b2 each), R = Σ Gᵀ V (a1·b1·b2):
+      2·a1·b1·b2 + 3·a1·a2·b2;
+    * ``b_first``: P = Aᵀ G (a1·a2·b1), dX = P B, R = Σ Pᵀ X, U = X Bᵀ (a2·b1·b2 each), M = Σ G Uᵀ
+      (a1·a2·b1): 2·a1·a2·b1 + 3·a2·b1·b2."""
     total = adapter_macs(shapes)
     for a1, a2, b1, b2 in shapes:
-        p_macs, q_macs = a1 * a2 * b1, a1 * b1 * b2
-        total += p_macs + q_macs + min(a2 * b1 * b2, a1 * a2 * b2) + a1 * a2 * b2 + a2 * b1 * b2
+        if contraction_order((a1, a2), (b1, b2)) == "a_first":
+            total += 2 * a1 * b1 * b2 + 3 * a1 * a2 * b2
+        else:
+            total += 2 * a1 * a2 * b1 + 3 * a2 * b1 * b2
     return total
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -458,8 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where runs.jsonl, summary.json and the plot go")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose generated section is rewritten")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"where runs.jsonl, summary.json and the plot go (default {RESULTS}; with --smoke a temporary dir)",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help=f"markdown file whose generated section is rewritten (default {DOCS}; with --smoke none)",
+    )
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs (the rest runs next time)")
     parser.add_argument("--smoke", action="store_true", help="tiny budget (4 steps, a few eval examples); for CI")
     parser.add_argument("--render-only", action="store_true", help="only rebuild the report from runs.jsonl")
@@ -472,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.quality: {err}", file=sys.stderr)
         return 2
     budget = SMOKE_BUDGET if args.smoke else Budget()
+    if args.out is None:  # a smoke run never replaces the committed results or docs/results.md
+        args.out = Path(tempfile.mkdtemp(prefix="moka-quality-smoke-")) if args.smoke else RESULTS
+    if args.docs is None and not args.smoke:
+        args.docs = DOCS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs_path = args.out / "runs.jsonl"
     if args.render_only:

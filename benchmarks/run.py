@@ -227,8 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     key = "smoke" if args.smoke else args.device
     providers = CUDA_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS
     if args.providers:
-        wanted = set(args.providers.split(","))
+        wanted = {name.strip() for name in args.providers.split(",") if name.strip()}
+        known = {name for name, _ in CPU_PROVIDERS + CUDA_PROVIDERS}
+        if wanted - known:
+            print(
+                f"benchmarks.run: --providers: unknown {sorted(wanted - known)}; known: {sorted(known)}",
+                file=sys.stderr,
+            )
+            return 2
         providers = [p for p in providers if p[0] in wanted]
+        if not providers:
+            print(f"benchmarks.run: --providers: none of {sorted(wanted)} runs on {args.device}", file=sys.stderr)
+            return 2
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = make_timer(device, min_run_time)
     conds = conditions(device, dtype, min_run_time)
     conds.update(components=args.components, smoke=args.smoke, complete=False)
-    path = args.out / (args.tag or f"layers-{key}")
+    path = args.out / ((args.tag or f"layers-{key}") + ".json")  # a dotted --tag (v1.2) keeps its whole name
     rows: list[dict] = []
     for n_out, k_in in LAYERS[key]:
         for tokens in TOKENS[key]:

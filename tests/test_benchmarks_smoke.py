@@ -117,18 +117,47 @@ def test_pytest_benchmark_file_runs_in_smoke_mode():
     assert " passed" in proc.stdout
 
 
-def test_runner_without_gpu_fails_with_one_line(capsys):
+def test_runner_without_gpu_fails_with_one_line(capsys, tmp_path):
     if torch.cuda.is_available():
         return
     assert run.main(["--device", "cuda", "--out", "/nonexistent"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "moka_torch,mokka"]) == 2
+    assert "--providers: unknown ['mokka']" in capsys.readouterr().err
+    assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "moka_triton"]) == 2  # CUDA only
+    assert "none of ['moka_triton'] runs on cpu" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_cli_renders_every_results_file_and_skips_others(tmp_path):
+    """The GPU suite renders "$out"/*.json, its env.json too: that one is skipped, the rest rendered."""
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": "H200"}))
+    assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "dense_linear", "--tag", "layers-v1.2"]) == 0
+    (tmp_path / "layers-v1.2.md").unlink()  # a dotted --tag keeps its whole name
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plot", str(tmp_path / "env.json"), str(tmp_path / "layers-v1.2.json")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped:" in proc.stderr and (tmp_path / "layers-v1.2.md").is_file()
 
 
 def test_e2e_smoke_runs_every_tiny_method(tmp_path):
     from benchmarks import e2e
 
+    old_row = {"model": "smollm2", "method": "moka", "base": "NF4", "error": "from an earlier run"}
+    earlier = {"conditions": {"git_sha": "OLD", "seq": 512}, "rows": [old_row]}
+    (tmp_path / "e2e-cpu-smoke.json").write_text(json.dumps(earlier))
     assert e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "e2e-cpu-smoke.json").read_text())
+    (kept,) = [r for r in data["rows"] if r["model"] == "smollm2"]  # not re-run: kept with its own conditions
+    assert kept["conditions"] == earlier["conditions"] and data["conditions"]["git_sha"] != "OLD"
+    assert "Rows of smollm2 are from an earlier run: git_sha=OLD" in (tmp_path / "e2e-cpu-smoke.md").read_text()
+    data["rows"] = [r for r in data["rows"] if r["model"] == "tiny"]
     methods = {r["method"]: r for r in data["rows"]}
     assert set(methods) == set(e2e.METHODS["tiny"])
     for name, row in methods.items():
@@ -411,3 +440,41 @@ def test_e2e_without_bitsandbytes_fails_nf4_methods_in_the_parent(tmp_path, monk
         ("moka", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
         ("lora_r32", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
     ]
+
+
+class _MacCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Multiply-accumulates of every matrix product an op runs (mm, bmm, addmm, baddbmm, their out= forms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_")
+        operands = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2)}.get(name)
+        if operands is not None:
+            first, second = (args[i] for i in operands)
+            self.macs += first.numel() * second.shape[-1]  # (…, m, k) @ (…, k, n): m·k·n per batch
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("n_out", "k_in"), [(2048, 2048), (576, 576), (192, 576), (1536, 576)])
+def test_adapter_mac_formulas_count_what_the_pytorch_path_runs(n_out, k_in):
+    """adapter_macs / adapter_train_macs (the FLOP share of the CPU target and the GPU roofline) equal the
+    matrix-product MACs the PyTorch backend performs, counted op by op, forward and backward."""
+    from benchmarks.providers import adapter_macs, adapter_train_macs, moka_shapes
+    from moka_kernels.reference import GradRequest, moka_backward_torch, moka_forward_torch
+
+    shapes, tokens = moka_shapes(n_out, k_in, 4), 3
+    a_f = [torch.randn(a1, a2) for a1, a2, _, _ in shapes]
+    b_f = [torch.randn(b1, b2) for _, _, b1, b2 in shapes]
+    x, gate = torch.randn(tokens, k_in), torch.randn(4)
+    zero_base = torch.zeros(n_out, k_in)
+    with _MacCounter() as forward:
+        moka_forward_torch(x, None, zero_base, None, gate, 1.0, a_f, b_f)
+    needs = GradRequest(x=True, adapter_x=False, bias=False, gate=True, a=(True,) * 4, b=(True,) * 4)
+    with _MacCounter() as backward:
+        moka_backward_torch(torch.randn(tokens, n_out), x, None, zero_base, gate, 1.0, a_f, b_f, needs)
+    base = tokens * n_out * k_in  # x·W0ᵀ in the forward, dy·W0 in the backward
+    assert forward.macs - base == tokens * adapter_macs(shapes)
+    assert forward.macs + backward.macs - 2 * base == tokens * adapter_train_macs(shapes)

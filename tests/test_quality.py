@@ -322,6 +322,19 @@ def test_cli_errors(sample, tmp_path, capsys):
     assert not (tmp_path / "o" / "runs.jsonl").exists()
 
 
+def test_smoke_render_never_touches_the_committed_results(tmp_path, monkeypatch, capsys):
+    """--smoke without --out/--docs writes to a temporary dir, not over results/quality and docs/results.md."""
+    results, docs = tmp_path / "results", tmp_path / "results.md"
+    results.mkdir()
+    docs.write_text("committed\n")
+    monkeypatch.setattr(quality, "RESULTS", results)
+    monkeypatch.setattr(quality, "DOCS", docs)
+    assert quality.main(["--smoke", "--render-only"]) == 0
+    written = Path(capsys.readouterr().out.split("wrote ", 1)[1].strip())
+    assert not list(results.iterdir()) and docs.read_text() == "committed\n"
+    assert written.exists() and results not in written.parents
+
+
 def test_grid_extends_upward_while_its_edge_wins():
     budget, tasks, methods = quality.SMOKE_BUDGET, ["wordnet"], ["qlora_r16", "qlora_r4"]
     records = [_record("wordnet", "qlora_r16", 0, lr, metric) for lr, metric in ((1e-4, 3.0), (3e-4, 2.9), (1e-3, 2.8))]
