@@ -247,6 +247,9 @@ def moka_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k_in)
     adapter_x2d = None if adapter_input is None else adapter_input.reshape(-1, k_in)
+    # The kernels read the bias and the logits as contiguous vectors (a view such as gates[:, layer] is not).
+    bias = None if bias is None else bias.contiguous()
+    gate_logits = None if gate_logits is None else gate_logits.contiguous()
     out = library.apply_linear(
         x2d, adapter_x2d, weight, bias, gate_logits, float(scale), list(a_factors), list(b_factors), select_backend(x)
     )

@@ -92,7 +92,7 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"bias: expected shape ({n_out},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     if x.dtype != torch.float64 and (dtype := _autocast_dtype(x.device.type)) is not None:  # fp64: untouched
         x, bias = _cast_for_autocast(x, dtype), _cast_for_autocast(bias, dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()  # the NF4 GEMM's epilogue reads it so
     if _must_trace(x):
         return nf4_linear_reference(x, weight, bias)
     lead = x.shape[:-1]

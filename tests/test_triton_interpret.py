@@ -1042,3 +1042,28 @@ def test_nf4_linear_on_the_kernels_matches_the_reference(route, dtype, monkeypat
             )
         ):
             _check(ours, theirs, dtype, f"grad {i} T={tokens}")
+
+
+@pytest.mark.parametrize("tokens", [1, 7])  # the decode fusion (split-K) and the fused GEMM's epilogue
+def test_strided_bias_and_gate_logits_read_as_their_values(tokens, monkeypatch):
+    """A bias or logits given as strided views (e.g. gates[:, layer]) compute what their contiguous copies do:
+    the kernels read both as contiguous vectors, so the op makes them so."""
+    from moka_kernels import nf4_linear
+
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    shapes = auto_component_shapes(64, 64, 2)
+    x, w_dense, a_f, b_f, _, _ = make_problem(64, 64, shapes, torch.float32, lead=(tokens,), gate=True, bias=True)
+    weight = quantize_nf4(w_dense.detach(), 32)
+    bias_table = torch.randn(64, 2, requires_grad=True)  # column 1 is a stride-2 view
+    gate_table = torch.randn(2, 3, requires_grad=True)  # column 1 is a stride-3 view
+    strided = moka_linear(x, weight, a_f, b_f, gate_table[:, 1], bias_table[:, 1], 0.7)
+    bias, gate = bias_table[:, 1].detach().clone().requires_grad_(True), gate_table[:, 1].detach().clone()
+    gate.requires_grad_(True)
+    contiguous = moka_linear(x, weight, a_f, b_f, gate, bias, 0.7)
+    torch.testing.assert_close(strided, contiguous)
+    grad_out = torch.randn_like(contiguous)
+    strided_grads = torch.autograd.grad(strided, [bias_table, gate_table], grad_out)
+    bias_grad, gate_grad = torch.autograd.grad(contiguous, [bias, gate], grad_out)
+    torch.testing.assert_close(strided_grads[0][:, 1], bias_grad)
+    torch.testing.assert_close(strided_grads[1][:, 1], gate_grad)
+    torch.testing.assert_close(nf4_linear(x, weight, bias_table[:, 1]), nf4_linear(x, weight, bias))
