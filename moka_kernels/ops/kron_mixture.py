@@ -277,7 +277,8 @@ def grouped_sandwich_program(
         )
         coeff = _component_coefficient(gate_ptr, comp, scale, R, GATE, R_PAD)
         out_ptrs = out_ptr + t * stride_ot + offs_p[:, None] * tl.load(row + 12) + offs_q[None, :] * tl.load(row + 13)
-        tl.atomic_add(out_ptrs, acc * coeff, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
+        # relaxed: a sum needs no ordering with other memory (the default acq_rel fences every add)
+        tl.atomic_add(out_ptrs, acc * coeff, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q), sem="relaxed")
 
 
 @triton.jit
