@@ -45,7 +45,7 @@ def chosen_variants(smoke: bool) -> list[aot.Variant]:
     nf4 = [
         v
         for v in aot.variants()
-        if v.kernel.startswith("_nf4")
+        if v.kernel in ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel")
         and "*bf16" in v.pointer_types.values()
         and not v.constexprs.get("HAS_ADAPTER")
         and v.constexprs.get("SPLIT_K", 1) == 1

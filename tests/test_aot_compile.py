@@ -181,3 +181,26 @@ def test_the_nf4_decode_compiles_without_fma_contraction():
     out = subprocess.check_output([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, text=True)
     unfused, fused = map(int, out.split()[-2:])
     assert unfused == 0 and fused > 0  # the check can see an FMA: the default compile has some
+
+
+def test_nf4_variants_compile_as_a_launch_specializes_them():
+    """The NF4 GEMMs are compiled with the launch's specialization (unit strides constant, sizes and pointers
+    divisible by 16): the binary differs from the unspecialized one (shared memory of the largest
+    transposed config on sm_90), so the check measures what a GPU launch would compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    code = """
+import dataclasses, json
+from moka_kernels.ops import aot
+v = next(v for v in aot.variants() if v.kernel == "_nf4_matmul_t_kernel" and v.constexprs["BLOCK_N"] == 256
+         and "*bf16" in v.pointer_types.values())
+assert v.aligned_pointers and v.launch_ints["stride_dxk"] == 1 and v.launch_ints["K"] % 16 == 0
+plain = dataclasses.replace(v, launch_ints={}, aligned_pointers=False)
+print(json.dumps([aot.compile_for(x, 90).metadata.shared for x in (v, plain)]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    specialized, plain = json.loads(out.stdout.strip().splitlines()[-1])
+    assert specialized != plain and specialized <= 227 * 1024, (specialized, plain)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 # Shared memory per block that a kernel may use, in bytes (CUDA occupancy limits per architecture).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -40,6 +40,12 @@ class Variant:
     num_stages: int
     spill_checked: bool = True  # spills beyond SPILL_TOLERANCE_BYTES fail the check
     fp_fusion: bool = True  # False where the launcher passes enable_fp_fusion=False
+    # Integer arguments as a launch at the shapes this variant stands for passes them: Triton's launcher
+    # compiles an int equal to 1 as a constant and marks multiples of 16 (and, with ``aligned_pointers``,
+    # 16-byte-aligned pointers) divisible, which changes vectorization, pipelining, shared memory and
+    # registers; without them the check would measure a binary no launch compiles.
+    launch_ints: dict[str, int] = field(default_factory=dict)
+    aligned_pointers: bool = False
 
 
 @dataclass
@@ -92,6 +98,14 @@ def variants() -> list[Variant]:
         "offset_ptr": "*fp32",
         "code_ptr": "*fp32",
     }
+    # A LLaMA projection's launch (N = K = 4096, contiguous operands): unit strides 1, the rest multiples of
+    # 16; prefill at T = 4096, decoding at T = 1 (the split-K GEMV). Bytes from fresh allocations: aligned.
+    width = 4096
+    prefill = dict(M=width, M_BUCKET=width, N=width, K=width)
+    decode = dict(prefill, M=1, M_BUCKET=1)
+    fwd_strides = dict(stride_xm=width, stride_xk=1, stride_om=width, stride_on=1, stride_am=width, stride_an=1)
+    no_adapter_ints = dict(ad_r=1, ad_max_tiles=0, ad_programs=0, ad_stride_xm=width)  # AdapterLaunch.none
+    t_ints = dict(prefill, stride_dym=width, stride_dyn=1, stride_dxm=width, stride_dxk=1, stride_am=width, stride_ak=1)
     out: list[Variant] = []
     for dtype in ("bf16", "fp16"):
         fwd_ptrs = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "add_ptr": "*fp32", "bias_ptr": f"*{dtype}"}
@@ -106,6 +120,7 @@ def variants() -> list[Variant]:
                 )
                 no_adapter = dict(HAS_ADAPTER=False, AD_GATE=0, AD_R_PAD=1)
                 no_adapter.update(AD_BLOCK_P=16, AD_BLOCK_J=16, AD_BLOCK_L=16, AD_BLOCK_Q=16)
+                shape_ints = decode if split_k > 1 else prefill
                 out.append(
                     Variant(
                         "_nf4_matmul_kernel",
@@ -114,6 +129,8 @@ def variants() -> list[Variant]:
                         cfg.num_warps,
                         cfg.num_stages,
                         spill_checked=False,
+                        launch_ints=dict(shape_ints, **fwd_strides, **no_adapter_ints),
+                        aligned_pointers=True,
                     )
                 )
                 if split_k > 1:  # the decode fusion: the adapter's programs in the GEMV's launch
@@ -138,13 +155,24 @@ def variants() -> list[Variant]:
                                 cfg.num_warps,
                                 cfg.num_stages,
                                 spill_checked=False,
+                                launch_ints=dict(decode, **fwd_strides, ad_stride_xm=width),
+                                aligned_pointers=True,
                             )
                         )
         for cfg in NF4_MATMUL_T_CONFIGS:
             ptrs = dict({"dy_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "add_ptr": "*fp32"}, **nf4_pointers)
             flags = dict(BLOCKSIZE=64, HAS_ADD=True, DOUBLE_QUANT=True, DOT_FP32=False, ROWS_64=False)
             out.append(
-                Variant("_nf4_matmul_t_kernel", ptrs, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages, False)
+                Variant(
+                    "_nf4_matmul_t_kernel",
+                    ptrs,
+                    dict(flags, **cfg.kwargs),
+                    cfg.num_warps,
+                    cfg.num_stages,
+                    False,
+                    launch_ints=t_ints,
+                    aligned_pointers=True,
+                )
             )
         # The large-batch route's decode: double quantization or fp32 scales; a blocksize below the 256-wide
         # tile and one above it (two tiles per block).
@@ -154,7 +182,18 @@ def variants() -> list[Variant]:
             ptrs = dict(nf4_pointers, out_ptr=f"*{dtype}", absmax_ptr="*u8" if double_quant else "*fp32")
             flags = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant)
             flags.update(BLOCK_N=DEQUANTIZE_BLOCK_N, BLOCK_K=DEQUANTIZE_BLOCK_K)
-            out.append(Variant("_nf4_dequantize_kernel", ptrs, flags, DEQUANTIZE_WARPS, 3, fp_fusion=False))
+            out.append(
+                Variant(
+                    "_nf4_dequantize_kernel",
+                    ptrs,
+                    flags,
+                    DEQUANTIZE_WARPS,
+                    3,
+                    fp_fusion=False,
+                    launch_ints=dict(N=width, K=width),
+                    aligned_pointers=True,
+                )
+            )
         # bf16: every tile set the chooser can pick, gated by the logits' dtype; fp16 and the other gate
         # modes: the maximal sets (the others are no larger, size by size). The ``max`` policy's largest
         # set (64⁴, kept for the GPU sweep) must compile but may spill.
@@ -306,11 +345,21 @@ def compile_for(variant: Variant, capability: int):
 
     fn = _kernels()[variant.kernel]
     constexprs = {k: v for k, v in variant.constexprs.items() if k in fn.arg_names}
+    constexprs.update({k: 1 for k, v in variant.launch_ints.items() if v == 1 and k in fn.arg_names})
     signature = {
         name: variant.pointer_types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names
     }
+    divisible = [["tt.divisibility", 16]]
+    attrs = {
+        (i,): divisible
+        for i, name in enumerate(fn.arg_names)
+        if signature[name] != "constexpr"
+        and (
+            (variant.aligned_pointers and signature[name].startswith("*")) or variant.launch_ints.get(name, 1) % 16 == 0
+        )
+    }
     return triton.compile(
-        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),
         options={
             "num_warps": variant.num_warps,
