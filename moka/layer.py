@@ -182,6 +182,12 @@ class MoKALinear(nn.Module):
         if not isinstance(config, MoKAConfig):
             raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
         at = "" if name == "layer" else f" (at {name})"  # where a base error happened, inside apply_moka
+        if getattr(getattr(base_layer, "_hf_hook", None), "offload", False):
+            # accelerate's offload hook loads the weights in the layer's own forward, which MoKA never calls
+            raise ValueError(
+                f"base_layer: its weights are offloaded by accelerate (a device_map with cpu/disk offload, or "
+                f"cpu_offload){at}; MoKA needs them resident: load without offload, e.g. in 4-bit to fit"
+            )
         if isinstance(base_layer, NF4Tensor):
             base_layer = NF4Linear(base_layer, bias)
         elif bias is not None:

@@ -147,6 +147,17 @@ def test_layers_an_adapter_could_not_reach_are_refused():
     assert isinstance(aliased["b"][0], MoKALinear)
 
 
+def test_a_model_offloaded_by_accelerate_is_refused_clearly():
+    """accelerate's offload hooks load a layer's weights in its own forward, which MoKA never calls."""
+    from accelerate import cpu_offload
+
+    model = tiny_llama()
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"base_layer: its weights are offloaded by accelerate .*at model\.layers"):
+        apply_moka(model, MoKAConfig(num_components=2))
+    assert not moka_layers(model)
+
+
 def test_a_tied_output_embedding_can_be_patched_and_tied_again():
     """transformers ties by assigning lm_head.weight = embed_tokens.weight (tie_weights, which the Trainer
     calls): the assignment reaches the wrapped base layer."""
