@@ -276,11 +276,14 @@ def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
 
 
 def _forget_moka(model: nn.Module) -> None:
-    """Restore the requires_grad flags apply_moka found and drop its attributes."""
-    _restore_requires_grad(model, getattr(model, "_moka_requires_grad", {}))
-    for attr in ("_moka_requires_grad", "moka_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    """Restore the requires_grad flags apply_moka found and drop its attributes, on ``model`` or on the
+    submodule apply_moka was called on (``apply_moka(model.model)`` then ``remove_moka(model)``)."""
+    for module in model.modules():
+        if hasattr(module, "_moka_requires_grad"):
+            _restore_requires_grad(module, module._moka_requires_grad)
+        for attr in ("_moka_requires_grad", "moka_config"):
+            if attr in module.__dict__:
+                delattr(module, attr)
 
 
 @torch.no_grad()

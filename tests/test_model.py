@@ -147,6 +147,14 @@ def test_layers_an_adapter_could_not_reach_are_refused():
     assert isinstance(aliased["b"][0], MoKALinear)
 
 
+def test_remove_from_the_whole_model_restores_what_patching_a_submodule_froze():
+    model = tiny_llama()
+    apply_moka(model.model, MoKAConfig(num_components=2))
+    assert not model.model.embed_tokens.weight.requires_grad
+    remove_moka(model)
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model.model, "moka_config")
+
+
 def test_a_model_offloaded_by_accelerate_is_refused_clearly():
     """accelerate's offload hooks load a layer's weights in its own forward, which MoKA never calls."""
     from accelerate import cpu_offload
