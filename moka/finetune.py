@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="NF4 with double quantization via bitsandbytes (default: on for the embedded model)",
+        help="NF4 base with double quantization, by --nf4-backend (default: on for the embedded model)",
     )
     g.add_argument(
         "--nf4-backend",
