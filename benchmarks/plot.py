@@ -243,36 +243,27 @@ def _plots(path: Path, rows: list[dict]) -> None:
         plt.close(fig)
 
 
+# File-name prefix -> the module whose ``render`` turns that kind of results file into markdown (and plots).
+RENDERERS = {
+    "e2e-": "e2e",
+    "schedule-": "schedule",
+    "launches": "launches",
+    "overhead-": "overhead",
+    "tiles": "tiles",
+    "registers": "registers",
+    "layers-": "plot",
+}
+
+
 def render_any(path: Path) -> Path:
-    """Render a results file of any kind the benchmarks write: layers-*, e2e-*, overhead-*, launches* or schedule-*."""
+    """Render a results file of any kind the benchmarks write (the prefixes of ``RENDERERS``)."""
+    import importlib
+
     path = Path(path)
-    if path.name.startswith("e2e-"):
-        from .e2e import render as render_e2e
-
-        return render_e2e(path)
-    if path.name.startswith("schedule-"):
-        from .schedule import render as render_schedule
-
-        return render_schedule(path)
-    if path.name.startswith("launches"):
-        from .launches import render as render_launches
-
-        return render_launches(path)
-    if path.name.startswith("overhead-"):
-        from .overhead import render as render_overhead
-
-        return render_overhead(path)
-    if path.name.startswith("tiles"):
-        from .tiles import render as render_tiles
-
-        return render_tiles(path)
-    if path.name.startswith("registers"):
-        from .registers import render as render_registers
-
-        return render_registers(path)
-    if path.name.startswith("layers-"):
-        return render(path)
-    raise ValueError(f"{path}: not a results file the benchmarks write (layers-, e2e-, schedule-, ...)")
+    for prefix, module in RENDERERS.items():
+        if path.name.startswith(prefix):
+            return importlib.import_module(f"benchmarks.{module}").render(path)
+    raise ValueError(f"{path}: not a results file the benchmarks write ({', '.join(RENDERERS)})")
 
 
 if __name__ == "__main__":

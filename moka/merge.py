@@ -34,6 +34,7 @@ from .finetune import (
     NF4_BACKENDS,
     RUN_CONDITIONS_NAME,
     CLIError,
+    _read_json,
     canonical_location,
     load_model,
     resolve_model_path,
@@ -88,10 +89,7 @@ def read_run_record(adapter_dir: Path) -> dict:
     path = adapter_dir / RUN_CONDITIONS_NAME
     if not path.is_file():
         return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--adapter: cannot read {str(path)!r} ({str(err).splitlines()[0]})") from None
+    record = _read_json(path, "--adapter")
     if not isinstance(record, dict):
         raise CLIError(f"--adapter: {str(path)!r} is not a JSON object")
     return record

@@ -26,6 +26,10 @@ from torch.autograd.function import once_differentiable
 from .dispatch import _autocast_dtype, _cast_for_autocast, select_backend
 from .library import _must_trace
 from .nf4 import NF4Tensor, dequantize_nf4
+from .ops import TRITON_AVAILABLE
+
+if TRITON_AVAILABLE:  # select_backend never returns "triton" otherwise
+    from .ops.fused_linear import _base_matmul, _base_matmul_t, on_device_of
 
 __all__ = ["nf4_linear", "nf4_linear_reference"]
 
@@ -37,8 +41,6 @@ def nf4_linear_reference(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor 
 
 def _forward(x2d: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     if backend == "triton":
-        from .ops.fused_linear import _base_matmul, on_device_of
-
         with on_device_of(x2d.device):
             return _base_matmul(x2d.contiguous(), weight, None, bias)
     return F.linear(x2d, dequantize_nf4(weight, x2d.dtype), bias)
@@ -46,8 +48,6 @@ def _forward(x2d: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None, ba
 
 def _grad_input(grad_out: torch.Tensor, weight: NF4Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
-        from .ops.fused_linear import _base_matmul_t, on_device_of
-
         with on_device_of(grad_out.device):
             return _base_matmul_t(grad_out.contiguous(), weight, None)
     return grad_out @ dequantize_nf4(weight, grad_out.dtype)
