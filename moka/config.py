@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Sequence
@@ -21,6 +22,14 @@ ComponentShape = tuple[int, int, int, int]
 LLAMA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("moka", "moka_s")
 INITS = ("zero_b", "zero_a")
+
+
+def _as_int(value: Any) -> Any:
+    """A NumPy or other integral scalar as a Python int (JSON writes only those); anything else (bools
+    included, which are not sizes) as it was, for the caller's check to refuse."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _divisors(n: int) -> list[int]:
@@ -97,6 +106,7 @@ class MoKAConfig:
     on_too_few_shapes: str = "warn"
 
     def __post_init__(self) -> None:
+        self.num_components = _as_int(self.num_components)  # NumPy ints too, stored as int (JSON)
         if isinstance(self.num_components, bool) or not isinstance(self.num_components, int) or self.num_components < 1:
             raise ValueError(f"num_components: expected an integer >= 1, got {self.num_components!r}")
         if self.variant not in VARIANTS:
@@ -105,8 +115,9 @@ class MoKAConfig:
             raise ValueError(f"init: expected one of {INITS}, got {self.init!r}")
         if self.on_too_few_shapes not in ("warn", "error"):
             raise ValueError(f"on_too_few_shapes: expected 'warn' or 'error', got {self.on_too_few_shapes!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (is_finite_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
         if not is_finite_real(self.scale):
             raise ValueError(f"scale: expected a finite real number, got {self.scale!r}")
         self.scale = float(self.scale)  # a NumPy scalar would not serialize to JSON
@@ -121,17 +132,31 @@ class MoKAConfig:
                 re.compile(self.target_modules)
             except re.error as err:
                 raise ValueError(f"target_modules: invalid regular expression {self.target_modules!r}: {err}") from err
-        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        elif (
+            not isinstance(self.target_modules, (list, tuple, set, frozenset))
+            or not self.target_modules
+            or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
             raise ValueError(
                 f"target_modules: expected a non-empty list of names or a regex, got {self.target_modules!r}"
             )
+        elif isinstance(self.target_modules, (set, frozenset)):
+            self.target_modules = sorted(self.target_modules)  # a set would not serialize to JSON
         if self.components is not None:
+            if not isinstance(self.components, (list, tuple)) or any(
+                not isinstance(c, (list, tuple)) for c in self.components
+            ):
+                raise ValueError(
+                    "components: expected a list of (a1, a2, b1, b2) shapes, e.g. [(64, 64, 64, 64)], "
+                    f"got {self.components!r}"
+                )
             self.components = [self._check_component(i, c) for i, c in enumerate(self.components)]
             if not self.components:
                 raise ValueError("components: expected at least one (a1, a2, b1, b2) shape (r >= 1), got []")
             self.num_components = len(self.components)
 
     def _check_component(self, index: int, comp: Sequence[int]) -> ComponentShape:
+        comp = tuple(_as_int(v) for v in comp)
         if len(comp) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in comp):
             raise ValueError(f"components[{index}]: expected four positive ints (a1, a2, b1, b2), got {comp!r}")
         a1, a2, b1, b2 = comp

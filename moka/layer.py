@@ -242,6 +242,7 @@ class MoKALinear(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(len(shapes), dtype=dtype, device=device)) if config.gate else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.reset_adapter()
+        self.train(base_layer.training)  # the mode of the layer it replaces (a model in eval: no dropout)
 
     # -- set-up --------------------------------------------------------------------------------
     def _base_device(self) -> torch.device:

@@ -118,6 +118,15 @@ def _linears_under_two_names(model: nn.Module, targets: dict[str, nn.Module]) ->
     return None
 
 
+def _regex_hint(target_modules: list[str] | str) -> str:
+    if isinstance(target_modules, str):
+        return (
+            " (a string is one regular expression matched against the whole dotted name, e.g. "
+            f"'model.layers.0.self_attn.q_proj'; for name suffixes pass a list: [{target_modules!r}])"
+        )
+    return ""
+
+
 def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummary:
     """Replace the target linear layers of ``model`` in place with MoKALinear and freeze all but the adapters.
 
@@ -133,6 +142,22 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
+    # A matched layer of another kind that holds a weight (a PEFT LoRA layer, GPT-2's Conv1D, an embedding)
+    # is refused, not skipped; weightless matches (activations, containers under a broad regex) are passed over.
+    unsupported = next(
+        (
+            (name, f"{type(m).__module__}.{type(m).__qualname__}")
+            for name, m in model.named_modules()
+            if name and not isinstance(m, _BASE_LAYERS) and hasattr(m, "weight") and config.matches(name)
+        ),
+        None,
+    )
+    if unsupported:
+        raise ValueError(
+            f"target_modules: {unsupported[0]} is a {unsupported[1]}, not an nn.Linear, bitsandbytes Linear4bit or "
+            "NF4Linear, the layers MoKA adapts: narrow target_modules (on a PEFT model, merge or unload its "
+            "adapters first)"
+        )
     targets = {
         name: module
         for name, module in model.named_modules()
@@ -155,7 +180,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, _BASE_LAYERS)})
         raise ValueError(
             f"target_modules: {config.target_modules!r} matched no linear layer; this model's linear layers are "
-            f"named {linear_names}"
+            f"named {linear_names}{_regex_hint(config.target_modules)}"
         )
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:  # build every layer before swapping any: a layer that cannot be wrapped leaves the model as it was
@@ -226,7 +251,9 @@ def quantize_model(
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize}")
     targets = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name and matches(name)}
     if not targets:
-        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear layer of the model")
+        kinds = sorted({type(m).__name__ for name, m in model.named_modules() if name and matches(name)})
+        found = f" (it matched only {', '.join(kinds)} modules)" if kinds else _regex_hint(target_modules)
+        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear layer of the model{found}")
     views: dict[str, NF4Tensor] = {}
     for name, m in targets.items():
         if is_linear4bit(m):

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .nf4 import NF4Tensor
 from .ops import TRITON_AVAILABLE
@@ -361,8 +360,10 @@ class EagerLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():  # create_graph=True: first order only (the backends use out= ops)
-            return _first_order_backward(ctx, grad_out)
-        return _eager_backward(ctx, grad_out)  # not once_differentiable always: ~20 µs a call
+            with torch.no_grad():
+                grads = _eager_backward(ctx, grad_out)
+            return _refuse_second_order(ctx, grad_out, grads)
+        return _eager_backward(ctx, grad_out)
 
 
 def _eager_backward(ctx, grad_out):
@@ -387,7 +388,31 @@ def _eager_backward(ctx, grad_out):
     return grads.x, grads.adapter_x, None, grads.bias, grads.gate, None, None, None, *grads.a, *grads.b
 
 
-_first_order_backward = once_differentiable(_eager_backward)
+SECOND_ORDER_ERROR = (
+    b"moka_linear has no second derivative: a gradient computed with create_graph=True cannot be "
+    b"differentiated again (first-order gradients are exact)"
+)
+
+
+def _refuse_second_order(ctx, grad_out: torch.Tensor, grads: tuple) -> tuple:
+    """The gradients, each made to raise if differentiated again when it depends on anything that requires
+    grad. Not ``once_differentiable``: that looks at ``grad_out`` alone, so a loss linear in the output (its
+    incoming gradient a constant) got dX, dA, dB and dg back as constants, though they depend on the factors
+    and the inputs, and a gradient penalty's second-order term was dropped with no error."""
+    x, adapter_x, gate_logits, _, *factors = ctx.saved_tensors
+    sources = [t for t in (grad_out, x, adapter_x, gate_logits, *factors) if t.requires_grad]
+    out = list(grads)
+    bias_sources = [grad_out] if grad_out.requires_grad else []  # d bias = Σ_t G_t: G alone
+    for indices, deps in (([i for i in range(len(grads)) if i != 3], sources), ([3], bias_sources)):
+        indices = [i for i in indices if grads[i] is not None]
+        if indices and deps:
+            # DelayedError passes its inputs through under a grad_fn that raises; the sources go in too (their
+            # outputs dropped) so that the raising node lies on the path from the gradient to each of them.
+            guard = torch._C._functions.DelayedError(SECOND_ORDER_ERROR, len(indices) + len(deps))
+            guarded = guard(*[grads[i] for i in indices], *deps)
+            for i, g in zip(indices, guarded, strict=False):
+                out[i] = g
+    return tuple(out)
 
 
 def apply_linear(

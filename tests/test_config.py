@@ -94,6 +94,24 @@ def test_dict_round_trip():
         MoKAConfig.from_dict({"components": [4, 6, 6, 6]})
 
 
+def test_user_spellings_are_normalized_or_refused_by_name():
+    """NumPy scalars and a set of names (as PEFT users write them) become plain JSON-ready values; one shape
+    not wrapped in a list is refused naming ``components``."""
+    import numpy as np
+
+    config = MoKAConfig(num_components=np.int64(3), dropout=np.float32(0.25), target_modules={"v_proj", "q_proj"})
+    assert type(config.num_components) is int and config.num_components == 3
+    assert type(config.dropout) is float and config.dropout == 0.25
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert MoKAConfig.from_dict(config.to_dict()) == config
+    assert MoKAConfig(components=[(np.int64(4), 6, 6, 6)]).components == [(4, 6, 6, 6)]
+    with pytest.raises(ValueError, match=r"components: expected a list of \(a1, a2, b1, b2\) shapes"):
+        MoKAConfig(components=(8, 8, 8, 8))
+    for bad in ({"num_components": True}, {"num_components": 2.0}, {"dropout": True}, {"target_modules": 3}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MoKAConfig(**bad)
+
+
 def test_adapter_dtype_defaults_to_fp32_for_half_bases():
     layer = MoKALinear(nn.Linear(36, 24).to(torch.bfloat16))
     assert all(p.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)

@@ -114,6 +114,41 @@ def test_target_modules_matching_nothing_fails_and_changes_nothing():
     assert not moka_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
+def test_a_matched_module_of_another_type_is_refused_not_skipped():
+    """A PEFT LoRA layer or GPT-2's Conv1D under a target name: an error naming it, not a silent skip (that
+    also froze the LoRA weights); a string target gets the hint that it is one full-name regex."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    with pytest.raises(ValueError, match=r"q_proj is a peft\.tuners\.lora\.layer\.Linear, not an nn\.Linear"):
+        apply_moka(peft_model, MoKAConfig(num_components=2))
+    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == flags
+    with pytest.raises(ValueError, match=r"for name suffixes pass a list: \['q_proj'\]"):
+        apply_moka(tiny_llama(), MoKAConfig(target_modules="q_proj"))
+    quantize_model(model := tiny_llama(), progress=False)
+    with pytest.raises(ValueError, match="it matched only NF4Linear modules"):
+        quantize_model(model, progress=False)
+
+
+def test_new_layers_take_the_mode_of_the_model(tmp_path):
+    """Patched or loaded into a model in eval mode, the adapter's dropout is off (two calls agree)."""
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2, dropout=0.5))
+    for layer in moka_layers(model).values():
+        nn.init.normal_(layer.b_factors[0])
+    save_adapter(model, tmp_path / "a")
+    other = tiny_llama().eval()
+    load_adapter(other, tmp_path / "a")
+    assert not any(m.training for m in other.modules())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, other(ids).logits)
+    training = tiny_llama().train()
+    apply_moka(training, MoKAConfig(num_components=2, dropout=0.5))
+    assert all(m.training for m in moka_layers(training).values())
+
+
 def test_apply_twice_and_missing_adapter_dir_are_rejected(tmp_path):
     model = tiny_llama()
     apply_moka(model)

@@ -132,8 +132,25 @@ def test_first_order_grads_with_create_graph_and_a_clear_double_backward_error()
     (grad_bias,) = torch.autograd.grad(out.pow(2).sum(), b, create_graph=True)  # a gradient penalty's first step
     torch.testing.assert_close(grad_bias, 2 * out.sum(0))
     (grad_x,) = torch.autograd.grad(moka_linear(x, weight, a_f, b_f, g, b).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no second derivative"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("use_custom_op", [False, True], ids=["eager", "custom_op"])
+def test_a_loss_linear_in_the_output_still_refuses_the_second_derivative(use_custom_op):
+    # d(Σ y)/dx = 1ᵀ(W + ΔW) depends on the factors although the incoming gradient is a constant: its
+    # gradient must raise, not come back as a constant whose penalty silently has no factor gradient.
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, [(4, 6, 6, 6), (2, 9, 12, 4)], torch.float64, lead=(3,))
+    out = library.apply_linear(x, None, weight, b, g, 0.5, a_f, b_f, "torch", use_custom_op=use_custom_op)
+    grad_x, grad_a0, grad_bias = torch.autograd.grad(out.sum(), [x, a_f[0], b], create_graph=True)
+    expected = moka_linear(x, weight, a_f, b_f, g, b, 0.5)
+    (expected_grad_x,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(grad_x, expected_grad_x)  # the first order is unchanged
+    for grad in (grad_x, grad_a0):
+        with pytest.raises(RuntimeError, match=r"no second derivative|no autograd formula"):
+            torch.autograd.grad(grad.pow(2).sum(), a_f[1])
+    if not use_custom_op:  # (the custom op's generated backward marks every gradient)
+        assert not grad_bias.requires_grad  # Σ_t G_t with a constant G: a constant, rightly
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
