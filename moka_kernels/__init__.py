@@ -8,11 +8,17 @@ Public functions:
 * :func:`delta_weight` — the materialized ΔW (for merging and tests).
 """
 
-from .dispatch import factor_dtypes_for, factors_taken_as_they_are, moka_linear, select_backend, validate_moka_inputs
+from .dispatch import (
+    delta_weight,
+    factor_dtypes_for,
+    factors_taken_as_they_are,
+    moka_linear,
+    select_backend,
+    validate_moka_inputs,
+)
 from .nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
 from .nf4_linear import nf4_linear
 from .reference import contraction_order, gate_weights
-from .reference import materialized_delta_weight as delta_weight
 
 __version__ = "0.1.0"
 

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from . import library
+from . import library, reference
 from .nf4 import NF4Tensor
 from .ops import INTERPRET, TRITON_AVAILABLE
 
 __all__ = [
     "BACKENDS",
+    "delta_weight",
     "factor_dtypes_for",
     "factors_taken_as_they_are",
     "is_finite_real",
@@ -98,26 +99,67 @@ def validate_moka_inputs(
     n_out, k_in = _shape(weight)
     if x.shape[-1] != k_in:
         raise ValueError(f"x: expected last dim K={k_in} (weight is {n_out}x{k_in}), got shape {tuple(x.shape)}")
+    validate_factors(a_factors, b_factors, gate_logits, scale, out_in=(n_out, k_in), device=x.device, x_dtype=x.dtype)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias: expected shape ({n_out},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias: expected dtype {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if adapter_input is not None:
+        if not isinstance(adapter_input, torch.Tensor):
+            raise TypeError(f"adapter_input: expected a torch.Tensor like x, got {type(adapter_input).__name__}")
+        got = (tuple(adapter_input.shape), adapter_input.dtype, adapter_input.device)
+        if got != (tuple(x.shape), x.dtype, x.device):
+            raise ValueError(
+                f"adapter_input: expected a tensor like x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                f"shape {got[0]}, {got[1]}, {got[2]}"
+            )
+
+
+def validate_factors(
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    scale: float = 1.0,
+    *,
+    out_in: tuple[int, int] | None = None,
+    device: torch.device | None = None,
+    x_dtype: torch.dtype | None = None,
+) -> None:
+    """Raise a ValueError/TypeError naming the offending parameter if the adapter's factors, gate logits and
+    scale do not fit together: r ≥ 1 pairs of 2-D tensors of one dtype (one of ``factor_dtypes_for(x_dtype)``
+    when given) on ``device``, every kron(A_i, B_i) of shape ``out_in`` (N, K) (by default the first's), r
+    gate logits, a finite scale."""
+    for name, factors in (("a_factors", a_factors), ("b_factors", b_factors)):
+        if isinstance(factors, torch.Tensor) or not hasattr(factors, "__len__"):
+            raise TypeError(f"{name}: expected a list of 2-D tensors (one per component), got {type(factors).__name__}")
     if len(a_factors) == 0:
         raise ValueError("a_factors: expected at least one component (r >= 1), got r=0")
     if len(b_factors) != len(a_factors):
         raise ValueError(f"b_factors: expected r={len(a_factors)} factors (one per A), got {len(b_factors)}")
+    allowed = factor_dtypes_for(x_dtype) if x_dtype is not None else None
     factor_dtype = getattr(a_factors[0], "dtype", None)
-    if factor_dtype not in factor_dtypes_for(x.dtype):
-        factor_dtype = x.dtype  # the first factor is wrong: name it below
+    where = "the device of x" if device is not None else "that of a_factors[0]"
+    device = device if device is not None else getattr(a_factors[0], "device", None)
+    if allowed is not None and factor_dtype not in allowed:
+        factor_dtype = x_dtype  # the first factor is wrong: name it below
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
         for name, f in ((f"a_factors[{i}]", a), (f"b_factors[{i}]", b)):
-            if not isinstance(f, torch.Tensor) or f.dim() != 2:
-                raise ValueError(f"{name}: expected a 2-D tensor, got {getattr(f, 'shape', type(f).__name__)}")
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(f"{name}: expected a 2-D torch.Tensor, got {type(f).__name__}")
+            if f.dim() != 2:
+                raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(f.shape)}")
+            if not f.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {f.dtype}")
             if f.dtype != factor_dtype:
-                allowed = " or ".join(str(d) for d in factor_dtypes_for(x.dtype))
-                raise TypeError(
-                    f"{name}: expected dtype {factor_dtype} (factors share one dtype: {allowed} for x of dtype "
-                    f"{x.dtype}), got {f.dtype}"
-                )
-            if f.device != x.device:
-                raise ValueError(f"{name}: expected device {x.device} (the device of x), got {f.device}")
+                also = f": {' or '.join(str(d) for d in allowed)} for x of dtype {x_dtype}" if allowed else ""
+                raise TypeError(f"{name}: expected dtype {factor_dtype} (factors share one dtype{also}), got {f.dtype}")
+            if f.device != device:
+                raise ValueError(f"{name}: expected device {device} ({where}), got {f.device}")
         (a1, a2), (b1, b2) = a.shape, b.shape
+        if out_in is None:
+            out_in = (a1 * b1, a2 * b2)
+        n_out, k_in = out_in
         if a1 * b1 != n_out or a2 * b2 != k_in:
             raise ValueError(
                 f"a_factors[{i}], b_factors[{i}]: expected a1*b1 == N={n_out} and a2*b2 == K={k_in}, "
@@ -132,24 +174,23 @@ def validate_moka_inputs(
             )
         if not gate_logits.is_floating_point():
             raise TypeError(f"gate_logits: expected a floating-point tensor, got dtype {gate_logits.dtype}")
-        if gate_logits.device != x.device:
-            raise ValueError(f"gate_logits: expected device {x.device} (the device of x), got {gate_logits.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias: expected shape ({n_out},), got {getattr(bias, 'shape', type(bias).__name__)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias: expected dtype {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        if gate_logits.device != device:
+            raise ValueError(f"gate_logits: expected device {device} ({where}), got {gate_logits.device}")
     if not is_finite_real(scale):
         raise ValueError(f"scale: expected a finite real number, got {scale!r}")
-    if adapter_input is not None:
-        if not isinstance(adapter_input, torch.Tensor):
-            raise TypeError(f"adapter_input: expected a torch.Tensor like x, got {type(adapter_input).__name__}")
-        got = (tuple(adapter_input.shape), adapter_input.dtype, adapter_input.device)
-        if got != (tuple(x.shape), x.dtype, x.device):
-            raise ValueError(
-                f"adapter_input: expected a tensor like x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
-                f"shape {got[0]}, {got[1]}, {got[2]}"
-            )
+
+
+def delta_weight(
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    gate_logits: torch.Tensor | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """ΔW = s · Σ_i softmax(g)_i · kron(A_i, B_i), shape (N, K) (uniform 1/r with ``gate_logits=None``): the
+    materialized update, for merging (``moka_linear`` never forms it). Factors, gate logits and scale are
+    checked as ``moka_linear`` checks them (an error names the parameter); differentiable by autograd."""
+    validate_factors(a_factors, b_factors, gate_logits, scale)
+    return reference.materialized_delta_weight(a_factors, b_factors, gate_logits, scale)
 
 
 def is_finite_real(value: object) -> bool:

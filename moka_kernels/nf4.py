@@ -128,6 +128,12 @@ class NF4Tensor:
         if self.double_quant:
             if self.absmax.dtype != torch.uint8 or self.nested_code is None or self.offset is None:
                 raise ValueError("absmax: a double-quantized NF4Tensor needs uint8 absmax, nested_code and offset")
+            # The decode indexes these by code and by block group; a wrong size would read past them.
+            expected = {"nested_code": (256,), "nested_absmax": (-(-n_blocks // 256),), "offset": ()}
+            for name, size in expected.items():
+                got = getattr(self, name).shape
+                if tuple(got) != size and not (name == "offset" and tuple(got) == (1,)):
+                    raise ValueError(f"{name}: expected shape {size} for {n_blocks} blocks, got {tuple(got)}")
         elif self.absmax.dtype != torch.float32:
             raise ValueError(f"absmax: expected float32 without double quantization, got {self.absmax.dtype}")
         for name in ("absmax", "nested_absmax", "nested_code", "offset"):
@@ -283,10 +289,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"w: expected a 2-D (N, K) tensor, got {getattr(w, 'shape', type(w))}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"w: expected float32, float16 or bfloat16, got {w.dtype}")
-    if blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize}")
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        # NF4 has no inf/nan: a block's absmax would be inf (all its values NaN), and with double
+        # quantization the mean of the scales too, every block of the weight (bitsandbytes does the same).
+        bad = torch.nonzero(~torch.isfinite(w))[0].tolist()
+        raise ValueError(f"w: expected finite values, got {w[tuple(bad)].item()} at {tuple(bad)}")
     flat = w.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
     nibbles = _nearest_code(scaled, _code_on(_nf4_code_cpu(), w.device))
@@ -338,6 +349,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     # One gather per byte from a 256-entry table of (high, low) code-value pairs, each pair read as one
     # int64 (a 1-D gather of 8-byte words is ~2.5× faster on CPU than index_select of 2-float rows, and
     # far faster than unpacking nibbles to int64 indices). Decoded in chunks of whole blocks straight into

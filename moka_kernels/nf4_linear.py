@@ -88,6 +88,10 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"x: expected last dimension {k_in} (the weight's in_features), got shape {tuple(x.shape)}")
     if x.device != weight.packed.device:
         raise ValueError(f"x: expected a tensor on the weight's device {weight.packed.device}, got {x.device}")
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.is_floating_point()):
+        raise TypeError(
+            f"bias: expected a floating-point ({n_out},) tensor, got {getattr(bias, 'dtype', type(bias).__name__)}"
+        )
     if bias is not None and (tuple(bias.shape) != (n_out,) or bias.device != x.device):
         raise ValueError(f"bias: expected shape ({n_out},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     if x.dtype != torch.float64 and (dtype := _autocast_dtype(x.device.type)) is not None:  # fp64: untouched

@@ -236,3 +236,66 @@ def test_adapter_input_error_names_what_differs(problem):
         _call(problem, adapter_input=x.detach().double())
     with pytest.raises(TypeError, match=r"adapter_input: expected a torch\.Tensor"):
         _call(problem, adapter_input=[1.0])
+
+
+def test_delta_weight_checks_its_inputs_as_moka_linear_does(problem):
+    """Three gate logits for two components once gave a silently wrong ΔW (softmax over three, two used)."""
+    from moka_kernels import delta_weight
+
+    _, _, a_f, b_f, g, _ = problem
+    cases = [
+        ({"gate_logits": torch.zeros(3)}, ValueError, r"gate_logits: expected shape \(2,\)"),
+        ({"gate_logits": torch.zeros(1, 2)}, ValueError, r"gate_logits: expected shape \(2,\)"),
+        ({"b_factors": b_f[:1]}, ValueError, "b_factors: expected r=2 factors"),
+        ({"a_factors": [], "b_factors": []}, ValueError, "a_factors: expected at least one component"),
+        (
+            {"a_factors": [a_f[0], torch.zeros(3, 9)]},
+            ValueError,
+            r"a_factors\[1\], b_factors\[1\]: expected a1\*b1 == N=24",
+        ),
+        (
+            {"a_factors": [a_f[0].detach().numpy(), a_f[1]]},
+            TypeError,
+            r"a_factors\[0\]: expected a 2-D torch.Tensor, got ndarray",
+        ),
+        ({"a_factors": (a for a in a_f)}, TypeError, "a_factors: expected a list of 2-D tensors"),
+        ({"b_factors": [b_f[0].double(), b_f[1]]}, TypeError, r"b_factors\[0\]: expected dtype torch.float32"),
+        ({"scale": float("nan")}, ValueError, "scale: expected a finite real number"),
+    ]
+    for overrides, error, message in cases:
+        args = {"a_factors": a_f, "b_factors": b_f, "gate_logits": g, "scale": 1.0, **overrides}
+        with pytest.raises(error, match=message):
+            delta_weight(**args)
+    expected = sum(w * torch.kron(a, b) for w, a, b in zip(torch.softmax(g, 0), a_f, b_f, strict=True))
+    torch.testing.assert_close(delta_weight(a_f, b_f, g), expected)
+
+
+def test_a_factor_that_is_not_a_tensor_is_named_as_such(problem):
+    _, _, a_f, _, _, _ = problem
+    with pytest.raises(TypeError, match=r"a_factors\[1\]: expected a 2-D torch.Tensor, got ndarray"):
+        _call(problem, a_factors=[a_f[0], a_f[1].detach().numpy()])
+
+
+def test_nf4_fields_and_arguments_are_checked_by_name():
+    import dataclasses
+
+    from moka_kernels import dequantize_nf4
+
+    q = quantize_nf4(torch.randn(64, 80))  # 80 blocks of 64: one nested scale
+    for field, value, message in [
+        ("nested_code", q.nested_code[:16], r"nested_code: expected shape \(256,\)"),
+        ("nested_absmax", q.nested_absmax[:0], r"nested_absmax: expected shape \(1,\) for 80 blocks"),
+        ("offset", torch.tensor([0.1, 0.2]), r"offset: expected shape \(\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(q, **{field: value})
+    with pytest.raises(ValueError, match=r"blocksize: expected one of .* got 64\.0"):
+        quantize_nf4(torch.randn(4, 16), blocksize=64.0)
+    with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch\.dtype, got torch\.int32"):
+        dequantize_nf4(q, torch.int32)
+    w = torch.randn(64, 64)
+    w[10, 3] = float("inf")  # would turn every block NaN under double quantization (as in bitsandbytes)
+    with pytest.raises(ValueError, match=r"w: expected finite values, got inf at \(10, 3\)"):
+        quantize_nf4(w)
+    with pytest.raises(TypeError, match=r"bias: expected a floating-point \(64,\) tensor, got list"):
+        nf4_linear(torch.randn(2, 80), q, bias=[0.0] * 64)
