@@ -27,6 +27,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "MoKASummary",
+    "adapter_files",
     "adapter_state_dict",
     "apply_moka",
     "load_adapter",
@@ -37,8 +38,12 @@ __all__ = [
     "save_adapter",
 ]
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "moka_adapter.safetensors"
+ADAPTER_CONFIG_NAME = "moka_adapter_config.json"
+# The names adapters had before 2026-11-29, PEFT's own: transformers' and PEFT's loaders took a MoKA adapter
+# dir for a PEFT one and failed on a KeyError. Still read; a save into such a dir replaces them.
+LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"
+LEGACY_ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -428,6 +433,9 @@ def _write_adapter(
         if directory.exists():
             for item in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
                 (tmp / item).replace(directory / item)
+            if _is_legacy_moka_adapter(directory):  # not left beside the new files, to be read as an adapter
+                for item in (LEGACY_ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_CONFIG_NAME):
+                    (directory / item).unlink()
             shutil.rmtree(tmp)
         else:
             tmp.rename(directory)
@@ -461,14 +469,43 @@ def share_like_a_new_dir(directory: Path) -> None:
             item.chmod(0o666 & ~umask)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict:
+def _is_legacy_moka_adapter(directory: Path) -> bool:
+    """Whether ``directory`` holds an adapter save_adapter wrote under the old (PEFT's) names: its JSON has
+    MoKA's ``config`` and ``layers`` objects and no ``peft_type`` (a PEFT adapter there is left alone)."""
+    if not (directory / LEGACY_ADAPTER_WEIGHTS_NAME).is_file():
+        return False
+    try:
+        meta = json.loads((directory / LEGACY_ADAPTER_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "peft_type" not in meta and {"config", "layers"} <= meta.keys()
+
+
+def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """The (config JSON, weights) files of the MoKA adapter in ``directory``: ``moka_adapter_config.json``
+    and ``moka_adapter.safetensors``, or an older adapter's ``adapter_config.json`` and
+    ``adapter_model.safetensors``.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds neither.
+    """
     directory = Path(directory)
-    path = directory / ADAPTER_CONFIG_NAME
-    if not path.is_file() or not (directory / ADAPTER_WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"directory: expected a MoKA adapter dir with {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, "
-            f"got {str(directory)!r}"
-        )
+    current = (directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME)
+    if all(p.is_file() for p in current):
+        return current
+    if _is_legacy_moka_adapter(directory):
+        return directory / LEGACY_ADAPTER_CONFIG_NAME, directory / LEGACY_ADAPTER_WEIGHTS_NAME
+    peft = " (it holds a PEFT adapter, not a MoKA one)" if (directory / LEGACY_ADAPTER_CONFIG_NAME).is_file() else ""
+    raise FileNotFoundError(
+        f"directory: expected a MoKA adapter dir with {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, "
+        f"got {str(directory)!r}{peft}"
+    )
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The JSON that :func:`save_adapter` wrote beside the weights (the ``MoKAConfig`` under ``"config"``,
+    each layer's shape and components under ``"layers"``)."""
+    path, _ = adapter_files(directory)
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -490,7 +527,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     from safetensors.torch import load_file
 
     meta = read_adapter_config(directory)
-    tensors = load_file(Path(directory) / ADAPTER_WEIGHTS_NAME)
+    tensors = load_file(adapter_files(directory)[1])
     saved = MoKAConfig.from_dict(meta["config"])
     patched_here = not moka_layers(model)
     if patched_here:

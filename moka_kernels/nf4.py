@@ -293,7 +293,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    if w.device.type != "meta" and not torch.isfinite(w).all():
         # NF4 has no inf/nan: a block's absmax would be inf (all its values NaN), and with double
         # quantization the mean of the scales too, every block of the weight (bitsandbytes does the same).
         bad = torch.nonzero(~torch.isfinite(w))[0].tolist()

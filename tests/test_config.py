@@ -87,7 +87,7 @@ def test_dict_round_trip():
     assert MoKAConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown MoKAConfig fields"):
         MoKAConfig.from_dict({"rank": 4})
-    for bad in ("bogus", "Tensor", 3):  # a hand-edited adapter_config.json: a ValueError naming the field
+    for bad in ("bogus", "Tensor", 3):  # a hand-edited moka_adapter_config.json: a ValueError naming the field
         with pytest.raises(ValueError, match="adapter_dtype: expected a torch dtype name"):
             MoKAConfig.from_dict({"adapter_dtype": bad})
     with pytest.raises(ValueError, match="components: expected a list of"):

@@ -83,8 +83,8 @@ def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys):
         assert key in summary, key
     assert summary["steps"] == 6 and summary["train_loss"] > 0
     adapter = out / "adapter"
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "loss_curve.png").stat().st_size > 1000
-    assert (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    assert (adapter / "moka_adapter.safetensors").is_file() and (adapter / "loss_curve.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "checkpoint-6" / "moka_adapter.safetensors").is_file()
     recorded = json.loads((adapter / "moka_run.json").read_text())  # what moka-merge reads back
     assert recorded == json.loads((out / "checkpoints" / "checkpoint-6" / "moka_run.json").read_text())
     assert recorded["model"] == str(model_dir.resolve()) and recorded["load_in_4bit"] is False
@@ -119,7 +119,7 @@ def test_4bit_run_is_the_same_with_either_nf4_backend(model_dir, data, tmp_path,
         assert f"NF4 base quantized by {backend}" in capsys.readouterr().out
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["nf4_backend"] == backend
-        runs[backend] = summary, load_file(out / "adapter" / "adapter_model.safetensors")
+        runs[backend] = summary, load_file(out / "adapter" / "moka_adapter.safetensors")
     (bnb_summary, bnb), (our_summary, ours) = runs["bitsandbytes"], runs["moka"]
     assert bnb_summary["total_parameters"] == our_summary["total_parameters"]
     assert our_summary["eval_loss"] == pytest.approx(bnb_summary["eval_loss"], rel=1e-4)
@@ -162,8 +162,8 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_pa
     assert (tmp_path / "broken" / "checkpoints" / "checkpoint-4").is_dir()
     assert not (tmp_path / "broken" / "adapter").exists()
     run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
-    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "broken" / "adapter" / "adapter_model.safetensors")
+    straight = load_file(tmp_path / "straight" / "adapter" / "moka_adapter.safetensors")
+    resumed = load_file(tmp_path / "broken" / "adapter" / "moka_adapter.safetensors")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -279,8 +279,8 @@ def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_pa
     resumed = run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
     assert (resumed["steps"], resumed["steps_this_run"], resumed["train_loss"]) == (4, 0, None)
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
-    for key, value in load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors").items():
-        assert torch.equal(value, load_file(tmp_path / "broken" / "adapter" / "adapter_model.safetensors")[key]), key
+    for key, value in load_file(tmp_path / "straight" / "adapter" / "moka_adapter.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "broken" / "adapter" / "moka_adapter.safetensors")[key]), key
     capsys.readouterr()
     from moka.finetune import print_summary
 
@@ -339,8 +339,8 @@ def test_two_process_ddp_matches_one_process(model_dir, tmp_path):
         timeout=600,
     )
     assert double.returncode == 0, double.stderr[-3000:]
-    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter" / "moka_adapter.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "moka_adapter.safetensors")
     assert one.keys() == two.keys()
     moved = [k for k in one if torch.count_nonzero(one[k]) and k.split(".")[-2] == "b_factors"]
     assert moved, "training did not change the zero-initialized factors"
@@ -557,7 +557,7 @@ def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
     flags = ["--scale", "2.5", "--no-gate", "--variant", "moka_s", "--num-components", "3", "--dropout", "0.1"]
     flags += ["--grad-accum", "2", "--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
     result = run(parse_args(_args(model_dir, data, out, *flags)))
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
+    config = json.loads((out / "adapter" / "moka_adapter_config.json").read_text())["config"]
     assert (config["scale"], config["gate"], config["variant"], config["num_components"], config["dropout"]) == (
         2.5,
         False,
@@ -565,7 +565,7 @@ def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
         3,
         0.1,
     )
-    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    weights = load_file(out / "adapter" / "moka_adapter.safetensors")
     assert not any(k.endswith("gate_logits") for k in weights)
     eye = [v for k, v in weights.items() if ".a_factors." in k]
     assert eye and all(torch.equal(a, torch.eye(a.shape[0])) for a in eye)  # MoKA_s: A stays the identity
@@ -576,12 +576,12 @@ def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
 def test_adapter_flag_starts_from_the_saved_adapter(model_dir, data, tmp_path):
     common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy", "--num-components", "2"]
     run(parse_args(_args(model_dir, data, tmp_path / "first", *common)))
-    saved = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "first" / "adapter" / "moka_adapter.safetensors")
     assert any(torch.count_nonzero(v) for k, v in saved.items() if ".b_factors." in k)  # trained away from 0
     # learning rate 0: the second run's adapter is exactly the one it started from
     second = _args(model_dir, data, tmp_path / "second", *common, "--adapter", str(tmp_path / "first" / "adapter"))
     run(parse_args([*second, "--lr", "0"]))
-    again = load_file(tmp_path / "second" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "second" / "adapter" / "moka_adapter.safetensors")
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
@@ -596,6 +596,6 @@ def test_target_regex_patches_only_what_it_matches(model_dir, data, tmp_path):
         )
     )
     assert result["layers_patched"] == 2
-    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    keys = load_file(out / "adapter" / "moka_adapter.safetensors")
     names = {k.partition(".a_factors")[0].partition(".b_factors")[0].removesuffix(".gate_logits") for k in keys}
     assert names == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}

@@ -38,7 +38,7 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out / "result.pt")
-    saved = load_file(out / "adapter" / "adapter_model.safetensors")  # save_adapter gathered the shards
+    saved = load_file(out / "adapter" / "moka_adapter.safetensors")  # save_adapter gathered the shards
     # load_adapter into a fresh sharded model (adapters zeroed) gives the trained adapters and the same loss
     assert result["reloaded"] and result["same_loss"]
     sharding = result["sharding"]

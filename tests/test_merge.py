@@ -130,7 +130,7 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     # --overwrite never deletes an input: an output dir that is, or holds, the adapter or the base
     for target in (adapter, adapter.parent, base):
         fails([*common, "--adapter", str(adapter), "--output-dir", str(target), "--overwrite"], "holds the --")
-    assert (adapter / "adapter_config.json").is_file() and (base / "config.json").is_file()
+    assert (adapter / "moka_adapter_config.json").is_file() and (base / "config.json").is_file()
     with pytest.MonkeyPatch.context() as patch:  # "~" as a shell leaves it in --model=~/base: still the base
         patch.setenv("HOME", str(base.parent))
         tilde = ["--model=~/base", "--adapter", str(adapter), "--no-load-in-4bit", "--overwrite"]

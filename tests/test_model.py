@@ -79,12 +79,12 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     logits = model(IDS).logits
     save_adapter(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no pickle
+    assert files == ["moka_adapter.safetensors", "moka_adapter_config.json"]  # no pickle
     umask = os.umask(0)
     os.umask(umask)  # modes as a plain mkdir/open would make them (safetensors alone writes 0600)
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()} == {0o666 & ~umask}
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask
-    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "adapter" / "moka_adapter_config.json").read_text())
     assert meta["config"]["num_components"] == 3 and len(meta["layers"]) == 14
 
     fresh = tiny_llama()  # same base weights (same seed), not patched yet
@@ -112,6 +112,40 @@ def test_target_modules_matching_nothing_fails_and_changes_nothing():
     with pytest.raises(ValueError, match=r"matched no linear layer.*q_proj"):
         apply_moka(model, MoKAConfig(target_modules=["qkv"]))
     assert not moka_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_adapter_files_are_not_peft_s_and_older_adapters_still_load(tmp_path):
+    """PEFT's file names made transformers/PEFT take a MoKA adapter dir for a PEFT adapter (a KeyError);
+    an adapter saved under those names still loads, and a save into its dir replaces them."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    logits = model(IDS).logits
+    save_adapter(model, tmp_path / "old")
+    for new, old in (
+        ("moka_adapter.safetensors", "adapter_model.safetensors"),
+        ("moka_adapter_config.json", "adapter_config.json"),
+    ):
+        (tmp_path / "old" / new).rename(tmp_path / "old" / old)
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "old")
+    assert torch.equal(fresh(IDS).logits, logits)
+    save_adapter(fresh, tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [
+        "moka_adapter.safetensors",
+        "moka_adapter_config.json",
+    ]
+    with pytest.raises(
+        (OSError, ValueError), match=r"config\.json"
+    ):  # transformers' own "no model here", not a PEFT KeyError
+        AutoModelForCausalLM.from_pretrained(tmp_path / "old")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="it holds a PEFT adapter, not a MoKA one"):
+        load_adapter(tiny_llama(), tmp_path / "peft")
 
 
 def test_a_matched_module_of_another_type_is_refused_not_skipped():
@@ -157,7 +191,7 @@ def test_apply_twice_and_missing_adapter_dir_are_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected a MoKA adapter dir"):
         load_adapter(model, tmp_path / "nothing")
     save_adapter(model, tmp_path / "adapter")
-    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path = tmp_path / "adapter" / "moka_adapter_config.json"
     for text, problem in [("{", "not valid JSON"), ('{"layers": {}}', "a 'config' object"), ("[]", "a 'config'")]:
         config_path.write_text(text)
         with pytest.raises(ValueError, match=problem):
