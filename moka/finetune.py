@@ -15,10 +15,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -36,6 +38,7 @@ from .model import (
     quantize_model,
     read_adapter_config,
     save_adapter,
+    share_like_a_new_dir,
 )
 
 # bitsandbytes logs on import, on every AVX512-BF16 CPU, that its optional `kernels` GEMM is missing (and
@@ -45,6 +48,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 )
 
+from safetensors import SafetensorError  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["MoKATrainer", "exact_match_accuracy", "load_model", "main", "parse_args", "run"]
@@ -57,6 +61,16 @@ class CLIError(Exception):
 
 
 # -- arguments ----------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, except None (the help says what no value means) and a switch's
+    False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _components(text: str) -> list[tuple[int, int, int, int]]:
     try:
         shapes = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
@@ -71,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moka-finetune",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default=EMBEDDED, help="local model dir, hub id, or the embedded SmolLM2-135M")
@@ -79,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="NF4 base with double quantization, by --nf4-backend (default: on for the embedded model)",
+        help="NF4 base with double quantization, by --nf4-backend (default: on for the embedded model only)",
     )
     g.add_argument(
         "--nf4-backend",
@@ -102,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("MoKA")
     g.add_argument("--num-components", type=int, default=5, help="r, Kronecker components per layer")
     g.add_argument("--components", type=_components, help="explicit shapes 'a1,a2,b1,b2;...' for every layer")
-    g.add_argument("--variant", choices=VARIANTS, default="moka")
+    g.add_argument("--variant", choices=VARIANTS, default="moka", help="moka_s: A_i = I (block-diagonal update)")
     g.add_argument("--no-gate", action="store_true", help="ablation: fixed uniform mixing weights")
-    g.add_argument("--scale", type=float, default=1.0)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--init", choices=INITS, default="zero_b")
+    g.add_argument("--scale", type=float, default=1.0, help="s, the adapter's output scale")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--init", choices=INITS, default="zero_b", help="which factor starts at zero")
     g.add_argument("--adapter", type=Path, help="start from a saved MoKA adapter dir (its config wins)")
     g.add_argument(
         "--target-modules",
@@ -115,18 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--target-regex", action="store_true", help="treat --target-modules as one regex")
     g = p.add_argument_group("training")
-    g.add_argument("--output-dir", type=Path, default=Path("moka-output"))
+    g.add_argument(
+        "--output-dir", type=Path, default=Path("moka-output"), help="adapter, summary.json and checkpoints/ land here"
+    )
     g.add_argument("--max-steps", type=int, default=40, help="optimizer steps (-1: use --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (with --max-steps -1)")
     g.add_argument("--batch-size", type=int, default=8, help="per device")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=1e-2)
-    g.add_argument("--warmup-steps", type=int, default=5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--logging-steps", type=int, default=5)
-    g.add_argument("--save-steps", type=int, default=20)
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (AdamW, cosine decay)")
+    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--seed", type=int, default=0, help="random seed (initialization, data order), 0 to 2**32 - 1")
+    g.add_argument("--logging-steps", type=int, default=5, help="log the train loss every this many steps")
+    g.add_argument("--save-steps", type=int, default=20, help="checkpoint (and evaluate) every this many steps")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--eval-max-new-tokens", type=int, default=8, help="generation length for exact match")
     g.add_argument("--no-accuracy", action="store_true", help="skip the generation-based exact-match accuracy")
@@ -149,25 +167,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             raise CLIError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed: expected an integer from 0 to 2**32 - 1, got {args.seed}")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(args.output_dir)!r}")
+    above = next((p for p in args.output_dir.absolute().parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise CLIError(f"--output-dir: {str(args.output_dir)!r} lies under the file {str(above)!r}")
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
 
 
+# The flag that sets each MoKAConfig field: an error about a field names the flag.
+_CONFIG_FLAGS = {
+    "num_components": "--num-components",
+    "components": "--components",
+    "scale": "--scale",
+    "dropout": "--dropout",
+    "gate": "--no-gate",
+    "variant": "--variant",
+    "target_modules": "--target-modules",
+    "init": "--init",
+}
+
+
+def _as_flag_error(err: Exception) -> CLIError:
+    """A MoKAConfig/apply_moka error ("scale: ...", "components[0]: ...") as one naming the flag."""
+    message = str(err)
+    head, _, rest = message.partition(":")
+    field = head.split("[", 1)[0]
+    if field not in _CONFIG_FLAGS:
+        return CLIError(message)
+    return CLIError(f"{_CONFIG_FLAGS[field]}:{rest}" if head == field else f"{_CONFIG_FLAGS[field]}: {message}")
+
+
+def target_names(args: argparse.Namespace) -> list[str] | str:
+    """--target-modules as MoKAConfig takes it: one regex with --target-regex, else the comma-separated names
+    (spaces around them dropped)."""
+    if args.target_regex:
+        return args.target_modules
+    return [t.strip() for t in args.target_modules.split(",") if t.strip()]
+
+
 def moka_config_from_args(args: argparse.Namespace) -> MoKAConfig:
-    targets = args.target_modules if args.target_regex else [t for t in args.target_modules.split(",") if t]
-    return MoKAConfig(
-        num_components=args.num_components,
-        components=args.components,
-        scale=args.scale,
-        dropout=args.dropout,
-        gate=not args.no_gate,
-        variant=args.variant,
-        target_modules=targets,
-        init=args.init,
-    )
+    try:
+        return MoKAConfig(
+            num_components=args.num_components,
+            components=args.components,
+            scale=args.scale,
+            dropout=args.dropout,
+            gate=not args.no_gate,
+            variant=args.variant,
+            target_modules=target_names(args),
+            init=args.init,
+        )
+    except ValueError as err:
+        raise _as_flag_error(err) from None
+
+
+def _check_every_target_matched(args: argparse.Namespace, layer_names: list[str]) -> None:
+    """Each name given with --target-modules must match a patched layer: a typo ("v_porj") or a name this
+    model lacks would otherwise be dropped silently when another name matches. (The default list is LLaMA's
+    seven; a model with fewer of them gets the ones it has.)"""
+    if args.target_regex or args.target_modules == ",".join(LLAMA_TARGET_MODULES):
+        return
+    unmatched = [t for t in target_names(args) if not any(n == t or n.endswith("." + t) for n in layer_names)]
+    if unmatched:
+        raise CLIError(
+            f"--target-modules: {', '.join(map(repr, unmatched))} matched no linear layer of the model (the other "
+            f"names matched {len(layer_names)} layers)"
+        )
 
 
 # -- model --------------------------------------------------------------------------------------------
@@ -319,7 +389,9 @@ class LossRecorder(TrainerCallback):
             self.eval.append((step, float(logs["eval_loss"])))
 
 
-def plot_losses(recorder, path: Path, title: str) -> None:
+def plot_losses(recorder, path: Path, title: str, loss_of: str = "response tokens") -> None:
+    """The logged train and eval losses against the optimizer step (``loss_of``: which tokens the loss
+    covers, for the axis label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,10 +403,14 @@ def plot_losses(recorder, path: Path, title: str) -> None:
     if recorder.eval:
         ax.plot(*zip(*recorder.eval, strict=True), label="eval loss", marker="o")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_ylabel(f"cross-entropy ({loss_of})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if recorder.train or recorder.eval:
+        ax.legend()
+    else:
+        message = "no loss logged: the run was shorter than --logging-steps\n(and had no --eval-data)"
+        ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -443,10 +519,26 @@ def _last_checkpoint(args) -> tuple[str, dict] | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     directory = args.output_dir / "checkpoints"
-    path = get_last_checkpoint(str(directory)) if directory.is_dir() else None
-    if path is None:
+    if get_last_checkpoint(str(directory)) is None if directory.is_dir() else True:
         raise CLIError(f"--resume: no checkpoint in {str(directory)!r} to continue from")
-    return path, _read_json(Path(path) / "trainer_state.json", "--resume")
+    steps = {int(m.group(1)): p for p in directory.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        path = steps[step]
+        # The Trainer writes trainer_state.json last: without it the save was cut short (Ctrl-C while saving).
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            skipped.append(path.name)
+            continue
+        if skipped:
+            print(
+                f"--resume: skipping {', '.join(skipped)} (no readable trainer_state.json: its save was cut short; "
+                f"delete it to silence this); continuing from {path.name}",
+                flush=True,
+            )
+        return str(path), state
+    raise CLIError(f"--resume: no complete checkpoint in {str(directory)!r} ({', '.join(skipped)} cut short)")
 
 
 RUN_CONDITIONS_NAME = "moka_run.json"
@@ -460,6 +552,15 @@ _RESUME_FLAGS = {
     "max_length": "--max-length",
     "dropout": "--dropout",
 }
+
+
+def _flag_value(key: str, value):
+    """A MoKAConfig value as its flag spells it."""
+    if key == "target_modules" and isinstance(value, list):
+        return ",".join(value)
+    if key == "components" and value is not None:
+        return ";".join(",".join(map(str, c)) for c in value)
+    return value
 
 
 def canonical_location(value: str) -> str:
@@ -489,14 +590,29 @@ def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     }
 
 
-def _check_resume_conditions(checkpoint: str, conditions: dict) -> None:
+def _check_resume_conditions(checkpoint: str, conditions: dict, config: MoKAConfig | None = None) -> None:
     """A CLIError naming each flag whose value differs from the one ``checkpoint`` was trained with: resuming
-    would silently continue another experiment (a requantized base, other data) from its optimizer state."""
+    would silently continue another experiment (a requantized base, other data) from its optimizer state.
+    ``config``: this run's MoKA flags (None with --adapter, whose config wins), checked against the
+    checkpoint's adapter (its init aside: the weights come from the checkpoint)."""
+    differ = []
+    if config is not None:
+        try:
+            saved_config = MoKAConfig.from_dict(read_adapter_config(checkpoint)["config"]).to_dict()
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(f"--resume: {checkpoint}: {str(err).removeprefix('directory: ')}") from None
+        wanted = config.to_dict()
+        for key, flag in _CONFIG_FLAGS.items():
+            if key in ("init", "dropout") or saved_config.get(key) == wanted.get(key):
+                continue
+            if key == "gate":
+                differ.append(f"{flag} {'not given' if saved_config['gate'] else 'given'} (this run: the opposite)")
+            else:
+                before, now = _flag_value(key, saved_config.get(key)), _flag_value(key, wanted.get(key))
+                differ.append(f"{flag} {before!r} (this run: {now!r})")
     path = Path(checkpoint) / RUN_CONDITIONS_NAME
-    if not path.is_file():  # a checkpoint from before moka recorded them
-        return
-    saved = _read_json(path, "--resume")
-    differ = [
+    saved = _read_json(path, "--resume") if path.is_file() else {}  # none: a checkpoint from before moka recorded them
+    differ += [
         f"{_RESUME_FLAGS[k]} {saved[k]!r} (this run: {conditions[k]!r})"
         for k in _RESUME_FLAGS
         if k in saved and saved[k] != conditions[k]
@@ -519,15 +635,17 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     dtype = compute_dtype(args.dtype)
     conditions = run_conditions(args, dtype)
     if resume is not None:
-        _check_resume_conditions(resume[0], conditions)
+        _check_resume_conditions(resume[0], conditions, None if args.adapter else config)
     model_path = resolve_model_path(args.model)
     model, tokenizer = load_model(model_path, args.load_in_4bit, dtype, args.nf4_backend)
     if args.load_in_4bit:
         print(f"NF4 base quantized by {args.nf4_backend}", flush=True)
     try:
         summary: MoKASummary = load_adapter(model, args.adapter) if args.adapter else apply_moka(model, config)
-    except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"--adapter: {err}" if args.adapter else str(err)) from err
+    except (ValueError, FileNotFoundError, SafetensorError) as err:
+        raise (CLIError(f"--adapter: {err}") if args.adapter else _as_flag_error(err)) from err
+    if not args.adapter:
+        _check_every_target_matched(args, summary.layer_names)
     try:
         train_ds = tokenize_records(tokenizer, train_records, args.max_length, "--data")
         eval_ds = tokenize_records(tokenizer, eval_records, args.max_length, "--eval-data") if eval_records else None
@@ -618,9 +736,6 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     if is_main:
         adapter_dir = args.output_dir / "adapter"
-        save_adapter(model, adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
         if can_score:
             result["accuracy_after"], preds = exact_match_accuracy(
                 model, tokenizer, eval_records, args.eval_max_new_tokens
@@ -630,11 +745,41 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
                 {"input": r.get("input", ""), "expected": r["output"], "predicted": p.strip()}
                 for r, p in list(zip(eval_records, preds, strict=True))[::stride][:6]
             ]
-        plot_losses(recorder, adapter_dir / "loss_curve.png", f"MoKA on {data_name}")
+        loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
+        with _directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
+            save_adapter(model, staging)
+            tokenizer.save_pretrained(staging)
+            (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
+            plot_losses(recorder, staging / "loss_curve.png", f"MoKA on {data_name}", loss_of)
         result["adapter_dir"] = str(adapter_dir)
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
     return result
+
+
+@contextlib.contextmanager
+def _directory_written_whole(directory: Path):
+    """Yields a fresh sibling directory to fill; on success it replaces ``directory`` (an earlier one is
+    removed only once the new one is complete), on any error or interrupt it is removed and ``directory``
+    stays as it was."""
+    import shutil
+    import tempfile
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield staging
+        share_like_a_new_dir(staging)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f"{staging.name}.old")
+            directory.rename(old)
+        staging.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _or_na(value: float | None, spec: str = "") -> str:
@@ -668,11 +813,18 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error's message on one line (a library's message may wrap: its lines joined, whitespace collapsed),
+    cut at ``limit`` characters; a message-less error by its type."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
-    except (CLIError, FileNotFoundError, ValueError) as err:
-        print(f"moka-finetune: error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except (CLIError, FileNotFoundError, ValueError, SafetensorError) as err:
+        print(f"moka-finetune: error: {one_line(err)}", file=sys.stderr)
         _destroy_process_group()
         return 2
     _destroy_process_group()

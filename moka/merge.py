@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moka_kernels import dequantize_nf4
@@ -34,9 +35,11 @@ from .finetune import (
     NF4_BACKENDS,
     RUN_CONDITIONS_NAME,
     CLIError,
+    HelpFormatter,
     _read_json,
     canonical_location,
     load_model,
+    one_line,
     resolve_model_path,
     resolve_nf4_backend,
 )
@@ -53,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moka-merge",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=EMBEDDED, help="the base model: local dir, hub id, or the embedded SmolLM2")
     p.add_argument("--adapter", type=Path, default=Path("moka-output/adapter"), help="a save_adapter directory")
-    p.add_argument("--output-dir", type=Path, default=Path("moka-output/merged"))
+    p.add_argument(
+        "--output-dir", type=Path, default=Path("moka-output/merged"), help="where the merged model is written"
+    )
     p.add_argument(
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
@@ -183,7 +188,7 @@ def merge(args: argparse.Namespace) -> dict:
     model.to(dtype)
     try:
         summary = load_adapter(model, args.adapter)
-    except ValueError as err:
+    except (ValueError, SafetensorError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
     model.eval()
     adapted = None if args.no_check else _probe_logits(model, tokenizer)
@@ -196,6 +201,8 @@ def merge(args: argparse.Namespace) -> dict:
     }
     if record.get("model") not in (None, canonical_location(args.model)):
         result["trained_on"] = record["model"]
+    if not record:
+        result["run_record"] = None  # the flags as given: nothing says what the adapter was trained on
     if adapted is not None:
         diff = (_probe_logits(model, tokenizer) - adapted).abs().max().item()
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
@@ -227,6 +234,12 @@ def merge(args: argparse.Namespace) -> dict:
 
 def print_summary(result: dict) -> None:
     print(f"merged {result['layers_merged']} MoKA layers into {result['output_dir']} ({result['dtype']})")
+    if "run_record" in result:
+        four_bit = "on" if result["nf4_backend"] else "off"
+        print(
+            f"note: the adapter dir has no {RUN_CONDITIONS_NAME} (not written by moka-finetune, or its save was cut "
+            f"short): merged as the flags say (--load-in-4bit {four_bit}), which may not be the base it was trained on"
+        )
     if "trained_on" in result:
         print(f"note: the adapter was trained on {result['trained_on']!r} (its moka_run.json), not on this --model")
     if "probe_max_abs_diff" in result:
@@ -244,8 +257,8 @@ def print_summary(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         print_summary(merge(parse_args(argv)))
-    except (CLIError, OSError, ValueError) as err:  # OSError: e.g. no space left for the merged model
-        print(f"moka-merge: error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except (CLIError, OSError, ValueError, SafetensorError) as err:  # OSError: e.g. no space left
+        print(f"moka-merge: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

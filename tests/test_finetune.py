@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -400,6 +401,10 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
         (["--lr", "nan"], "--lr: expected a finite number >= 0"),
         (["--warmup-steps", "-2"], "--warmup-steps: expected a finite number >= 0"),
         (["--resume"], "--resume: no checkpoint in"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to 2**32 - 1, got -1"),
+        (["--dropout", "2"], "--dropout: expected a probability in [0, 1), got 2.0"),
+        (["--scale", "nan"], "--scale: expected a finite real number"),
+        (["--components", "3,3,3,3"], "--components: components[0]: expected a1*b1 == out_features=64"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -427,6 +432,98 @@ def test_target_modules_matching_nothing(model_dir, data, tmp_path, capsys):
     out = tmp_path / "out"
     _fails(_args(model_dir, data, out, "--target-modules", "qkv_proj"), capsys, "matched no linear layer", out)
     assert not out.exists()
+
+
+def test_each_target_name_must_match_and_spaces_are_dropped(model_dir, data, tmp_path, capsys):
+    """A typo beside a name that matches was dropped silently (the run adapted one projection, not two)."""
+    out = tmp_path / "out"
+    _fails(
+        _args(model_dir, data, out, "--target-modules", "q_proj,v_porj"),
+        capsys,
+        "--target-modules: 'v_porj' matched no linear layer of the model (the other names matched 2 layers)",
+        out,
+    )
+    assert not out.exists()
+    result = run(parse_args(_args(model_dir, data, out, "--target-modules", "q_proj, v_proj", "--max-steps", "1")))
+    assert result["layers_patched"] == 4
+
+
+def test_output_dir_under_a_file_and_help_defaults(model_dir, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    _fails(_args(model_dir, data, tmp_path / "afile" / "sub"), capsys, "lies under the file", tmp_path / "none")
+    from moka.finetune import build_parser
+    from moka.merge import build_parser as merge_parser
+
+    for parser in (build_parser(), merge_parser()):
+        text = " ".join(parser.format_help().split())  # unwrapped
+        assert "(default: None)" not in text and "(default: False)" not in text
+    assert "AdamW, cosine decay) (default: 0.01)" in " ".join(build_parser().format_help().split())  # --lr
+
+
+def test_a_checkpoint_cut_short_while_saving_is_skipped_by_resume(model_dir, data, tmp_path, capsys):
+    """Ctrl-C while the Trainer writes checkpoint-4 leaves it without trainer_state.json (written last):
+    --resume continues from checkpoint-2 and says so, instead of refusing to run."""
+    common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy"]
+    out = tmp_path / "run"
+    run(parse_args(_args(model_dir, data, out, *common)))
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    (out / "checkpoints" / "checkpoint-4" / "rng_state.pth").unlink()
+    shutil.rmtree(out / "adapter")
+    capsys.readouterr()
+    result = run(parse_args(_args(model_dir, data, out, *common, "--resume")))
+    assert "skipping checkpoint-4" in capsys.readouterr().out
+    assert result["steps"] == 4 and result["steps_this_run"] == 2
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").unlink()
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    _fails(_args(model_dir, data, out, *common, "--resume"), capsys, "no complete checkpoint", tmp_path / "none")
+
+
+def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
+    common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
+    out = tmp_path / "run"
+    run(parse_args(_args(model_dir, data, out, *common)))
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+    _fails(_args(model_dir, data, out, *common, "--resume", "--scale", "2"), capsys, "--scale 1.0 (this run: 2.0)", out)
+    _fails(_args(model_dir, data, out, *common, "--resume", "--no-gate"), capsys, "--no-gate not given", out)
+
+
+def test_the_final_adapter_dir_is_written_whole_or_not_at_all(model_dir, data, tmp_path, monkeypatch, capsys):
+    """An interrupt while the adapter dir is written (here: in the plot) leaves no adapter without its
+    moka_run.json, which moka-merge would have merged into the wrong base; merge notes a missing one."""
+    from moka import finetune, merge
+
+    out = tmp_path / "run"
+    common = ["--max-steps", "1", "--no-accuracy"]
+
+    def interrupted(*args, **kwargs):
+        raise _Interrupt
+
+    monkeypatch.setattr(finetune, "plot_losses", interrupted)
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, out, *common)))
+    assert not (out / "adapter").exists() and [p.name for p in out.iterdir()] == ["checkpoints"]
+    monkeypatch.undo()
+    run(parse_args(_args(model_dir, data, out, *common)))
+    (out / "adapter" / "moka_run.json").unlink()
+    capsys.readouterr()
+    assert (
+        merge.main(["--model", str(model_dir), "--adapter", str(out / "adapter"), "--output-dir", str(tmp_path / "m")])
+        == 0
+    )
+    assert "has no moka_run.json" in capsys.readouterr().out
+
+
+def test_a_corrupt_adapter_file_is_one_line(model_dir, data, tmp_path, capsys):
+    from moka import apply_moka, save_adapter
+
+    model = tiny_llama()
+    apply_moka(model)
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "moka_adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    out = tmp_path / "out"
+    _fails(_args(model_dir, data, out, "--adapter", str(tmp_path / "adapter")), capsys, "--adapter: ", out)
 
 
 def test_adapter_from_another_shape(model_dir, data, tmp_path, capsys):
