@@ -10,13 +10,21 @@
 # the rows it measured, marked "complete": false); all five fit in 585 s
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
+# PACK=FILE: after each part, every result so far is packed into the one gzipped tar FILE (the lent GPU machine
+# returns at most 8 files; a part killed at the command's limit still leaves the parts before it packed).
+# PYTHON: the interpreter (default python3; some images have no plain `python`).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [PARTS]}
 parts=",${2:-tests,layers,e2e,overhead,schedule},"
+py=${PYTHON:-python3}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python - > "$out/env.json" <<'PY'
+pack() {
+  if [[ -n ${PACK:-} ]]; then tar czf "$PACK.tmp" -C "$out" . && mv "$PACK.tmp" "$PACK"; fi
+}
+"$py" - > "$out/env.json" <<'PY'
 import json, torch
 print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -29,24 +37,30 @@ limit() { local seconds=$1; shift; timeout -s INT -k 15 "$seconds" "$@"; }
 if [[ $parts == *,tests,* ]]; then
   # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels and routes), then the 60-case matrix at
   # LLaMA shapes, 4096² first: each new shape and dtype compiles and autotunes, so the matrix may not finish.
-  limit 75 python -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE -p no:cacheprovider \
+  limit 75 "$py" -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE -p no:cacheprovider \
     --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
-  limit 85 python -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE -p no:cacheprovider \
+  limit 85 "$py" -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE -p no:cacheprovider \
     --junitxml "$out/gpu_tests_matrix.xml" 2>&1 | tee "$out/gpu_tests_matrix.log" || status=1
+  pack
 fi
 if [[ $parts == *,layers,* ]]; then
-  limit 170 python -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  limit 170 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  pack
 fi
 if [[ $parts == *,e2e,* ]]; then
-  limit 150 python -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
+  limit 150 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
     2>&1 | tee "$out/e2e.log" || status=1
+  pack
 fi
 if [[ $parts == *,overhead,* ]]; then
-  limit 30 python -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+  limit 30 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+  pack
 fi
 if [[ $parts == *,schedule,* ]]; then
-  limit 75 python -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+  limit 75 "$py" -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+  pack
 fi
 # A part cut short leaves JSON only; render whatever is there (never measures).
-python -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
+"$py" -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
+pack
 exit $status

@@ -558,6 +558,8 @@ def _flag_value(key: str, value):
     """A MoKAConfig value as its flag spells it."""
     if key == "target_modules" and isinstance(value, list):
         return ",".join(value)
+    if key == "target_modules":
+        return f"{value} (--target-regex)"
     if key == "components" and value is not None:
         return ";".join(",".join(map(str, c)) for c in value)
     return value
@@ -602,6 +604,9 @@ def _check_resume_conditions(checkpoint: str, conditions: dict, config: MoKAConf
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(f"--resume: {checkpoint}: {str(err).removeprefix('directory: ')}") from None
         wanted = config.to_dict()
+        for d in (saved_config, wanted):  # the same names in another order adapt the same layers
+            if isinstance(d.get("target_modules"), list):
+                d["target_modules"] = sorted(d["target_modules"])
         for key, flag in _CONFIG_FLAGS.items():
             if key in ("init", "dropout") or saved_config.get(key) == wanted.get(key):
                 continue
@@ -736,7 +741,13 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     if is_main:
         adapter_dir = args.output_dir / "adapter"
-        if can_score:
+        loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
+        with _directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
+            save_adapter(model, staging)
+            tokenizer.save_pretrained(staging)
+            (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
+            plot_losses(recorder, staging / "loss_curve.png", f"MoKA on {data_name}", loss_of)
+        if can_score:  # after the adapter is saved: generation takes a while and may be interrupted
             result["accuracy_after"], preds = exact_match_accuracy(
                 model, tokenizer, eval_records, args.eval_max_new_tokens
             )
@@ -745,12 +756,6 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
                 {"input": r.get("input", ""), "expected": r["output"], "predicted": p.strip()}
                 for r, p in list(zip(eval_records, preds, strict=True))[::stride][:6]
             ]
-        loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
-        with _directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
-            save_adapter(model, staging)
-            tokenizer.save_pretrained(staging)
-            (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
-            plot_losses(recorder, staging / "loss_curve.png", f"MoKA on {data_name}", loss_of)
         result["adapter_dir"] = str(adapter_dir)
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
@@ -771,11 +776,13 @@ def _directory_written_whole(directory: Path):
         yield staging
         share_like_a_new_dir(staging)
         old = None
-        if directory.exists():
+        if directory.exists() or directory.is_symlink():
             old = directory.with_name(f"{staging.name}.old")
             directory.rename(old)
         staging.rename(directory)
-        if old is not None:
+        if old is not None and old.is_symlink():  # a link is replaced by the directory; what it named is kept
+            old.unlink()
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

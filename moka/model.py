@@ -40,8 +40,9 @@ __all__ = [
 
 ADAPTER_WEIGHTS_NAME = "moka_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "moka_adapter_config.json"
-# The names adapters had before 2026-11-29, PEFT's own: transformers' and PEFT's loaders took a MoKA adapter
-# dir for a PEFT one and failed on a KeyError. Still read; a save into such a dir replaces them.
+# The names adapters had before commit 7878e8d (2026-11-29), PEFT's own: transformers' and PEFT's loaders
+# took a MoKA adapter dir for a PEFT one and failed on a KeyError. Still read; a save into such a dir
+# replaces them.
 LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"
 LEGACY_ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
@@ -123,11 +124,17 @@ def _linears_under_two_names(model: nn.Module, targets: dict[str, nn.Module]) ->
     return None
 
 
+def _holds_a_matrix(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
 def _regex_hint(target_modules: list[str] | str) -> str:
     if isinstance(target_modules, str):
         return (
             " (a string is one regular expression matched against the whole dotted name, e.g. "
-            f"'model.layers.0.self_attn.q_proj'; for name suffixes pass a list: [{target_modules!r}])"
+            f"'model.layers.0.self_attn.q_proj'; names matched as suffixes are a list, [{target_modules!r}]; on "
+            "the command line, drop --target-regex)"
         )
     return ""
 
@@ -147,13 +154,14 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
-    # A matched layer of another kind that holds a weight (a PEFT LoRA layer, GPT-2's Conv1D, an embedding)
-    # is refused, not skipped; weightless matches (activations, containers under a broad regex) are passed over.
+    # A matched layer of another kind with a weight matrix (a PEFT LoRA layer, GPT-2's Conv1D, an embedding)
+    # is refused, not skipped; other matches (norms, activations, containers under a broad regex) are passed
+    # over.
     unsupported = next(
         (
             (name, f"{type(m).__module__}.{type(m).__qualname__}")
             for name, m in model.named_modules()
-            if name and not isinstance(m, _BASE_LAYERS) and hasattr(m, "weight") and config.matches(name)
+            if name and not isinstance(m, _BASE_LAYERS) and config.matches(name) and _holds_a_matrix(m)
         ),
         None,
     )

@@ -359,17 +359,19 @@ class EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows no second unpack
         if torch.is_grad_enabled():  # create_graph=True: first order only (the backends use out= ops)
             with torch.no_grad():
-                grads = _eager_backward(ctx, grad_out)
-            return _refuse_second_order(ctx, grad_out, grads)
-        return _eager_backward(ctx, grad_out)
+                grads = _eager_backward(ctx, grad_out, saved)
+            return _refuse_second_order(ctx, grad_out, grads, saved)
+        return _eager_backward(ctx, grad_out, saved)
 
 
-def _eager_backward(ctx, grad_out):
-    """EagerLinear's backward: the backend's hand-written gradients of what forward saved."""
+def _eager_backward(ctx, grad_out, saved):
+    """EagerLinear's backward: the backend's hand-written gradients of what forward saved (``saved``: its
+    ``ctx.saved_tensors``)."""
     nf4_weight, scale, backend, r, has_adapter_x, has_gate = ctx.meta
-    x, adapter_x, gate_logits, dense_weight, *factors = ctx.saved_tensors
+    x, adapter_x, gate_logits, dense_weight, *factors = saved
     weight = dense_weight if nf4_weight is None else nf4_weight
     n = ctx.needs_input_grad
     needs = GradRequest(n[0], n[1], n[3], n[4], tuple(n[8 : 8 + r]), tuple(n[8 + r :]))
@@ -394,24 +396,39 @@ SECOND_ORDER_ERROR = (
 )
 
 
-def _refuse_second_order(ctx, grad_out: torch.Tensor, grads: tuple) -> tuple:
+def _refuse_second_order(ctx, grad_out: torch.Tensor, grads: tuple, saved: tuple) -> tuple:
     """The gradients, each made to raise if differentiated again when it depends on anything that requires
     grad. Not ``once_differentiable``: that looks at ``grad_out`` alone, so a loss linear in the output (its
     incoming gradient a constant) got dX, dA, dB and dg back as constants, though they depend on the factors
-    and the inputs, and a gradient penalty's second-order term was dropped with no error."""
-    x, adapter_x, gate_logits, _, *factors = ctx.saved_tensors
-    sources = [t for t in (grad_out, x, adapter_x, gate_logits, *factors) if t.requires_grad]
+    and the inputs, and a gradient penalty's second-order term was dropped with no error.
+
+    What each depends on: dX = G (W + ΔW) on G and the adapter (factors, gate), not on x (with a separate
+    adapter input, dX = G W on G alone and d(adapter input) = G ΔW on G and the adapter); d bias = Σ_t G_t on
+    G alone; dA_i = c_i Σ_t G_t B_i X_tᵀ on G, the adapter's input, the gate and B_i (not A_i), dB_i likewise
+    on A_i; dg on G, the adapter's input, the gate and every factor."""
+    r, separate, has_gate = ctx.meta[3], ctx.meta[4], ctx.meta[5]  # (absent inputs were saved empty)
+    x, adapter_x, gate_logits, _, *factors = saved
+    gate = [gate_logits] if has_gate else []
+    g, xa = [grad_out], [adapter_x if separate else x]
+    groups = [
+        ([0], g if separate else g + gate + factors),
+        ([1], g + gate + factors),
+        ([3], g),
+        ([4], g + xa + gate + factors),
+        *(([8 + i], g + xa + gate + [factors[r + i]]) for i in range(r)),  # dA_i: B_i's
+        *(([8 + r + i], g + xa + gate + [factors[i]]) for i in range(r)),  # dB_i: A_i's
+    ]
     out = list(grads)
-    bias_sources = [grad_out] if grad_out.requires_grad else []  # d bias = Σ_t G_t: G alone
-    for indices, deps in (([i for i in range(len(grads)) if i != 3], sources), ([3], bias_sources)):
+    for indices, deps in groups:
         indices = [i for i in indices if grads[i] is not None]
+        deps = [t for t in deps if t.requires_grad]
         if indices and deps:
             # DelayedError passes its inputs through under a grad_fn that raises; the sources go in too (their
             # outputs dropped) so that the raising node lies on the path from the gradient to each of them.
             guard = torch._C._functions.DelayedError(SECOND_ORDER_ERROR, len(indices) + len(deps))
             guarded = guard(*[grads[i] for i in indices], *deps)
-            for i, g in zip(indices, guarded, strict=False):
-                out[i] = g
+            for i, grad in zip(indices, guarded, strict=False):
+                out[i] = grad
     return tuple(out)
 
 

@@ -16,6 +16,7 @@ Layout (bitsandbytes 0.50.x, ``quant_type="nf4"``), for a weight W of shape (N, 
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -289,8 +290,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"w: expected a 2-D (N, K) tensor, got {getattr(w, 'shape', type(w))}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"w: expected float32, float16 or bfloat16, got {w.dtype}")
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
+    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
+    blocksize = int(blocksize)  # a NumPy integer too
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
     if w.device.type != "meta" and not torch.isfinite(w).all():

@@ -291,6 +291,9 @@ def test_nf4_fields_and_arguments_are_checked_by_name():
             dataclasses.replace(q, **{field: value})
     with pytest.raises(ValueError, match=r"blocksize: expected one of .* got 64\.0"):
         quantize_nf4(torch.randn(4, 16), blocksize=64.0)
+    import numpy as np
+
+    assert quantize_nf4(torch.randn(4, 16), blocksize=np.int64(32)).blocksize == 32
     with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch\.dtype, got torch\.int32"):
         dequantize_nf4(q, torch.int32)
     w = torch.randn(64, 64)

@@ -504,6 +504,19 @@ def test_the_final_adapter_dir_is_written_whole_or_not_at_all(model_dir, data, t
         run(parse_args(_args(model_dir, data, out, *common)))
     assert not (out / "adapter").exists() and [p.name for p in out.iterdir()] == ["checkpoints"]
     monkeypatch.undo()
+    calls = []
+
+    def accuracy_interrupted_after_training(*args, **kwargs):  # the adapter is saved before the second call
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupt
+        return 0.0, []
+
+    monkeypatch.setattr(finetune, "exact_match_accuracy", accuracy_interrupted_after_training)
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, out, "--max-steps", "1")))
+    assert (out / "adapter" / "moka_run.json").is_file()
+    monkeypatch.undo()
     run(parse_args(_args(model_dir, data, out, *common)))
     (out / "adapter" / "moka_run.json").unlink()
     capsys.readouterr()

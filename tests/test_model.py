@@ -158,8 +158,10 @@ def test_a_matched_module_of_another_type_is_refused_not_skipped():
     with pytest.raises(ValueError, match=r"q_proj is a peft\.tuners\.lora\.layer\.Linear, not an nn\.Linear"):
         apply_moka(peft_model, MoKAConfig(num_components=2))
     assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == flags
-    with pytest.raises(ValueError, match=r"for name suffixes pass a list: \['q_proj'\]"):
+    with pytest.raises(ValueError, match=r"names matched as suffixes are a list, \[.q_proj.\]"):
         apply_moka(tiny_llama(), MoKAConfig(target_modules="q_proj"))
+    broad = tiny_llama()  # a broad regex also matches norms and containers: passed over, not refused
+    assert apply_moka(broad, MoKAConfig(num_components=2, target_modules=r"model\.layers\.0\..*")).layers_patched == 7
     quantize_model(model := tiny_llama(), progress=False)
     with pytest.raises(ValueError, match="it matched only NF4Linear modules"):
         quantize_model(model, progress=False)

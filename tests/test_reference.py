@@ -146,11 +146,13 @@ def test_a_loss_linear_in_the_output_still_refuses_the_second_derivative(use_cus
     expected = moka_linear(x, weight, a_f, b_f, g, b, 0.5)
     (expected_grad_x,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(grad_x, expected_grad_x)  # the first order is unchanged
-    for grad in (grad_x, grad_a0):
+    for grad, depends_on in ((grad_x, a_f[1]), (grad_a0, b_f[0]), (grad_a0, g)):
         with pytest.raises(RuntimeError, match=r"no second derivative|no autograd formula"):
-            torch.autograd.grad(grad.pow(2).sum(), a_f[1])
+            torch.autograd.grad(grad.pow(2).sum(), depends_on)
     if not use_custom_op:  # (the custom op's generated backward marks every gradient)
         assert not grad_bias.requires_grad  # Σ_t G_t with a constant G: a constant, rightly
+        # dA_0 = c_0 Σ_t G_t B_0 X_tᵀ does not depend on A_0: its derivative there is zero, not an error
+        assert torch.autograd.grad(grad_a0.pow(2).sum(), a_f[0], allow_unused=True) == (None,)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -324,3 +326,16 @@ def test_fp16_factor_gradients_do_not_overflow_before_the_gradients_do():
     assert max(w.abs().max().item() for w in want) < 65504  # the gradients fit fp16
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=1e-3)
+
+
+def test_first_order_grads_with_create_graph_under_activation_checkpointing():
+    """Non-reentrant checkpointing allows each saved tensor one unpack: the backward reads them once even
+    when it also guards its gradients against a second derivative (create_graph=True)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, weight, a_f, b_f, g, b = make_problem(24, 36, [(4, 6, 6, 6), (2, 9, 12, 4)], torch.float64, lead=(3,))
+    out = checkpoint(moka_linear, x, weight, a_f, b_f, g, b, use_reentrant=False)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *a_f], create_graph=True)
+    expected = torch.autograd.grad(moka_linear(x, weight, a_f, b_f, g, b).pow(2).sum(), [x, *a_f])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (the device tool's `run`), from the repo root:
+#   run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=600)
+# Beforehand, here (that machine has no bitsandbytes and cannot download; its Python is 3.12):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# Installs the carried wheels into /tmp/site, runs benchmarks/gpu_suite.sh (PARTS as its second argument) into
+# /tmp/gpu-suite, and packs every result so far into $OUT/gpu-suite.tgz after each part (the machine returns
+# at most 8 files, and a part cut off at the command's limit keeps the ones before it). Afterwards, here:
+#   mkdir -p benchmarks/results/gpu && tar xzf <files_at>/gpu-suite.tgz -C benchmarks/results/gpu
+set -uo pipefail
+: "${OUT:?run this on the device machine, where OUT is set}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+    exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+export PYTHONUNBUFFERED=1 PACK="$OUT/gpu-suite.tgz"
+bash benchmarks/gpu_suite.sh /tmp/gpu-suite "${1:-tests,layers,e2e,overhead,schedule}" 2>&1 | tee "$OUT/suite.log"
