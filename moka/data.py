@@ -73,6 +73,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             record = {k: record[k] for k in FORM_FIELDS[this_form] if k in record}
             if not all(isinstance(v, str) for v in record.values()):
                 raise ValueError(f"{path}:{lineno}: expected string values for {sorted(record)}")
+            for key, value in record.items():
+                try:  # a lone surrogate escape ("\ud800") decodes from ASCII but is no text a tokenizer takes
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(
+                        f"{path}:{lineno}: {key!r} holds an unpaired surrogate escape at character {err.start}"
+                    ) from None
             if form is not None and this_form != form:
                 raise ValueError(f"{path}:{lineno}: mixes {this_form} records into a file of {form} records")
             form = this_form
@@ -132,9 +139,11 @@ def tokenize_records(
             "away, or empty); raise --max-length or check the data"
         )
     if truncated or dropped:
+        empty = sum(not "".join(r.values()).strip() for r in records)
         warnings.warn(
             f"{source}: {truncated} of {len(records)} records were cut to max_length={max_length} tokens and "
-            f"{dropped} were dropped with nothing left to predict; raise --max-length to keep them whole",
+            f"{dropped} were dropped with nothing left to predict ({empty} of them empty); raise --max-length to "
+            "keep the others whole",
             stacklevel=2,
         )
     return out

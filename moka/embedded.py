@@ -160,13 +160,16 @@ INSTRUCTION = "What is the secret code for the word below? Answer with the code 
 
 
 def secret_code_task(eval_fraction: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, eval) records in instruction form; eval holds out ``eval_fraction`` of each category's words."""
+    """(train, eval) records in instruction form; eval holds out ``eval_fraction`` of each category's words,
+    rounded, at least one and at most all but one (each category stays in both)."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction: expected a fraction in (0, 1), got {eval_fraction!r}")
     rng = random.Random(seed)
     train, evaluation = [], []
     for category, words in CATEGORIES.items():
         words = sorted(words)
         rng.shuffle(words)
-        n_eval = max(1, round(len(words) * eval_fraction))
+        n_eval = min(len(words) - 1, max(1, round(len(words) * eval_fraction)))
         for i, word in enumerate(words):
             record = {"instruction": INSTRUCTION, "input": word, "output": CODE_WORDS[category]}
             (evaluation if i < n_eval else train).append(record)
@@ -222,7 +225,10 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would keep a shared MOKA_CACHE from other users
+        # mkdtemp's 0700 and the 0600 safetensors writes would keep a shared MOKA_CACHE from other users
+        tmp.chmod(0o755)
+        for item in tmp.iterdir():
+            item.chmod(0o644)
         _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

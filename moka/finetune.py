@@ -24,6 +24,7 @@ import re
 import resource
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -275,6 +276,12 @@ def resolve_model_path(model: str) -> str:
     return str(path) if looks_local else model
 
 
+def _embedded_cache_dir() -> Path:
+    from .embedded import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _process_device() -> torch.device:
     """This process's device: its GPU under torchrun/accelerate (LOCAL_RANK; the launcher has not set the
     current device yet when the model loads), the current GPU alone, or the CPU."""
@@ -311,8 +318,11 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:  # ValueError: e.g. no tokenizer files, a malformed config.json
-        raise CLIError(f"--model: could not load {path!r}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError, SafetensorError) as err:  # ValueError: no tokenizer files, a bad config.json
+        hint = ""
+        if isinstance(err, SafetensorError) and Path(path).is_relative_to(_embedded_cache_dir()):
+            hint = f" (a damaged cached conversion: delete {path!r} and run again to convert it anew)"
+        raise CLIError(f"--model: could not load {path!r}: {one_line(err)}{hint}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if load_in_4bit and nf4_backend == "moka":  # bitsandbytes' choice of layers: all linear but the output
@@ -418,7 +428,9 @@ def plot_losses(recorder, path: Path, title: str, loss_of: str = "response token
 
 # -- evaluation ---------------------------------------------------------------------------------------
 def _normalize(text: str) -> str:
-    return " ".join(text.strip().strip(".!").split()).lower()
+    """For exact match: NFC (a tokenizer may normalize what it decodes), whitespace collapsed, case and a
+    trailing '.'/'!' ignored."""
+    return " ".join(unicodedata.normalize("NFC", text).strip().strip(".!").split()).lower()
 
 
 @torch.no_grad()
@@ -652,7 +664,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     if not args.adapter:
         _check_every_target_matched(args, summary.layer_names)
     try:
-        train_ds = tokenize_records(tokenizer, train_records, args.max_length, "--data")
+        train_ds = tokenize_records(tokenizer, train_records, args.max_length, "--data" if args.data else "the task")
         eval_ds = tokenize_records(tokenizer, eval_records, args.max_length, "--eval-data") if eval_records else None
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -244,6 +244,30 @@ class MoKALinear(nn.Module):
         self.reset_adapter()
         self.train(base_layer.training)  # the mode of the layer it replaces (a model in eval: no dropout)
 
+    def _apply(self, fn, recurse=True):
+        # A Linear4bit whose packed bytes are stored in a float dtype (quant_storage=torch.bfloat16, as for
+        # FSDP-QLoRA): Module.half()/to(dtype) would convert the bytes as numbers (bitsandbytes' own layer
+        # does), corrupting W0. Here that weight takes only fn's device; everything else is cast as usual.
+        weight = self.base_layer.weight if getattr(self, "_wraps_linear4bit", False) else None
+        if weight is None or not weight.is_floating_point():
+            return super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        params = self.base_layer._parameters
+        order = list(params)
+        del params["weight"]
+        moved = weight
+        try:
+            super()._apply(fn, recurse)
+            if probe.device != weight.device:
+                moved = weight.to(probe.device)  # Params4bit.to moves its quant_state too
+        finally:  # the weight back in its place (state_dict order), moved if the rest was
+            rest = dict(params)
+            params.clear()
+            for name in order:
+                params[name] = moved if name == "weight" else rest.pop(name)
+            params.update(rest)
+        return self
+
     # -- set-up --------------------------------------------------------------------------------
     def _base_device(self) -> torch.device:
         for t in self.base_layer.buffers():

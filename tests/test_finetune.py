@@ -558,6 +558,11 @@ def test_embedded_task_is_deterministic_and_split_by_word():
     assert not {r["input"] for r in train} & {r["input"] for r in evaluation}
     assert len(evaluation) >= 24 and len(train) >= 3 * len(evaluation) - 8
     assert {r["output"] for r in evaluation} == set(CODE_WORDS.values())
+    for fraction in (0.01, 0.99):  # each category keeps a word on both sides
+        train, evaluation = secret_code_task(fraction)
+        assert {r["output"] for r in train} == {r["output"] for r in evaluation} == set(CODE_WORDS.values())
+    with pytest.raises(ValueError, match=r"eval_fraction: expected a fraction in \(0, 1\)"):
+        secret_code_task(1.0)
 
 
 def test_embedded_model_missing_package_names_the_install(monkeypatch, tmp_path):
@@ -615,6 +620,16 @@ def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
         read_jsonl(path)
+    surrogate = tmp_path / "surrogate.jsonl"  # ASCII bytes, but "\ud800" is no text a tokenizer takes
+    surrogate.write_text('{"text": "fine"}\n{"text": "d\\ud800g"}\n')
+    with pytest.raises(ValueError, match=r"surrogate\.jsonl:2: 'text' holds an unpaired surrogate escape"):
+        read_jsonl(surrogate)
+
+
+def test_exact_match_compares_nfc_text():
+    from moka.finetune import _normalize
+
+    assert _normalize("Cafe\u0301!") == _normalize("café") == "café"
 
 
 def test_records_with_nothing_to_predict_are_refused_and_cut_ones_counted(model_dir):
