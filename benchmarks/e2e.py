@@ -313,6 +313,13 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measuring child: the repo first on PYTHONPATH, then what the caller had there
+    (on the lent GPU machine the carried bitsandbytes lies on PYTHONPATH, not in site-packages)."""
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+
+
 def _run_child(model_key: str, method: str, steps: int, args) -> dict:
     """One method on one model in its own process (its own peak memory); its result row, or an error row."""
     cmd = [
@@ -333,8 +340,7 @@ def _run_child(model_key: str, method: str, steps: int, args) -> dict:
         str(args.seq),
         *(["--layers", str(args.layers)] if args.layers else []),
     ]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     found = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
     return (
         json.loads(found[-1][len("E2E_RESULT ") :])

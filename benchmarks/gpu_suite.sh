@@ -7,7 +7,8 @@
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
 # overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
-# the rows it measured, marked "complete": false); all five fit in 585 s
+# the rows it measured, marked "complete": false); all five fit in 520 s (a 600 s call keeps ~80 s for the
+# start, the kill grace of each part and the final render)
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 # PACK=FILE: after each part, every result so far is packed into the one gzipped tar FILE (the lent GPU machine
@@ -21,14 +22,29 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Autotune results on disk, shared by every part and process (each new shape, token bucket and dtype would
+# otherwise compile and time every NF4 GEMM config again), and each pick logged with its tuning time.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
 pack() {
   if [[ -n ${PACK:-} ]]; then tar czf "$PACK.tmp" -C "$out" . && mv "$PACK.tmp" "$PACK"; fi
 }
 "$py" - > "$out/env.json" <<'PY'
-import json, torch
+import importlib.metadata, json, os, subprocess, torch
+def version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+try:
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True, timeout=30).stdout.strip() or None
+except (OSError, subprocess.TimeoutExpired):
+    driver = None
 print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                  "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "triton": __import__("triton").__version__}))
+                  "torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
+                  **{name: version(name) for name in ("triton", "transformers", "peft", "bitsandbytes", "numpy")},
+                  "git_sha": os.environ.get("MOKA_GIT_SHA"),
+                  "env": {k: v for k, v in os.environ.items() if k.startswith(("MOKA_", "TRITON_"))}}))
 PY
 status=0
 # SIGINT, not timeout's default SIGTERM: pytest then still writes its junit XML and failure summary, and the
@@ -37,27 +53,28 @@ limit() { local seconds=$1; shift; timeout -s INT -k 15 "$seconds" "$@"; }
 if [[ $parts == *,tests,* ]]; then
   # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels and routes), then the 60-case matrix at
   # LLaMA shapes, 4096² first: each new shape and dtype compiles and autotunes, so the matrix may not finish.
-  limit 75 "$py" -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE -p no:cacheprovider \
-    --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
-  limit 85 "$py" -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE -p no:cacheprovider \
-    --junitxml "$out/gpu_tests_matrix.xml" 2>&1 | tee "$out/gpu_tests_matrix.log" || status=1
+  # Correctness only: two NF4 GEMM configs each (MOKA_NF4_AUTOTUNE=quick), not every config timed per shape.
+  MOKA_NF4_AUTOTUNE=quick limit 60 "$py" -m pytest -m gpu tests/test_gpu.py -k "not llama_shapes" -q -rfE \
+    -p no:cacheprovider --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
+  MOKA_NF4_AUTOTUNE=quick limit 70 "$py" -m pytest -m gpu tests/test_gpu.py -k llama_shapes -q -rfE \
+    -p no:cacheprovider --junitxml "$out/gpu_tests_matrix.xml" 2>&1 | tee "$out/gpu_tests_matrix.log" || status=1
   pack
 fi
 if [[ $parts == *,layers,* ]]; then
-  limit 170 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  limit 160 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
   pack
 fi
 if [[ $parts == *,e2e,* ]]; then
-  limit 150 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
+  limit 140 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
     2>&1 | tee "$out/e2e.log" || status=1
   pack
 fi
 if [[ $parts == *,overhead,* ]]; then
-  limit 30 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+  limit 25 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
   pack
 fi
 if [[ $parts == *,schedule,* ]]; then
-  limit 75 "$py" -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+  limit 65 "$py" -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
   pack
 fi
 # A part cut short leaves JSON only; render whatever is there (never measures).

@@ -77,7 +77,7 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         )
         sha += "+uncommitted" if changed.strip() else ""  # the measured code is not that commit's
     except (OSError, subprocess.CalledProcessError):
-        sha = None
+        sha = os.environ.get("MOKA_GIT_SHA")  # a copy of the tree without .git (the lent GPU machine)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(dtype).removeprefix("torch."),
@@ -86,7 +86,10 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         "triton": version("triton"),
         "bitsandbytes": version("bitsandbytes"),
         "peft": version("peft"),
+        "transformers": version("transformers"),
         "cuda": torch.version.cuda,
+        "thresholds": _thresholds(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MOKA_", "TRITON_"))},
         "git_sha": sha,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
@@ -94,6 +97,14 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         if device.type == "cuda"
         else f"torch.utils.benchmark blocked_autorange median, min_run_time={min_run_time}s",
     }
+
+
+def _thresholds() -> dict:
+    """The token counts at which the kernels change route or schedule (guesses until a GPU sweep sets them)."""
+    from moka_kernels.ops.kron_mixture import ROWWISE_MIN_TOKENS
+    from moka_kernels.ops.nf4_matmul import DEQUANTIZE_MIN_TOKENS
+
+    return {"DEQUANTIZE_MIN_TOKENS": DEQUANTIZE_MIN_TOKENS, "ROWWISE_MIN_TOKENS": ROWWISE_MIN_TOKENS}
 
 
 def make_timer(device: torch.device, min_run_time: float):

@@ -478,3 +478,39 @@ def test_adapter_mac_formulas_count_what_the_pytorch_path_runs(n_out, k_in):
     base = tokens * n_out * k_in  # x·W0ᵀ in the forward, dy·W0 in the backward
     assert forward.macs - base == tokens * adapter_macs(shapes)
     assert forward.macs + backward.macs - 2 * base == tokens * adapter_train_macs(shapes)
+
+
+def test_gpu_suite_plumbing(monkeypatch):
+    """What the one GPU call depends on and no CPU run exercises: measuring children keep the caller's
+    PYTHONPATH (the carried bitsandbytes), quick autotuning keeps two NF4 configs per GEMM and a wrong value
+    is refused, and results record the sha given for a tree without .git."""
+    from benchmarks import e2e
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert e2e.child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/tmp/site"]
+    probe = (
+        "from moka_kernels.ops import nf4_matmul as m; "
+        "print(len(m.NF4_MATMUL_CONFIGS), len(m.NF4_MATMUL_T_CONFIGS), m.NF4_MATMUL_CONFIGS[1].kwargs['BLOCK_M'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for value, expected in (("quick", "2 2 128"), ("all", "8 7 16")):
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            env=dict(env, PYTHONPATH=str(ROOT), MOKA_NF4_AUTOTUNE=value),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.stdout.split("\n")[-2] == expected, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=dict(env, PYTHONPATH=str(ROOT), MOKA_NF4_AUTOTUNE="fast"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "MOKA_NF4_AUTOTUNE: expected 'all' or 'quick', got 'fast'" in done.stderr
+    monkeypatch.setenv("MOKA_GIT_SHA", "abc123")
+    monkeypatch.chdir("/")  # no git repository here
+    conds = run.conditions(torch.device("cpu"), torch.float32, 0.01)
+    assert conds["git_sha"] == "abc123" and conds["thresholds"]["ROWWISE_MIN_TOKENS"] > 0

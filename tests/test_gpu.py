@@ -82,16 +82,6 @@ def test_triton_matches_reference_at_llama_shapes(n_out, k_in, dtype, tokens, nf
         assert err <= tol, f"{name}: rel RMS {err:.3g} > {tol:.3g} (torch path in {dtype}: {rel_rms(base, t):.3g})"
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 16, 300])
-def test_nf4_kernels_match_dequantize(tokens):
-    w = quantize_nf4((torch.randn(4096, 4096) * 0.02).to(CUDA, torch.bfloat16))
-    dense = dequantize_nf4(w).float()
-    x = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
-    assert rel_rms(nf4_matmul(x, w), x.float() @ dense.T) < 1e-2
-    dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
-    assert rel_rms(nf4_matmul_t(dy, w), dy.float() @ dense) < 1e-2
-
-
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "fp32-absmax"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nf4_dequantize_kernel_is_bit_exact(dtype, double_quant):
@@ -228,3 +218,15 @@ def test_fp32_factors_of_a_bf16_layer_compute_what_cast_factors_do(tokens, monke
     assert torch.equal(mixed, cast[0]) and torch.equal(ours[0], cast[1])
     for mine, ref in zip(ours[1:], cast[2 : 2 + 2 * len(a)], strict=True):
         assert mine.dtype == torch.float32 and torch.equal(mine.to(torch.bfloat16), ref)
+
+
+# Last in the file: its four token buckets tune the NF4 GEMMs afresh, and the GPU suite's time limit may
+# cut the focused tests short; the ones above need a GPU most (graphs, determinism, schedules).
+@pytest.mark.parametrize("tokens", [1, 7, 16, 300])
+def test_nf4_kernels_match_dequantize(tokens):
+    w = quantize_nf4((torch.randn(4096, 4096) * 0.02).to(CUDA, torch.bfloat16))
+    dense = dequantize_nf4(w).float()
+    x = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
+    assert rel_rms(nf4_matmul(x, w), x.float() @ dense.T) < 1e-2
+    dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
+    assert rel_rms(nf4_matmul_t(dy, w), dy.float() @ dense) < 1e-2

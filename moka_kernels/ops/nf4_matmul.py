@@ -103,6 +103,16 @@ NF4_MATMUL_T_CONFIGS = (
 )
 
 
+NF4_AUTOTUNE = os.environ.get("MOKA_NF4_AUTOTUNE", "all")
+if NF4_AUTOTUNE not in ("all", "quick"):
+    raise ValueError(f"MOKA_NF4_AUTOTUNE: expected 'all' or 'quick', got {NF4_AUTOTUNE!r}")
+if NF4_AUTOTUNE == "quick" and not INTERPRET:
+    # For correctness runs on a GPU (the GPU suite's tests), never for timing: two configs per GEMM, the
+    # small-T 16×64×128 and the 128×128×64 tile, not all of them compiled and timed for each new shape.
+    NF4_MATMUL_CONFIGS = (NF4_MATMUL_CONFIGS[0], NF4_MATMUL_CONFIGS[5])
+    NF4_MATMUL_T_CONFIGS = (NF4_MATMUL_T_CONFIGS[0], NF4_MATMUL_T_CONFIGS[4])
+
+
 def _m_bucket(m: int) -> int:
     """Autotune key: token counts in power-of-two buckets, so each decode/prefill size tunes once."""
     return 1 << max(m - 1, 0).bit_length()
