@@ -99,8 +99,13 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
     }
 
 
-def _thresholds() -> dict:
-    """The token counts at which the kernels change route or schedule (guesses until a GPU sweep sets them)."""
+def _thresholds() -> dict | None:
+    """The token counts at which the kernels change route or schedule (guesses until a GPU sweep sets them);
+    None without triton (no kernels)."""
+    from moka_kernels.ops import TRITON_AVAILABLE
+
+    if not TRITON_AVAILABLE:
+        return None
     from moka_kernels.ops.kron_mixture import ROWWISE_MIN_TOKENS
     from moka_kernels.ops.nf4_matmul import DEQUANTIZE_MIN_TOKENS
 

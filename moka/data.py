@@ -117,7 +117,7 @@ def tokenize_records(
     has_template = bool(getattr(tokenizer, "chat_template", None))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
-    truncated = 0
+    truncated = dropped_empty = 0
     for record in records:
         if record_form(record) == "text":
             ids = _ids(tokenizer, record["text"], special=True) + eos
@@ -132,6 +132,8 @@ def tokenize_records(
         ids, labels = ids[:max_length], labels[:max_length]
         if any(label != IGNORE_INDEX for label in labels[1:]):  # labels[0] has no previous token to predict it
             out.append({"input_ids": ids, "labels": labels})
+        else:
+            dropped_empty += not "".join(record.values()).strip()
     dropped = len(records) - len(out)
     if not out:
         raise ValueError(
@@ -139,11 +141,10 @@ def tokenize_records(
             "away, or empty); raise --max-length or check the data"
         )
     if truncated or dropped:
-        empty = sum(not "".join(r.values()).strip() for r in records)
         warnings.warn(
             f"{source}: {truncated} of {len(records)} records were cut to max_length={max_length} tokens and "
-            f"{dropped} were dropped with nothing left to predict ({empty} of them empty); raise --max-length to "
-            "keep the others whole",
+            f"{dropped} were dropped with nothing left to predict ({dropped_empty} of them empty); raise "
+            "--max-length to keep the others whole",
             stacklevel=2,
         )
     return out

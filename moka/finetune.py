@@ -320,7 +320,7 @@ def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: s
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # ValueError: no tokenizer files, a bad config.json
         hint = ""
-        if isinstance(err, SafetensorError) and Path(path).is_relative_to(_embedded_cache_dir()):
+        if isinstance(err, SafetensorError) and Path(path).resolve().is_relative_to(_embedded_cache_dir().resolve()):
             hint = f" (a damaged cached conversion: delete {path!r} and run again to convert it anew)"
         raise CLIError(f"--model: could not load {path!r}: {one_line(err)}{hint}") from err
     if tokenizer.pad_token_id is None:
@@ -665,7 +665,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         _check_every_target_matched(args, summary.layer_names)
     try:
         train_ds = tokenize_records(tokenizer, train_records, args.max_length, "--data" if args.data else "the task")
-        eval_ds = tokenize_records(tokenizer, eval_records, args.max_length, "--eval-data") if eval_records else None
+        eval_source = "--eval-data" if args.eval_data else "the task's held-out words"
+        eval_ds = tokenize_records(tokenizer, eval_records, args.max_length, eval_source) if eval_records else None
     except ValueError as err:
         raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy

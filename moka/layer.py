@@ -245,26 +245,36 @@ class MoKALinear(nn.Module):
         self.train(base_layer.training)  # the mode of the layer it replaces (a model in eval: no dropout)
 
     def _apply(self, fn, recurse=True):
-        # A Linear4bit whose packed bytes are stored in a float dtype (quant_storage=torch.bfloat16, as for
-        # FSDP-QLoRA): Module.half()/to(dtype) would convert the bytes as numbers (bitsandbytes' own layer
-        # does), corrupting W0. Here that weight takes only fn's device; everything else is cast as usual.
-        weight = self.base_layer.weight if getattr(self, "_wraps_linear4bit", False) else None
-        if weight is None or not weight.is_floating_point():
+        # A Linear4bit's packed bytes: stored in a float dtype (quant_storage=torch.bfloat16, as for FSDP-QLoRA),
+        # Module.half()/to(dtype) would convert them as numbers (bitsandbytes' own layer does), and
+        # Module.type() converts even uint8 ones, corrupting W0. That weight gets fn as Module._apply gives it
+        # (moves, to_empty, share_memory), except a cast, of which it takes only the device.
+        weight = self.base_layer.weight if recurse and getattr(self, "_wraps_linear4bit", False) else None
+        if weight is None:
             return super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
         params = self.base_layer._parameters
         order = list(params)
         del params["weight"]
-        moved = weight
+        kept = weight
         try:
             super()._apply(fn, recurse)
-            if probe.device != weight.device:
-                moved = weight.to(probe.device)  # Params4bit.to moves its quant_state too
-        finally:  # the weight back in its place (state_dict order), moved if the rest was
+            applied = fn(weight)
+            if applied.dtype != weight.dtype:  # a cast: the bytes only move (Params4bit.to moves quant_state)
+                applied = weight if probe.device == weight.device else weight.to(probe.device)
+            if applied is not weight:
+                if torch._has_compatible_shallow_copy_type(weight, applied) and not (
+                    torch.__future__.get_overwrite_module_params_on_conversion()
+                    or torch.__future__.get_swap_module_params_on_conversion()
+                ):
+                    weight.data = applied  # the Parameter object kept, as Module._apply keeps it
+                else:
+                    kept = applied
+        finally:  # the weight back in its place (state_dict order)
             rest = dict(params)
             params.clear()
             for name in order:
-                params[name] = moved if name == "weight" else rest.pop(name)
+                params[name] = kept if name == "weight" else rest.pop(name)
             params.update(rest)
         return self
 

@@ -490,10 +490,11 @@ def test_gpu_suite_plumbing(monkeypatch):
     assert e2e.child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/tmp/site"]
     probe = (
         "from moka_kernels.ops import nf4_matmul as m; "
-        "print(len(m.NF4_MATMUL_CONFIGS), len(m.NF4_MATMUL_T_CONFIGS), m.NF4_MATMUL_CONFIGS[1].kwargs['BLOCK_M'])"
+        "print(len(m.TUNED_CONFIGS), len(m.TUNED_T_CONFIGS), m.TUNED_CONFIGS[1].kwargs['BLOCK_M'], "
+        "len(m.NF4_MATMUL_CONFIGS))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for value, expected in (("quick", "2 2 128"), ("all", "8 7 16")):
+    for value, expected in (("quick", "2 2 128 8"), ("all", "8 7 16 8")):  # the AOT check keeps all 8
         done = subprocess.run(
             [sys.executable, "-c", probe],
             env=dict(env, PYTHONPATH=str(ROOT), MOKA_NF4_AUTOTUNE=value),
@@ -514,3 +515,7 @@ def test_gpu_suite_plumbing(monkeypatch):
     monkeypatch.chdir("/")  # no git repository here
     conds = run.conditions(torch.device("cpu"), torch.float32, 0.01)
     assert conds["git_sha"] == "abc123" and conds["thresholds"]["ROWWISE_MIN_TOKENS"] > 0
+    import moka_kernels.ops
+
+    monkeypatch.setattr(moka_kernels.ops, "TRITON_AVAILABLE", False)  # no kernels, no thresholds, no crash
+    assert run.conditions(torch.device("cpu"), torch.float32, 0.01)["thresholds"] is None

@@ -219,26 +219,33 @@ def test_requantized_merge_keeps_the_linear4bit_quant_storage():
     torch.testing.assert_close(merged(x), expected)
 
 
-@pytest.mark.parametrize("cast", ["half", "float", "bfloat16"])
-def test_a_cast_never_converts_linear4bit_bytes_stored_as_floats(cast):
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("cast", ["half", "float", "bfloat16", "type"])
+def test_a_cast_never_converts_linear4bit_bytes(cast, storage):
     """With quant_storage=bf16 the packed bytes are a float tensor: Module.half() converted them as numbers
-    (W0 off by up to 6.9; .float() then failed on a doubled byte count). Only the adapter and bias cast."""
+    (W0 off by up to 6.9; .float() then failed on a doubled byte count); Module.type() converts even uint8
+    bytes. Only the adapter and bias cast."""
     import copy
 
     dense = nn.Linear(64, 48)
-    base = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    base = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32, quant_storage=storage)
     base.load_state_dict(dense.state_dict())
     layer = MoKALinear(base.to("cpu"), MoKAConfig(num_components=2))
     _randomize_adapter(layer)
     packed = layer.base_layer.weight.detach().clone()
     keys = list(layer.state_dict())
-    cast_layer = getattr(copy.deepcopy(layer), cast)()
+    copied = copy.deepcopy(layer)
+    cast_layer = copied.type(torch.float16) if cast == "type" else getattr(copied, cast)()
     assert torch.equal(cast_layer.base_layer.weight.view(torch.uint8), packed.view(torch.uint8))
     assert list(cast_layer.state_dict()) == keys
-    dtype = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}[cast]
+    dtype = {"half": torch.float16, "type": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}[cast]
     assert cast_layer.a_factors[0].dtype == cast_layer.base_layer.bias.dtype == dtype
     x = torch.randn(5, 64)
     torch.testing.assert_close(cast_layer(x.to(dtype)).float(), layer(x), atol=0.1, rtol=0.05)
+    copied = copy.deepcopy(layer)
+    weight = copied.base_layer.weight
+    copied.share_memory()  # fn reaches the bytes when it is no cast: the same Parameter, now in shared memory
+    assert copied.base_layer.weight is weight and weight.is_shared()
 
 
 def test_fp64_layer_stays_fp64_under_autocast():

@@ -106,11 +106,13 @@ NF4_MATMUL_T_CONFIGS = (
 NF4_AUTOTUNE = os.environ.get("MOKA_NF4_AUTOTUNE", "all")
 if NF4_AUTOTUNE not in ("all", "quick"):
     raise ValueError(f"MOKA_NF4_AUTOTUNE: expected 'all' or 'quick', got {NF4_AUTOTUNE!r}")
+# What the autotuners time. "quick", for correctness runs on a GPU (the GPU suite's tests), never for timing:
+# two configs per GEMM, the small-T 16×64×128 and the 128×128×64 tile, not every config compiled and timed
+# for each new shape. (The AOT check compiles the full lists above whatever this says.)
+TUNED_CONFIGS, TUNED_T_CONFIGS = NF4_MATMUL_CONFIGS, NF4_MATMUL_T_CONFIGS
 if NF4_AUTOTUNE == "quick" and not INTERPRET:
-    # For correctness runs on a GPU (the GPU suite's tests), never for timing: two configs per GEMM, the
-    # small-T 16×64×128 and the 128×128×64 tile, not all of them compiled and timed for each new shape.
-    NF4_MATMUL_CONFIGS = (NF4_MATMUL_CONFIGS[0], NF4_MATMUL_CONFIGS[5])
-    NF4_MATMUL_T_CONFIGS = (NF4_MATMUL_T_CONFIGS[0], NF4_MATMUL_T_CONFIGS[4])
+    TUNED_CONFIGS = (NF4_MATMUL_CONFIGS[0], NF4_MATMUL_CONFIGS[5])
+    TUNED_T_CONFIGS = (NF4_MATMUL_T_CONFIGS[0], NF4_MATMUL_T_CONFIGS[4])
 
 
 def _m_bucket(m: int) -> int:
@@ -174,7 +176,7 @@ def _decode_nf4_rows(
 NF4_MATMUL_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "HAS_ADD", "HAS_ADAPTER", "BLOCKSIZE", "DOUBLE_QUANT"]
 
 
-@triton.autotune(configs=NF4_MATMUL_CONFIGS, key=NF4_MATMUL_KEY, restore_value=["out_ptr"])
+@triton.autotune(configs=TUNED_CONFIGS, key=NF4_MATMUL_KEY, restore_value=["out_ptr"])
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr,  # (M, K) activations
@@ -353,7 +355,7 @@ def _nf4_matmul_program(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")  # a sum: no ordering needed
 
 
-@triton.autotune(configs=NF4_MATMUL_T_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_ADD", "BLOCKSIZE", "DOUBLE_QUANT"])
+@triton.autotune(configs=TUNED_T_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_ADD", "BLOCKSIZE", "DOUBLE_QUANT"])
 @triton.jit
 def _nf4_matmul_t_kernel(
     dy_ptr,  # (M, N) upstream gradient
