@@ -141,10 +141,11 @@ def tokenize_records(
             "away, or empty); raise --max-length or check the data"
         )
     if truncated or dropped:
+        empty = f" ({dropped_empty} of them empty)" if dropped_empty else ""
         warnings.warn(
             f"{source}: {truncated} of {len(records)} records were cut to max_length={max_length} tokens and "
-            f"{dropped} were dropped with nothing left to predict ({dropped_empty} of them empty); raise "
-            "--max-length to keep the others whole",
+            f"{dropped} were dropped with nothing left to predict{empty}; raise --max-length to keep the others "
+            "whole",
             stacklevel=2,
         )
     return out

@@ -644,6 +644,8 @@ def test_records_with_nothing_to_predict_are_refused_and_cut_ones_counted(model_
     with pytest.warns(UserWarning, match=r"--data: 1 of 2 records were cut to max_length=8 tokens and 0 were dropped"):
         examples = tokenize_records(tokenizer, records, 8, "--data")
     assert [len(e["input_ids"]) for e in examples] == [4, 8]
+    with pytest.warns(UserWarning, match=r"1 were dropped with nothing left to predict \(1 of them empty\); raise"):
+        tokenize_records(tokenizer, [*records, {"text": ""}], 8, "--data")
 
 
 def test_tied_embedding_is_counted_once():
