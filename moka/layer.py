@@ -101,11 +101,7 @@ class NF4Linear(nn.Module):
             super()._apply(fn, recurse)
         finally:  # never lose a field
             for store in (self._parameters, self._buffers):
-                rest = dict(store)
-                store.clear()
-                for name in orders[id(store)]:
-                    store[name] = held[name] if name in held else rest.pop(name)
-                store.update(rest)
+                _put_back(store, orders[id(store)], held)
         self.nf4_dtype = probe.dtype
         return self
 
@@ -149,6 +145,16 @@ def _factors_as_taken(
     if factors_taken_as_they_are([*a_params, *b_params], dtype):
         return a_params, b_params
     return [p.to(dtype) for p in a_params], [p.to(dtype) for p in b_params]
+
+
+def _put_back(store: dict, order: list[str], held: dict) -> None:
+    """Re-insert the entries ``held`` took out of a module's ``_parameters``/``_buffers`` in their places
+    (``order``, the state_dict order), beside what ``_apply`` left there."""
+    rest = dict(store)
+    store.clear()
+    for name in order:
+        store[name] = held[name] if name in held else rest.pop(name)
+    store.update(rest)
 
 
 class MoKALinear(nn.Module):
@@ -270,12 +276,8 @@ class MoKALinear(nn.Module):
                     weight.data = applied  # the Parameter object kept, as Module._apply keeps it
                 else:
                     kept = applied
-        finally:  # the weight back in its place (state_dict order)
-            rest = dict(params)
-            params.clear()
-            for name in order:
-                params[name] = kept if name == "weight" else rest.pop(name)
-            params.update(rest)
+        finally:
+            _put_back(params, order, {"weight": kept})
         return self
 
     # -- set-up --------------------------------------------------------------------------------
