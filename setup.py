@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 FINETUNE = [
-    "transformers>=4.57",
+    "transformers>=5.17",  # tested with 5.17 (the GPU image) and 5.24
     "accelerate>=1.0",
     "safetensors>=0.4",
     "matplotlib>=3.7",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -483,6 +484,19 @@ def _datasets(args) -> tuple[list[dict], list[dict] | None, str]:
     return _read(args.data, "--data"), evaluation, str(args.data)
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments' activation-checkpointing fields under the installed transformers' names:
+    ``activation_checkpointing`` in recent releases (5.24), ``gradient_checkpointing`` in older ones (5.17)."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {
+        f"{prefix}_checkpointing": enabled,
+        f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None,
+    }
+
+
 def _planned_steps(trainer: Trainer, args: argparse.Namespace) -> float:
     """This run's optimizer steps: --max-steps, or (-1) what --epochs come to on this data, as the Trainer
     counts them (not the checkpoint's count: a resume may ask for more epochs)."""
@@ -692,8 +706,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         data_seed=args.seed,
         report_to=[],
         remove_unused_columns=False,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **_checkpointing_arguments(args.gradient_checkpointing),
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,

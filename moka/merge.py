@@ -161,7 +161,16 @@ def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
+    conversions = getattr(model, "_weight_conversions", None)
+    if layers and conversions:
+        # transformers 5.17 keeps the 4-bit checkpoint's deserializer among the load-time conversions, which
+        # save_pretrained then tries to reverse (NotImplementedError); the layers are dense now.
+        model._weight_conversions = [c for c in conversions if not _deserializes_4bit(c)]
     return len(layers)
+
+
+def _deserializes_4bit(conversion) -> bool:
+    return any(type(op).__name__.startswith("Bnb4bit") for op in getattr(conversion, "operations", ()))
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:

@@ -726,3 +726,25 @@ def test_target_regex_patches_only_what_it_matches(model_dir, data, tmp_path):
     keys = load_file(out / "adapter" / "moka_adapter.safetensors")
     names = {k.partition(".a_factors")[0].partition(".b_factors")[0].removesuffix(".gate_logits") for k in keys}
     assert names == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
+
+
+def test_gradient_checkpointing_flag_reaches_the_model(model_dir, data, tmp_path, monkeypatch):
+    """--gradient-checkpointing turns checkpointing on through TrainingArguments under whichever name the
+    installed transformers uses (activation_checkpointing in 5.24, gradient_checkpointing in 5.17): the decoder
+    layers then run under torch.utils.checkpoint, non-reentrant."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    original = modeling_utils.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    out = tmp_path / "run"
+    assert main(_args(model_dir, data, out, "--max-steps", "2", "--save-steps", "2", "--gradient-checkpointing")) == 0
+    assert calls and set(calls) == {False}
+    calls.clear()
+    assert main(_args(model_dir, data, tmp_path / "plain", "--max-steps", "2", "--save-steps", "2")) == 0
+    assert not calls
