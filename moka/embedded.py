@@ -203,9 +203,14 @@ def _publish(tmp: Path, target: Path) -> None:
             raise
 
 
+def embedded_model_path(cache_dir: Path | None = None) -> Path:
+    """Where ``embedded_model_dir`` keeps the converted model (whether or not it is there yet)."""
+    return (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct-bf16"
+
+
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """A local bf16 model directory of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
-    target = (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct-bf16"
+    target = embedded_model_path(cache_dir)
     if (target / "config.json").is_file():
         return target
     import torch

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -529,11 +530,18 @@ def _set_aside_earlier_checkpoints(args) -> None:
     if not earlier:
         return
     previous = args.output_dir / "checkpoints.previous"
+    kept = ""
+    adapter = Path(args.adapter).resolve() if args.adapter else None
+    if adapter is not None and previous.exists() and previous.resolve() in (adapter, *adapter.parents):
+        # this run started from an adapter in there: keep it, under the first free name
+        spare = next(p for i in itertools.count(1) if not (p := previous.with_name(f"{previous.name}.{i}")).exists())
+        previous.rename(spare)
+        kept = f"; the older {previous.name} holds this run's --adapter, kept as {str(spare)!r}"
     shutil.rmtree(previous, ignore_errors=True)
     directory.rename(previous)
     print(
         f"new run (no --resume): moved {len(earlier)} checkpoint(s) of an earlier run ({', '.join(earlier)}) to "
-        f"{str(previous)!r}",
+        f"{str(previous)!r}{kept}",
         flush=True,
     )
 

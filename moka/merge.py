@@ -30,6 +30,7 @@ from torch import nn
 from moka_kernels import dequantize_nf4
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
+from .embedded import embedded_model_path
 from .finetune import (
     EMBEDDED,
     NF4_BACKENDS,
@@ -122,9 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise CLIError(f"--output-dir: {str(out)!r} lies under the file {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--output-dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    model_path = Path(args.model).expanduser()
+    model_path = embedded_model_path() if args.model == EMBEDDED else Path(args.model).expanduser()
     inputs = [("the --adapter", args.adapter), ("the current", Path.cwd())]
-    inputs += [("the --model", model_path)] if model_path.exists() else []
+    inputs += [("the --model", model_path)] if model_path.exists() or args.model == EMBEDDED else []
     for what, path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")

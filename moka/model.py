@@ -278,6 +278,8 @@ def quantize_model(
             raise TypeError(f"model: {name}.weight is {m.weight.dtype}; expected float32, float16 or bfloat16")
         elif m.weight.numel() == 0:
             raise ValueError(f"model: {name} has an empty weight; it cannot be quantized")
+        elif not m.weight.is_meta and not bool(torch.isfinite(m.weight).all()):
+            raise ValueError(f"model: {name}.weight has non-finite values (NaN or inf); they cannot be quantized")
     from tqdm.auto import tqdm
 
     count = len(targets)

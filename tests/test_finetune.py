@@ -212,6 +212,14 @@ def test_a_new_run_sets_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_p
     assert "moved 2 checkpoint(s) of an earlier run (checkpoint-2, checkpoint-4)" in capsys.readouterr().out
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert sorted(p.name for p in (out / "checkpoints.previous").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    # a third run that starts from an adapter in checkpoints.previous keeps it (it would replace that dir)
+    source = out / "checkpoints.previous" / "checkpoint-4"
+    weights = (source / "moka_adapter.safetensors").read_bytes()
+    run(parse_args(_args(model_dir, data, out, *common, "--max-steps", "2", "--adapter", str(source))))
+    assert "holds this run's --adapter, kept as" in capsys.readouterr().out
+    kept = out / "checkpoints.previous.1" / "checkpoint-4" / "moka_adapter.safetensors"
+    assert kept.read_bytes() == weights
+    assert [p.name for p in (out / "checkpoints.previous").iterdir()] == ["checkpoint-2"]
 
 
 def test_adapter_flag_dropout_is_the_recorded_one(model_dir, data, tmp_path):

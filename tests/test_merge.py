@@ -136,6 +136,11 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
         tilde = ["--model=~/base", "--adapter", str(adapter), "--no-load-in-4bit", "--overwrite"]
         fails([*tilde, "--output-dir", str(base)], "holds the --model")
         fails([*tilde, "--output-dir=~/base"], "holds the --model")
+        cache = tmp_path / "cache"  # the embedded default's converted base (or the cache holding it)
+        patch.setenv("MOKA_CACHE", str(cache))
+        embedded = ["--adapter", str(adapter), "--no-load-in-4bit", "--overwrite"]
+        for target in (cache, cache / "SmolLM2-135M-Instruct-bf16"):
+            fails([*embedded, "--output-dir", str(target)], "holds the --model")
         patch.chdir(out)  # the current directory, or one that holds it
         for target in (".", ".."):
             fails([*common, "--adapter", str(adapter), "--output-dir", target, "--overwrite"], "holds the current")

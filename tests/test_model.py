@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -448,6 +449,15 @@ def test_quantize_model_bad_input_names_the_parameter_and_changes_nothing():
         model.lm_head.double()
         quantize_model(model, target_modules=["lm_head"], progress=False)
     model.lm_head.float()
+    last = [name for name, _ in model.named_modules() if name.endswith("o_proj")][-1]  # after other targets
+    weight = model.get_submodule(last).weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"model: {re.escape(last)}\.weight has non-finite values"):
+        quantize_model(model, progress=False)
+    with torch.no_grad():
+        weight.copy_(saved)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
     assert torch.equal(model(IDS).logits, reference)
     apply_moka(model, MoKAConfig(num_components=2))
