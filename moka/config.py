@@ -51,7 +51,17 @@ def auto_component_shapes(
     Trivial shapes where one factor is a single scalar are excluded. Returns fewer than
     ``num_components`` shapes only when the layer has fewer distinct ones (the caller warns).
     """
-    n_out, k_in = out_features, in_features
+    for name, value in (
+        ("out_features", out_features),
+        ("in_features", in_features),
+        ("num_components", num_components),
+    ):
+        value = _as_int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    n_out, k_in, num_components = _as_int(out_features), _as_int(in_features), _as_int(num_components)
     if variant == "moka_s":
         target = math.log(n_out * k_in) / 4
         ks = [k for k in _divisors(math.gcd(n_out, k_in)) if k > 1 and (n_out // k) * (k_in // k) > 1]
@@ -197,6 +207,7 @@ class MoKAConfig:
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
 
     def resolved_adapter_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        """The factors' dtype on a base of ``base_dtype``: ``adapter_dtype`` if set, else fp32 (fp64 on fp64)."""
         if self.adapter_dtype is not None:
             return self.adapter_dtype
         return torch.float64 if base_dtype == torch.float64 else torch.float32
@@ -210,6 +221,7 @@ class MoKAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoKAConfig:
+        """The config ``to_dict`` wrote (as saved in moka_adapter_config.json); unknown keys are an error."""
         data = dict(data)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:

@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The fine-tune's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
     args = build_parser().parse_args(argv)
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
@@ -471,7 +472,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def _read(path: Path, flag: str) -> list[dict]:
     try:
         return read_jsonl(path)
-    except FileNotFoundError as err:
+    except (OSError, ValueError) as err:  # missing, unreadable, malformed or not UTF-8
         raise CLIError(f"{flag}: {err}") from None
 
 
@@ -862,6 +863,7 @@ def one_line(err: BaseException, limit: int = 400) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``moka-finetune`` entry point: runs, and returns the exit code (2 with one error line on bad input)."""
     try:
         run(parse_args(argv))
     except (CLIError, FileNotFoundError, ValueError, SafetensorError) as err:

@@ -107,6 +107,7 @@ class NF4Linear(nn.Module):
 
     @property
     def nf4_weight(self) -> NF4Tensor:
+        """The frozen weight as an NF4Tensor viewing this layer's buffers (no copy)."""
         return NF4Tensor(
             packed=self.packed,
             absmax=self.absmax,
@@ -119,6 +120,7 @@ class NF4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x·W0ᵀ + b with W0 decoded from NF4, computed in ``compute_dtype`` (if set); output in x's dtype."""
         input_dtype = x.dtype
         x = x.to(self.compute_dtype or input_dtype)
         return nf4_linear(x, self.nf4_weight, self.bias).to(input_dtype)
@@ -316,6 +318,7 @@ class MoKALinear(nn.Module):
 
     @property
     def is_4bit(self) -> bool:
+        """Whether the base weight is NF4 (a bitsandbytes ``Linear4bit`` or an ``NF4Linear``)."""
         return isinstance(self.base_layer, NF4Linear) or self._wraps_linear4bit or is_linear4bit(self.base_layer)
 
     def base_weight(self) -> torch.Tensor | NF4Tensor:
@@ -361,6 +364,7 @@ class MoKALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + s·Σᵢ softmax(g)ᵢ·(Aᵢ ⊗ Bᵢ)·dropout(x), without forming ΔW; (..., in) -> (..., out)."""
         if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # as nn.Linear: fp64 untouched
             x = x.to(torch.get_autocast_dtype(x.device.type))  # and the output in the autocast dtype
         input_dtype = x.dtype
@@ -405,6 +409,17 @@ class MoKALinear(nn.Module):
             dtype: dtype of the merged dense weight; defaults to the base's dtype (for 4-bit bases,
                 the dtype bitsandbytes dequantizes to).
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+        if (
+            dtype is not None
+            and self.is_4bit
+            and requantize
+            and dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        ):
+            raise TypeError(
+                f"dtype: requantizing takes torch.float32, torch.float16 or torch.bfloat16 (or None), got {dtype}"
+            )
         base_w = self.base_weight()
         out_dtype = dtype or (base_w.dtype if isinstance(base_w, (torch.Tensor, NF4Tensor)) else torch.float32)
         merged_fp32 = self.dense_base_weight(torch.float32) + self.delta_weight().float()
@@ -438,6 +453,7 @@ class MoKALinear(nn.Module):
         return layer
 
     def num_trainable_parameters(self) -> int:
+        """The adapter's trainable elements: 2r factors plus r gate logits when the gate is on."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:

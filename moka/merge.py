@@ -102,6 +102,7 @@ def read_run_record(adapter_dir: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The merge's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
     args = build_parser().parse_args(argv)
     args.adapter, args.output_dir = args.adapter.expanduser(), args.output_dir.expanduser()
     try:
@@ -265,6 +266,7 @@ def print_summary(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``moka-merge`` entry point: merges, and returns the exit code (2 with one error line on bad input)."""
     try:
         print_summary(merge(parse_args(argv)))
     except (CLIError, OSError, ValueError, SafetensorError) as err:  # OSError: e.g. no space left

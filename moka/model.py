@@ -59,6 +59,7 @@ class MoKASummary:
 
     @property
     def trainable_percent(self) -> float:
+        """Trainable parameters as a percentage of all the model's parameters."""
         return 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
 
     def __str__(self) -> str:

@@ -218,6 +218,8 @@ def factors_taken_as_they_are(factors: Sequence[torch.Tensor], dtype: torch.dtyp
     """Whether ``moka_linear`` takes these factors uncast with activations of ``dtype``: all of one dtype,
     one of :func:`factor_dtypes_for`. Callers that would otherwise cast (a module, autocast) cast all of
     them when this is False, so a mix of fp32 and bf16 factors is never half cast."""
+    if not factors:
+        raise ValueError("factors: expected at least one factor tensor, got none")
     first = factors[0].dtype
     return first in factor_dtypes_for(dtype) and all(f.dtype == first for f in factors)
 

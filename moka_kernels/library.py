@@ -8,8 +8,8 @@ An NF4Tensor travels as its plain tensor fields, since custom ops take tensors, 
 Eager calls skip the dispatcher: :func:`apply_linear` runs the same backend functions through a plain
 ``torch.autograd.Function`` (:class:`EagerLinear`) unless something is tracing (``torch.compile``,
 ``torch.export``, fake tensors, a dispatch mode, functorch transforms), which gets the custom op. The
-custom-op round trip costs about 0.25 ms of CPU per layer per training step (measured on a 576² layer,
-r = 4, one token: 0.57 ms vs 0.31 ms fwd+bwd), which is the whole step at small T on a GPU.
+custom-op round trip costs about 0.2 ms of CPU per layer per training step (576² layer, r = 4, one token:
+0.54 ms vs 0.34 ms fwd+bwd; benchmarks/results/overhead-cpu.md), which is the whole step at small T on a GPU.
 """
 
 from __future__ import annotations

@@ -111,6 +111,12 @@ class NF4Tensor:
     offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if len(self.shape) != 2 or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in self.shape
+        ):
+            raise ValueError(f"shape: expected the logical (N, K) as two integers, got {self.shape!r}")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype (dequantize's default), got {self.dtype!r}")
         n_rows, n_cols = self.shape
         numel = n_rows * n_cols
         if numel <= 0 or self.blocksize <= 0 or self.blocksize % 2:
@@ -146,21 +152,26 @@ class NF4Tensor:
     # -- properties --------------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:
+        """Whether the block scales are themselves 8-bit quantized (bitsandbytes' ``compress_statistics``)."""
         return self.nested_absmax is not None
 
     @property
     def device(self) -> torch.device:
+        """The device of the packed bytes (every field lives there)."""
         return self.packed.device
 
     @property
     def out_features(self) -> int:
+        """N, the logical number of rows."""
         return self.shape[0]
 
     @property
     def in_features(self) -> int:
+        """K, the logical number of columns."""
         return self.shape[1]
 
     def numel(self) -> int:
+        """N·K, the logical element count."""
         return self.shape[0] * self.shape[1]
 
     def nbytes(self) -> int:
@@ -195,6 +206,7 @@ class NF4Tensor:
         return scales * nested + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize_nf4(self, dtype)``: the dense (N, K) weight."""
         return dequantize_nf4(self, dtype)
 
     def __repr__(self) -> str:
@@ -293,6 +305,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
     blocksize = int(blocksize)  # a NumPy integer too
+    if double_quant not in (True, False):  # NumPy bools too
+        raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
+    double_quant = bool(double_quant)
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
     if w.device.type != "meta" and not torch.isfinite(w).all():

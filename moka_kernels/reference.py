@@ -69,6 +69,8 @@ def gate_weights(
 
     Computed in ``dtype`` promoted to at least fp32 (and to the logits' dtype), never in half precision.
     """
+    if num_components < 1:
+        raise ValueError(f"num_components: expected an integer >= 1, got {num_components!r}")
     dtype = torch.promote_types(dtype, torch.float32)
     if gate_logits is None:
         return torch.full((num_components,), 1.0 / num_components, dtype=dtype, device=device)

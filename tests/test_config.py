@@ -43,6 +43,23 @@ def test_auto_shapes_most_balanced_first():
     assert imbalance == sorted(imbalance)
 
 
+def test_auto_shapes_refuse_bad_input_naming_the_parameter():
+    import numpy as np
+
+    assert auto_component_shapes(np.int64(24), 36, np.int32(3)) == auto_component_shapes(24, 36, 3)
+    for kwargs, name in [
+        ({"num_components": -1}, "num_components"),
+        ({"num_components": 0}, "num_components"),
+        ({"out_features": 0}, "out_features"),
+        ({"in_features": 2.5}, "in_features"),
+        ({"num_components": True}, "num_components"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}: expected an integer >= 1"):
+            auto_component_shapes(**{"out_features": 24, "in_features": 36, "num_components": 3, **kwargs})
+    with pytest.raises(ValueError, match=r"variant: expected one of \('moka', 'moka_s'\), got 'lora'"):
+        auto_component_shapes(24, 36, 3, "lora")
+
+
 def test_default_config_works_on_tiny_and_gqa_layers():
     for n_out, k_in in [(24, 36), (64, 256), (192, 576)]:
         layer = MoKALinear(nn.Linear(k_in, n_out), MoKAConfig())

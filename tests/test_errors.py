@@ -302,3 +302,28 @@ def test_nf4_fields_and_arguments_are_checked_by_name():
         quantize_nf4(w)
     with pytest.raises(TypeError, match=r"bias: expected a floating-point \(64,\) tensor, got list"):
         nf4_linear(torch.randn(2, 80), q, bias=[0.0] * 64)
+    for field, value, error, message in [
+        ("shape", (64, 80, 1), ValueError, r"shape: expected the logical \(N, K\) as two integers, got \(64, 80, 1\)"),
+        ("shape", (64.0, 80), ValueError, r"shape: expected the logical \(N, K\)"),
+        (
+            "dtype",
+            torch.int32,
+            TypeError,
+            r"dtype: expected a floating-point torch\.dtype \(dequantize's default\), got torch\.int32",
+        ),
+    ]:
+        with pytest.raises(error, match=message):
+            dataclasses.replace(q, **{field: value})
+    with pytest.raises(TypeError, match=r"double_quant: expected a bool, got 'no'"):
+        quantize_nf4(torch.randn(4, 16), double_quant="no")
+    assert quantize_nf4(torch.randn(4, 16), double_quant=np.False_).double_quant is False
+
+
+def test_gate_weights_and_factor_dtype_check_refuse_empty_input():
+    from moka_kernels import factors_taken_as_they_are
+    from moka_kernels.reference import gate_weights
+
+    with pytest.raises(ValueError, match=r"num_components: expected an integer >= 1, got 0"):
+        gate_weights(None, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"factors: expected at least one factor tensor"):
+        factors_taken_as_they_are([], torch.float32)

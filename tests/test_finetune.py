@@ -392,9 +392,13 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
     _fails(_args(model_dir, (empty, empty), out), capsys, "no records", out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b"}\n{"text": "c"}\n{"text": oops}\n')
-    _fails(_args(model_dir, (bad, bad), out), capsys, "bad.jsonl:3: invalid JSON", out)
+    good = _jsonl(tmp_path / "good.jsonl", [{"text": "a b"}] * 4)
+    _fails(_args(model_dir, (bad, good), out), capsys, f"--data: {bad}:3: invalid JSON", out)
+    _fails(_args(model_dir, (good, bad), out), capsys, f"--eval-data: {bad}:3: invalid JSON", out)
     wrong = _jsonl(tmp_path / "wrong.jsonl", [{"prompt": "x", "answer": "y"}])
-    _fails(_args(model_dir, (wrong, wrong), out), capsys, "wrong.jsonl:1: expected an object", out)
+    _fails(_args(model_dir, (wrong, good), out), capsys, "--data: ", out)
+    _fails(_args(model_dir, (wrong, good), out), capsys, "wrong.jsonl:1: expected an object", out)
+    _fails(_args(model_dir, (tmp_path, good), out), capsys, "--data: ", out)  # a directory
     assert not out.exists()
 
 

@@ -185,6 +185,13 @@ def test_merge_equals_forward(kind):
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and not any(p.requires_grad for p in merged.parameters())
     assert_close_rel(merged(x), layer(x), 1e-5)
+    assert layer.merge(dtype=torch.float64).weight.dtype == torch.float64
+    for bad in ("bf16", torch.int8):
+        with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch\.dtype"):
+            layer.merge(dtype=bad)
+    if kind != "linear":
+        with pytest.raises(TypeError, match=r"dtype: requantizing takes"):
+            layer.merge(requantize=True, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("kind", ["linear4bit", "nf4"])
