@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one command for a lent GPU machine (the device tool's `run`), from the repo root:
-#   run(command="MOKA_GIT_SHA=<git rev-parse HEAD> bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=600)
+#   run(command="MOKA_GIT_SHA=<sha> bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=600)
+# with <sha> = $(git rev-parse HEAD), plus "+uncommitted" when `git status --porcelain` is not empty (the working
+# tree travels, not the commit)
 # (.git does not travel: the sha, given here, is recorded in the results.) Beforehand, here (that machine has
 # no bitsandbytes and cannot download; its Python is 3.12; .whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -11,6 +13,11 @@
 #   mkdir -p benchmarks/results/gpu && tar xzf <files_at>/gpu-suite.tgz -C benchmarks/results/gpu
 set -uo pipefail
 : "${OUT:?run this on the device machine, where OUT is set}"
+# Nothing may reach a model hub from here: a hidden download fails at once instead of waiting on the network.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if ! compgen -G ".whl/*.whl" > /dev/null; then
+  echo "device_run: NO WHEELS CARRIED (.whl/ is empty): no bitsandbytes, so no bnb/QLoRA rows and no e2e part" >&2
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   # A failed install costs the bitsandbytes rows and the e2e part only: every other part runs without it.
   if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

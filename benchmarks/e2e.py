@@ -26,6 +26,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -267,7 +268,10 @@ def render(path: Path) -> Path:
     ]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['base']} | {r['method']} | – | fails: {r['error']} | – | – | – | – |")
+            log = f" (output: `{r['log']}`)" if r.get("log") else ""
+            lines.append(
+                f"| {r['model']} | {r['base']} | {r['method']} | – | fails: {r['error']}{log} | – | – | – | – |"
+            )
             continue
         step_peak = f"{r['step_peak_mb']:.0f}" if "step_peak_mb" in r else "–"
         lines.append(
@@ -342,16 +346,20 @@ def _run_child(model_key: str, method: str, steps: int, args) -> dict:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     found = [line for line in proc.stdout.splitlines() if line.startswith("E2E_RESULT ")]
-    return (
-        json.loads(found[-1][len("E2E_RESULT ") :])
-        if found
-        else {
-            "model": model_key,
-            "method": method,
-            "base": "?",
-            "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
-        }
+    if found:
+        return json.loads(found[-1][len("E2E_RESULT ") :])
+    # The error line (an exception's "Type: message"), not whatever the child printed last (a shutdown
+    # warning); the whole output beside the results, since on the one GPU call nothing else survives.
+    lines = proc.stderr.strip().splitlines() or ["?"]
+    error = next(
+        (line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", line)), lines[-1]
     )
+    log = args.out / f"e2e-{args.device}-{Path(model_key).name}-{method}.log"
+    args.out.mkdir(parents=True, exist_ok=True)
+    log.write_text(
+        f"$ {' '.join(cmd)}\nexit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
+    return {"model": model_key, "method": method, "base": "?", "error": error, "log": log.name}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,9 @@ from moka.config import auto_component_shapes
 from moka_kernels import library, moka_linear
 from moka_kernels.reference import GradRequest
 
+from .plot import failure_lines
 from .providers import build_case
-from .run import RESULTS, conditions, make_timer, write_json
+from .run import RESULTS, conditions, failure, make_timer, write_json
 
 ROUTES = ["backend functions", "eager route", "custom-op route", "moka_linear", "peft lora r16"]
 
@@ -90,6 +91,7 @@ def render(path: Path) -> Path:
         f"# Per-call overhead: {path.stem}",
         "",
         "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
+        *failure_lines(data),
         "",
         "fwd+bwd per call (ms); the eager route is what `moka_linear` takes outside tracing.",
         "",
@@ -123,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(device, dtype, min_run_time)
     conds.update(components=args.components, smoke=args.smoke, complete=False)
     path = args.out / f"overhead-{'smoke' if args.smoke else args.device}.json"
-    rows = []
+    rows, errors = [], []
     for n_out, k_in in layers:
         for t in tokens:
-            ms = measure_routes(n_out, k_in, t, args.components, device, dtype, measure)
+            try:
+                ms = measure_routes(n_out, k_in, t, args.components, device, dtype, measure)
+            except Exception as err:  # one failing layer costs its own row only
+                errors.append(failure(f"{n_out}x{k_in} T={t}", err, device))
+                continue
             rows.append({"n_out": n_out, "k_in": k_in, "tokens": t, "ms": ms})
             print(f"{n_out}x{k_in} T={t}: " + "  ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
-            write_json(path, conds, rows)
+            write_json(path, conds, rows, errors)
     conds["complete"] = True
-    write_json(path, conds, rows)
+    write_json(path, conds, rows, errors)
     print(f"wrote {path} and {render(path)}", flush=True)
     return 0
 

@@ -178,6 +178,12 @@ def _gpu_target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def failure_lines(data: dict) -> list[str]:
+    """Markdown lines listing what a result file's run failed to measure (``errors``; none: no lines)."""
+    errors = data.get("errors") or []
+    return ["", "Failed (not measured):", "", *(f"- {e['what']}: {e['error']}" for e in errors)] if errors else []
+
+
 def render(path: Path) -> Path:
     """Write ``<stem>.md`` and ``<stem>-*.png`` next to the JSON file; returns the markdown path."""
     path = Path(path)
@@ -185,6 +191,7 @@ def render(path: Path) -> Path:
     conds, rows = data["conditions"], data["rows"]
     gpu = "cpu" not in conds["device"]
     lines = [f"# Layer benchmarks: {path.stem}", "", "Conditions: " + ", ".join(f"{k}={v}" for k, v in conds.items())]
+    lines += failure_lines(data)
     check = cpu_target_check(rows)
     if check is not None:
         lines += [

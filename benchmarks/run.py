@@ -208,17 +208,28 @@ def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: in
             os.environ["MOKA_BACKEND"] = previous
 
 
-def write_json(path: Path, conds: dict, rows: list[dict]) -> None:
+def write_json(path: Path, conds: dict, rows: list[dict], errors: list[dict] | None = None) -> None:
     """Replace ``path`` (.json) with the conditions and rows in one rename, so that a run killed by its time
-    limit (the GPU suite's parts have one) leaves every row measured so far, marked ``complete: false``."""
+    limit (the GPU suite's parts have one) leaves every row measured so far, marked ``complete: false``.
+    ``errors``: what raised instead of measuring (``failure``), kept beside the rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"conditions": conds, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"conditions": conds, "rows": rows, **({"errors": errors} if errors else {})}, indent=1))
     tmp.replace(path.with_suffix(".json"))
 
 
-def write_results(path: Path, conds: dict, rows: list[dict]) -> None:
-    write_json(path, conds, rows)
+def failure(what: str, err: Exception, device: torch.device) -> dict:
+    """A measurement that raised, as one record (its type and first message line), so that one failing provider
+    costs its own rows only, not the rest of a time-limited part; CUDA memory it held is released."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    message = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"FAILED {what}: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
+    return {"what": what, "error": f"{type(err).__name__}: {message}"}
+
+
+def write_results(path: Path, conds: dict, rows: list[dict], errors: list[dict] | None = None) -> None:
+    write_json(path, conds, rows, errors)
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -266,16 +277,31 @@ def main(argv: list[str] | None = None) -> int:
     conds.update(components=args.components, smoke=args.smoke, complete=False)
     path = args.out / ((args.tag or f"layers-{key}") + ".json")  # a dotted --tag (v1.2) keeps its whole name
     rows: list[dict] = []
+    errors: list[dict] = []
+    failures: dict[tuple[str, str], int] = {}
     for n_out, k_in in LAYERS[key]:
         for tokens in TOKENS[key]:
             for provider, base in providers:
-                layer_rows = run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, args.components)
+                what = f"{provider}[{base}] {n_out}x{k_in} T={tokens}"
+                if failures.get((provider, base), 0) >= 2:  # failed twice: its later cells are not tried
+                    errors.append({"what": what, "error": "skipped: this provider failed twice before"})
+                    continue
+                try:
+                    layer_rows = run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, args.components)
+                except Exception as err:  # one provider's failure (a kernel, OOM) costs its own cell only
+                    errors.append(failure(what, err, device))
+                    failures[provider, base] = failures.get((provider, base), 0) + 1
+                    continue
                 rows += layer_rows
                 times = "  ".join(f"{r['mode']} {r['ms']:8.3f}" for r in layer_rows)
                 print(f"{n_out:>5}x{k_in:<5} T={tokens:<5} {provider + '[' + base + ']':24s} {times} ms", flush=True)
-            write_json(path, conds, rows)
+                write_json(path, conds, rows, errors)
     conds["complete"] = True
-    write_results(path, conds, rows)
+    if not rows:
+        write_json(path, conds, rows, errors)
+        print(f"benchmarks.run: every measurement failed; see {path}", file=sys.stderr)
+        return 1
+    write_results(path, conds, rows, errors)
     from .plot import render
 
     render(path.with_suffix(".json"))

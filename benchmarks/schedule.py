@@ -31,7 +31,8 @@ import torch
 from moka.config import auto_component_shapes
 from moka_kernels import quantize_nf4
 
-from .run import RESULTS, conditions, make_timer, write_json
+from .plot import failure_lines
+from .run import RESULTS, conditions, failure, make_timer, write_json
 
 SCHEDULES = ("atomic", "rowwise")
 ROUTE_MIN_SWEPT = 64  # below this the NF4 base takes the fused (decode) route whatever the threshold
@@ -93,6 +94,7 @@ def render(path: Path) -> Path:
         f"# Adapter schedules: {path.stem}",
         "",
         "Conditions: " + ", ".join(f"{k}={v}" for k, v in data["conditions"].items()),
+        *failure_lines(data),
         "",
         "ms per call (median); the NF4 base alone by both routes (the fused dequant-GEMM, and one decode launch +"
         " cuBLAS), forward and dx; the faster of each pair in bold.",
@@ -139,15 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     conds = conditions(device, dtype, 0.01)
     conds.update(components=args.components, smoke=args.smoke, complete=False)
     path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"
-    rows = []
+    rows, errors = [], []
     for n_out, k_in in layers:
         for t in tokens:
-            ms = measure_schedules(n_out, k_in, t, args.components, device, dtype, measure)
+            try:
+                ms = measure_schedules(n_out, k_in, t, args.components, device, dtype, measure)
+            except Exception as err:  # one failing layer costs its own row only
+                errors.append(failure(f"{n_out}x{k_in} T={t}", err, device))
+                continue
             rows.append({"n_out": n_out, "k_in": k_in, "r": args.components, "tokens": t, "ms": ms})
             print(f"{n_out}x{k_in} T={t}: " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()), flush=True)
-            write_json(path, conds, rows)
+            write_json(path, conds, rows, errors)
     conds["complete"] = True
-    write_json(path, conds, rows)
+    write_json(path, conds, rows, errors)
     print(f"wrote {path} and {render(path)}", flush=True)
     return 0
 

@@ -52,7 +52,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 )
 
 from safetensors import SafetensorError  # noqa: E402
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["MoKATrainer", "exact_match_accuracy", "load_model", "main", "parse_args", "run"]
 
@@ -295,7 +295,9 @@ def _process_device() -> torch.device:
     return torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else torch.cuda.current_device())
 
 
-def load_model(path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: str = "bitsandbytes"):
+def load_model(
+    path: str, load_in_4bit: bool, dtype: torch.dtype, nf4_backend: str = "bitsandbytes"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer); 4-bit loads NF4 with double quantization (blocksize 64), computing in ``dtype``.
 
     ``nf4_backend``: ``"bitsandbytes"`` quantizes while loading (``BitsAndBytesConfig``: ``Linear4bit``
@@ -437,7 +439,13 @@ def _normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def exact_match_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 8, batch_size: int = 16):
+def exact_match_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+) -> tuple[float, list[str]]:
     """Greedy-decode each instruction prompt; (accuracy, predictions) by normalized exact match."""
     was_training = model.training
     model.eval()

@@ -172,6 +172,64 @@ def test_e2e_smoke_runs_every_tiny_method(tmp_path):
     assert plot_module.render_any(tmp_path / "e2e-cpu-smoke.json").name == "e2e-cpu-smoke.md"
 
 
+def test_a_failing_provider_costs_its_own_cells_only(tmp_path, monkeypatch, capsys):
+    """On the one GPU call a provider that raises (a kernel, an OOM) must not end the part: its cells are
+    recorded as failures (after two, its later cells are skipped), the others measured and rendered."""
+
+    def run_layer(provider, base, n_out, k_in, tokens, *args):
+        if provider == "lokr_materialized":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return [
+            {
+                "provider": provider,
+                "base": base,
+                "n_out": n_out,
+                "k_in": k_in,
+                "tokens": tokens,
+                "mode": m,
+                "ms": 1.0,
+                "trainable": 0,
+                "adapter_macs_per_token": 0,
+                "adapter_train_macs_per_token": 0,
+                "saved_bytes": 0,
+                "peak_bytes": 1,
+                "note": "",
+            }
+            for m in ("fwd", "bwd", "fwd+bwd")
+        ]
+
+    monkeypatch.setattr(run, "run_layer", run_layer)
+    monkeypatch.setitem(run.TOKENS, "smoke", [1, 2, 3, 4])
+    assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "dense_linear,lokr_materialized"]) == 0
+    data = json.loads((tmp_path / "layers-smoke.json").read_text())
+    assert data["conditions"]["complete"] is True and {r["provider"] for r in data["rows"]} == {"dense_linear"}
+    cells = len(run.LAYERS["smoke"]) * len(run.TOKENS["smoke"])
+    assert len(data["rows"]) == 3 * cells and len(data["errors"]) == cells
+    assert data["errors"][0]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert [e["error"].startswith("skipped") for e in data["errors"]] == [False, False] + [True] * (cells - 2)
+    md = (tmp_path / "layers-smoke.md").read_text()
+    assert "Failed (not measured):" in md and "- lokr_materialized[dense] " in md
+    assert "FAILED lokr_materialized[dense]" in capsys.readouterr().err
+    monkeypatch.setattr(run, "run_layer", lambda *a: 1 / 0)
+    assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "dense_linear"]) == 1
+
+
+@pytest.mark.parametrize("module_name, function", [("overhead", "measure_routes"), ("schedule", "measure_schedules")])
+def test_overhead_and_schedule_record_a_failing_layer_and_go_on(tmp_path, monkeypatch, module_name, function):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{module_name}")
+    monkeypatch.setattr(module, function, lambda *a: (_ for _ in ()).throw(RuntimeError("triton: out of resources")))
+    import moka_kernels.ops
+
+    monkeypatch.setattr(moka_kernels.ops, "INTERPRET", True)  # schedule's CPU guard; nothing is launched
+    assert module.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob(f"{module_name}-smoke.json")
+    data = json.loads(path.read_text())
+    assert data["rows"] == [] and data["errors"][0]["error"] == "RuntimeError: triton: out of resources"
+    assert "Failed (not measured):" in path.with_suffix(".md").read_text()
+
+
 def test_overhead_smoke_measures_every_route(tmp_path):
     from benchmarks import overhead
 
@@ -440,6 +498,26 @@ def test_e2e_without_bitsandbytes_fails_nf4_methods_in_the_parent(tmp_path, monk
         ("moka", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
         ("lora_r32", "ModuleNotFoundError: the NF4 base needs bitsandbytes"),
     ]
+
+
+def test_e2e_failed_child_keeps_its_error_line_and_whole_output(tmp_path, monkeypatch):
+    """A child that dies reports its exception's line (not a later shutdown warning), and its whole output is
+    written beside the results (on the one GPU call nothing else would survive)."""
+    import argparse
+
+    from benchmarks import e2e
+
+    stderr = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory.\n[W] shutdown\n"
+
+    def failed_child(cmd, *a, **k):
+        return subprocess.CompletedProcess(cmd, 1, stdout="autotune: picked 64x64\n", stderr=stderr)
+
+    monkeypatch.setattr(subprocess, "run", failed_child)
+    args = argparse.Namespace(out=tmp_path, device="cuda", batch=4, seq=512, layers=None)
+    row = e2e._run_child("llama2-7b", "moka", 3, args)
+    assert row["error"] == "torch.OutOfMemoryError: CUDA out of memory." and row["log"] == "e2e-cuda-llama2-7b-moka.log"
+    log = (tmp_path / row["log"]).read_text()
+    assert "autotune: picked 64x64" in log and "[W] shutdown" in log and "exit code 1" in log
 
 
 class _MacCounter(torch.utils._python_dispatch.TorchDispatchMode):
