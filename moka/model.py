@@ -155,6 +155,13 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
+    if _fsdp_modules(model):
+        # the new factors would be plain parameters FSDP does not manage: their gradients never reduced, so
+        # each rank would train its own adapter
+        raise ValueError(
+            "model: is already sharded by FSDP2 (fully_shard); call apply_moka (or load_adapter) before "
+            "fully_shard, so the adapters are sharded and their gradients reduced with the rest"
+        )
     # A matched layer of another kind with a weight matrix (a PEFT LoRA layer, GPT-2's Conv1D, an embedding)
     # is refused, not skipped; other matches (norms, activations, containers under a broad regex) are passed
     # over.
@@ -374,10 +381,32 @@ def _is_sharded(params: dict[str, torch.Tensor]) -> bool:
     return dtensor is not None and any(isinstance(p, dtensor) for p in params.values())
 
 
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule  # public from torch 2.6
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _resharded(model: nn.Module) -> bool:
+    """Whether FSDP2 wraps any part of ``model``, after resharding every wrapped module (local, no collective).
+
+    A ``no_grad`` forward leaves the root's parameter group gathered, as plain tensors FSDP drops at its next
+    reshard: a load into those would be undone, and a save would not see that the adapters are sharded."""
+    modules = _fsdp_modules(model)
+    for module in modules:
+        module.reshard()
+    return bool(modules)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors by name: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}``, ``{layer}.gate_logits``.
 
     Adapters sharded by FSDP2 (DTensors) are gathered whole: a collective, so every rank must call it."""
+    _resharded(model)
     params = _adapter_parameters(model)
     if not _is_sharded(params):
         return {k: p.detach() for k, p in params.items()}
@@ -400,7 +429,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("model: has no MoKA layers to save")
     state = adapter_state_dict(model)  # under FSDP2 a collective: every rank gathers before any writes
     directory = Path(directory)
-    if not _is_sharded(_adapter_parameters(model)):
+    if not (_resharded(model) or _is_sharded(_adapter_parameters(model))):
         return _write_adapter(model, layers, state, directory)
     import torch.distributed as dist
 
@@ -554,6 +583,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
                     "remove_moka(model) first and load_adapter patches the model with the adapter's config"
                 )
     try:
+        _resharded(model)  # a load into gathered copies would be undone at FSDP's next reshard
         params = _adapter_parameters(model)
         expected = {k: p.shape for k, p in params.items()}  # a DTensor's shape is the whole tensor's
         missing = sorted(set(expected) - set(tensors))

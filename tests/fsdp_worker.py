@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py BASE OUT_DIR``: each rank trains on
 its half of the batch with every decoder layer and the root wrapped by ``fully_shard``, then every rank calls
-``save_adapter`` (OUT_DIR/adapter, written by rank 0) and ``load_adapter`` into a fresh sharded model. Rank 0
-records the sharding, its losses and the reload check in OUT_DIR/result.pt. ``train`` in one process is the
+``save_adapter`` (OUT_DIR/adapter, written by rank 0) and ``load_adapter`` into a fresh sharded model (after an
+evaluation forward, and followed by a backward), and tries ``apply_moka`` on a sharded model. Rank 0 records the
+sharding, its losses, the reload check and that refusal in OUT_DIR/result.pt. ``train`` in one process is the
 reference.
 """
 
@@ -42,13 +43,13 @@ def train(model, ids: torch.Tensor) -> list[float]:
     return train_steps(model, ids, STEPS, lr=0.5, optimizer=torch.optim.SGD)
 
 
-def shard(model, base: str) -> None:
+def shard(model, base: str, root_only: bool = False) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mixed = {}
     if base.endswith("bf16"):  # bf16 compute, fp32 gradient reduction: the usual GPU setting
         mixed["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    for layer in [] if root_only else model.model.layers:
         fully_shard(layer, **mixed)
     fully_shard(model, **mixed)
 
@@ -80,12 +81,29 @@ def main(base: str, out_dir: str) -> None:
     shard(fresh, base)
     load_adapter(fresh, f"{out_dir}/adapter")
     trained, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    root_only = build(base)  # every adapter in the root's parameter group
+    shard(root_only, base, root_only=True)
+    with torch.no_grad():  # an evaluation forward leaves the root's parameters gathered, as plain tensors
+        root_only(ids)
+    load_adapter(root_only, f"{out_dir}/adapter")
+    root_only(ids, labels=ids).loss.backward()  # FSDP reshards: a load into the gathered copies would be undone
+    loaded_root_only = adapter_state_dict(root_only)
+    unpatched = tiny_llama(hidden=128)
+    shard(unpatched, base)
+    try:  # patching after fully_shard would leave adapters FSDP never reduces
+        apply_moka(unpatched, MoKAConfig(num_components=2))
+        refused = None
+    except ValueError as err:
+        refused = str(err)
     with torch.no_grad():
         same_loss = model(ids, labels=ids).loss.item() == fresh(ids, labels=ids).loss.item()
     if rank == 0:
-        reloaded = trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+        reloaded = all(
+            trained.keys() == other.keys() and all(torch.equal(trained[k], other[k]) for k in trained)
+            for other in (loaded, loaded_root_only)
+        )
         torch.save(
-            {"sharding": sharding, "losses": losses, "reloaded": reloaded, "same_loss": same_loss},
+            {"sharding": sharding, "losses": losses, "reloaded": reloaded, "same_loss": same_loss, "refused": refused},
             f"{out_dir}/result.pt",
         )
     dist.barrier()

@@ -41,6 +41,7 @@ def test_fsdp2_two_ranks_match_one_process(base, tmp_path):
     saved = load_file(out / "adapter" / "moka_adapter.safetensors")  # save_adapter gathered the shards
     # load_adapter into a fresh sharded model (adapters zeroed) gives the trained adapters and the same loss
     assert result["reloaded"] and result["same_loss"]
+    assert result["refused"].startswith("model: is already sharded by FSDP2 (fully_shard)")
     sharding = result["sharding"]
     # the frozen base is sharded too: half the rows of W (dense) or of the packed NF4 bytes on each rank
     assert sharding["type"] == "DTensor" and sharding["shard_0"] == [True]
