@@ -726,6 +726,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         **_checkpointing_arguments(args.gradient_checkpointing),
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        # the frozen NF4 bytes are buffers (moka's NF4Linear): broadcast on every forward they would cost the
+        # whole 4-bit model's size per step; every rank quantized the same weights, and nothing changes them
+        ddp_broadcast_buffers=False,
         dataloader_num_workers=0,
     )
     recorder = LossRecorder()

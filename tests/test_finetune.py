@@ -754,9 +754,21 @@ def test_gradient_checkpointing_flag_reaches_the_model(model_dir, data, tmp_path
         return original(function, *args, **kwargs)
 
     monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    from transformers import Trainer
+
+    trainer_args = []
+    original_init = Trainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        trainer_args.append(kwargs["args"])
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", recording_init)
     out = tmp_path / "run"
     assert main(_args(model_dir, data, out, "--max-steps", "2", "--save-steps", "2", "--gradient-checkpointing")) == 0
     assert calls and set(calls) == {False}
+    # DDP would broadcast moka's NF4 buffers (the whole frozen base) on every forward
+    assert trainer_args and trainer_args[-1].ddp_broadcast_buffers is False
     calls.clear()
     assert main(_args(model_dir, data, tmp_path / "plain", "--max-steps", "2", "--save-steps", "2")) == 0
     assert not calls
