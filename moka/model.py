@@ -7,6 +7,7 @@ the model as it was, and never a partial file in an adapter directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ __all__ = [
     "remove_moka",
     "save_adapter",
 ]
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "moka_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "moka_adapter_config.json"
@@ -217,8 +220,28 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         p.requires_grad_(False)
     for layer in moka_layers(model).values():
         layer.reset_requires_grad()
+    for name, source in _tied_weight_sources(model, layers).items():
+        # transformers' save_pretrained drops a tied weight only under a name the model declares tied
+        # (lm_head.weight); declared here under its wrapped name, a patched model with a tied lm_head saves
+        # (the Trainer's checkpoints) instead of raising on the shared tensor
+        layers[name]._tied_weights_keys = {"base_layer.weight": source}
     model.moka_config = config
     return _summary(model)
+
+
+def _tied_weight_sources(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """For each MoKA layer (by name) whose base weight is the same tensor as another parameter of the model
+    (an lm_head tied to the input embedding), that parameter's name."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(p), []).append(name)
+    sources = {}
+    for name, layer in layers.items():
+        weight = getattr(layer.base_layer, "weight", None)
+        others = [n for n in names_by_tensor.get(id(weight), []) if not n.startswith(f"{name}.")]
+        if others:
+            sources[name] = others[0]
+    return sources
 
 
 @torch.no_grad()
@@ -346,6 +369,14 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
     merged = {name: layer.merge(requantize=requantize, dtype=dtype) for name, layer in layers.items()}
+    untied = _tied_weight_sources(model, layers)
+    config = getattr(model, "config", None)
+    if untied and config is not None and hasattr(config, "tie_word_embeddings"):
+        # the merged layer holds W0 + ΔW, no longer the embedding: a later tie_weights() (a resize, a reload
+        # honouring the flag) would silently tie it back and drop ΔW
+        config.tie_word_embeddings = False
+        layer, source = next(iter(untied.items()))
+        logger.info("merge_moka: %s no longer tied to %s; config.tie_word_embeddings set to False", layer, source)
     for name, new in merged.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, new)
@@ -402,10 +433,24 @@ def _resharded(model: nn.Module) -> bool:
     return bool(modules)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and DDP/DataParallel's wrappers (adapter names never carry their
+    ``_orig_mod.`` / ``module.`` prefixes, so a file saved through a wrapper loads without one, and back)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors by name: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}``, ``{layer}.gate_logits``.
 
-    Adapters sharded by FSDP2 (DTensors) are gathered whole: a collective, so every rank must call it."""
+    Adapters sharded by FSDP2 (DTensors) are gathered whole: a collective, so every rank must call it. Names
+    are the unwrapped model's (no ``torch.compile`` or DDP prefix)."""
+    model = _unwrapped(model)
     _resharded(model)
     params = _adapter_parameters(model)
     if not _is_sharded(params):
@@ -424,6 +469,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     rank, rank 0 alone writes, and every rank returns once the files are in place (or raises if rank 0
     could not write them).
     """
+    model = _unwrapped(model)
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to save")
@@ -566,6 +612,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     """
     from safetensors.torch import load_file
 
+    model = _unwrapped(model)
     meta = read_adapter_config(directory)
     tensors = load_file(adapter_files(directory)[1])
     saved = MoKAConfig.from_dict(meta["config"])

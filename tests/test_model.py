@@ -96,6 +96,26 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(fresh(IDS).logits, logits)
 
 
+def test_adapters_save_and_load_through_compile_and_data_parallel_wrappers(tmp_path):
+    """The names are the model's own, whatever wraps it: a file saved through torch.compile's or DataParallel's
+    wrapper loads into a bare model and back (no ``_orig_mod.`` / ``module.`` prefix)."""
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    bare = adapter_state_dict(model)
+    for wrap in (torch.compile, nn.DataParallel, lambda m: torch.compile(nn.DataParallel(m))):
+        wrapped = wrap(model)
+        assert adapter_state_dict(wrapped).keys() == bare.keys()
+        save_adapter(wrapped, tmp_path / "wrapped")
+        fresh = tiny_llama()
+        load_adapter(fresh, tmp_path / "wrapped")
+        assert all(torch.equal(adapter_state_dict(fresh)[k], v) for k, v in bare.items())
+        into_wrapped = tiny_llama()
+        apply_moka(into_wrapped, MoKAConfig(num_components=2))
+        load_adapter(wrap(into_wrapped), tmp_path / "wrapped")
+        assert all(torch.equal(adapter_state_dict(into_wrapped)[k], v) for k, v in bare.items())
+
+
 def test_load_adapter_from_another_shape_fails_clearly_and_changes_nothing(tmp_path):
     small = tiny_llama(hidden=64)
     apply_moka(small)
@@ -250,6 +270,28 @@ def test_a_tied_output_embedding_can_be_patched_and_tied_again():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
     assert model(IDS).logits.shape == (*IDS.shape, 128)
+
+
+def test_a_tied_patched_lm_head_saves_and_merges_untied(tmp_path):
+    """save_pretrained (the Trainer's checkpoints) drops the tied copy under its wrapped name instead of raising
+    on the shared tensor; merging unties lm_head and says so in the config, so a later tie_weights() cannot
+    drop ΔW."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(tie_word_embeddings=True)
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=["q_proj", "lm_head"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "patched")  # raised "contained shared tensors" before
+    adapted = model(IDS).logits
+    merge_moka(model)
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+    model.tie_weights()  # honours the flag: the merged head stays
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(reloaded(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_training_steps_reduce_the_loss():
