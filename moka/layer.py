@@ -69,6 +69,26 @@ class NF4Linear(nn.Module):
                 self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A copy_ would silently convert another layout's fields (uint8 scale codes read as fp32 scales): W0
+        # would change with no error, even in a non-strict load. Refused whatever ``strict`` says.
+        layout = "double-quantized" if self.nested_absmax is not None else "fp32 absmax"
+        for name in _NF4_FIELDS:
+            key, mine = prefix + name, getattr(self, name)
+            if key in state_dict and (mine is None or state_dict[key].dtype != mine.dtype):
+                got = state_dict[key].dtype
+                error_msgs.append(
+                    f"{key}: the state dict holds another NF4 layout than this layer ({layout}): "
+                    f"{got} where this layer has {'no such field' if mine is None else mine.dtype}; "
+                    "quantize the model the same way (double_quant) before loading"
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _apply(self, fn, recurse=True):
         # Module.to/half/cuda/... all land here with fn applied to every tensor. The probe learns what fn
         # does to a floating tensor here (device and dtype); the NF4 fields take only its device. They are
@@ -453,7 +473,7 @@ class MoKALinear(nn.Module):
         return layer
 
     def num_trainable_parameters(self) -> int:
-        """The adapter's trainable elements: 2r factors plus r gate logits when the gate is on."""
+        """The adapter's trainable elements: its trainable factors (moka_s: the B's only) and the gate logits if on."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:

@@ -632,6 +632,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     try:
         _resharded(model)  # a load into gathered copies would be undone at FSDP's next reshard
         params = _adapter_parameters(model)
+        on_meta = [k for k, p in params.items() if p.is_meta]
+        if on_meta:  # copy_ into a meta tensor does nothing: the load would "succeed" and load nothing
+            raise ValueError(
+                f"model: its adapter parameters are on the meta device ({on_meta[0]}, ...); materialize them "
+                "first (model.to_empty(device=...), after fully_shard under FSDP2), then load_adapter"
+            )
         expected = {k: p.shape for k, p in params.items()}  # a DTensor's shape is the whole tensor's
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))

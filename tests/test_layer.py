@@ -466,3 +466,21 @@ def test_moka_s_identities_stay_frozen_after_apply_and_load(tmp_path):
     remove_moka(model)
     load_adapter(model, tmp_path / "s")
     assert all(not a.requires_grad for layer in moka_layers(model).values() for a in layer.a_factors)
+
+
+def test_nf4_state_dict_of_another_layout_is_refused_even_when_not_strict():
+    """A double-quantized layer's uint8 scale codes copied into an fp32-absmax layer (or the reverse) would change
+    W0 silently; the load raises, naming the field, and the layer keeps its weight."""
+    w = torch.randn(32, 64)
+    double, single = NF4Linear(quantize_nf4(w, double_quant=True)), NF4Linear(quantize_nf4(w, double_quant=False))
+    before = dequantize_nf4(single.nf4_weight, torch.float32)
+    for target, source, field in ((single, double, "absmax"), (double, single, "absmax")):
+        kept = {k: v.clone() for k, v in target.state_dict().items()}
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=rf"{field}: the state dict holds another NF4 layout"):
+                target.load_state_dict(source.state_dict(), strict=strict)
+        assert all(torch.equal(kept[k], v) for k, v in target.state_dict().items())
+    assert torch.equal(dequantize_nf4(single.nf4_weight, torch.float32), before)
+    same = NF4Linear(quantize_nf4(torch.randn(32, 64), double_quant=True))
+    same.load_state_dict(double.state_dict())  # the same layout loads as before
+    assert torch.equal(dequantize_nf4(same.nf4_weight, torch.float32), dequantize_nf4(double.nf4_weight, torch.float32))

@@ -96,6 +96,17 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(fresh(IDS).logits, logits)
 
 
+def test_load_adapter_refuses_a_meta_model_and_leaves_it_unpatched(tmp_path):
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    save_adapter(model, tmp_path / "adapter")
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(ValueError, match=r"model: its adapter parameters are on the meta device"):
+        load_adapter(meta, tmp_path / "adapter")
+    assert not moka_layers(meta)
+
+
 def test_adapters_save_and_load_through_compile_and_data_parallel_wrappers(tmp_path):
     """The names are the model's own, whatever wraps it: a file saved through torch.compile's or DataParallel's
     wrapper loads into a bare model and back (no ``_orig_mod.`` / ``module.`` prefix)."""
