@@ -1067,3 +1067,26 @@ def test_strided_bias_and_gate_logits_read_as_their_values(tokens, monkeypatch):
     torch.testing.assert_close(strided_grads[0][:, 1], bias_grad)
     torch.testing.assert_close(strided_grads[1][:, 1], gate_grad)
     torch.testing.assert_close(nf4_linear(x, weight, bias_table[:, 1]), nf4_linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-absmax", "double-quant"])
+@pytest.mark.parametrize("route", ["fused", "dequantize"])
+def test_nf4_fields_that_are_strided_views_are_read_right(route, double_quant, monkeypatch):
+    """The kernels index the NF4 fields as contiguous; a field that is a strided view of the same values (a
+    hand-built NF4Tensor, a state dict loaded with assign=True) must give the same result, not another weight."""
+    import dataclasses
+
+    from moka_kernels import nf4_linear
+
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    monkeypatch.setenv("MOKA_NF4_ROUTE", route)
+    weight = quantize_nf4(torch.randn(96, 192) * 0.1, 32, double_quant=double_quant)  # 576 blocks: 3 nested
+    x = torch.randn(3, 192)
+    expected = x @ dequantize_nf4(weight, torch.float32).T
+    for name in ("packed", "absmax", *(("nested_absmax", "nested_code") if double_quant else ())):
+        field = getattr(weight, name)
+        every_other = torch.zeros(*field.shape, 2, dtype=field.dtype)
+        every_other[..., 0] = field
+        strided = dataclasses.replace(weight, **{name: every_other[..., 0]})
+        assert not getattr(strided, name).is_contiguous()
+        torch.testing.assert_close(nf4_linear(x, strided), expected, rtol=1e-5, atol=1e-5, msg=name)

@@ -432,14 +432,16 @@ def _code_table(device: torch.device) -> torch.Tensor:
 
 
 def _nf4_args(w: NF4Tensor) -> tuple:
-    """Kernel pointer arguments for an NF4Tensor (placeholders where double quantization is off)."""
-    placeholder = w.absmax
+    """Kernel pointer arguments for an NF4Tensor (placeholders where double quantization is off). The kernels
+    index every field as contiguous: a strided view (a hand-built NF4Tensor, a load with ``assign=True``) is
+    copied here, not read wrong (``contiguous()`` returns a contiguous field itself)."""
+    absmax = w.absmax.contiguous()
     return (
-        w.packed,
-        w.absmax,
-        w.nested_absmax if w.double_quant else placeholder,
-        w.nested_code if w.double_quant else placeholder,
-        w.offset.reshape(1) if w.double_quant else placeholder,
+        w.packed.contiguous(),
+        absmax,
+        w.nested_absmax.contiguous() if w.double_quant else absmax,
+        w.nested_code.contiguous() if w.double_quant else absmax,
+        w.offset.reshape(1) if w.double_quant else absmax,
         _code_table(w.device),
     )
 
