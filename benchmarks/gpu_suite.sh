@@ -7,8 +7,8 @@
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
 # overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
-# the rows it measured, marked "complete": false); all five fit in 520 s (a 600 s call keeps ~80 s for the
-# start, the kill grace of each part and the final render)
+# the rows it measured, marked "complete": false); all five fit in 520 s, and with each part's 5 s kill grace
+# and the render's 20 s limit the worst case is 570 s (a 600 s call keeps 30 s for the setup)
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 # PACK=FILE: after each part and every 20 s, every result so far is packed into the one gzipped tar FILE (the
@@ -56,8 +56,8 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_availabl
 PY
 status=0
 # SIGINT, not timeout's default SIGTERM: pytest then still writes its junit XML and failure summary, and the
-# benchmarks unwind (their rows are written as they go). -k: SIGKILL 15 s later if that hangs.
-limit() { local seconds=$1; shift; timeout -s INT -k 15 "$seconds" "$@"; }
+# benchmarks unwind (their rows are written as they go). -k: SIGKILL 5 s later if that hangs.
+limit() { local seconds=$1; shift; timeout -s INT -k 5 "$seconds" "$@"; }
 if [[ $parts == *,tests,* ]]; then
   # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels and routes), then the 60-case matrix at
   # LLaMA shapes, 4096² first: each new shape and dtype compiles and autotunes, so the matrix may not finish.
@@ -86,7 +86,7 @@ if [[ $parts == *,schedule,* ]]; then
   pack
 fi
 # A part cut short leaves JSON only; render whatever is there (never measures).
-limit 30 "$py" -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
+limit 20 "$py" -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
 if [[ -n ${PACK:-} ]]; then stop_packer; fi  # no older snapshot can land after the last one
 pack
 exit $status

@@ -10,7 +10,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["GPU_TARGETS", "cpu_target_check", "gpu_target_checks", "label", "render"]
+__all__ = [
+    "GPU_REFERENCE_RATIOS",
+    "GPU_TARGETS",
+    "cpu_target_check",
+    "gpu_reference_ratios",
+    "gpu_target_checks",
+    "label",
+    "render",
+]
 
 # H100/H200-class peaks (REFERENCE.md §6, measured on an H200) for the GPU rows' roofline column.
 PEAK_FLOPS = 790e12
@@ -141,8 +149,11 @@ GPU_TARGETS = [
     ("our NF4 base / dequantize + cuBLAS", "ours_nf4[nf4]", "dequant_cublas[nf4]", "fwd", lambda t: t >= 512, 1.1),
     ("our NF4 base / dequantize + cuBLAS", "ours_nf4[nf4]", "dequant_cublas[nf4]", "fwd+bwd", lambda t: t >= 512, 1.1),
     ("dequantize + cuBLAS / our NF4 base", "dequant_cublas[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -2.0),
-    # QLoRA's base as users run it (matmul_4bit: bitsandbytes' GEMV at T = 1 without grad), for reference
-    ("bitsandbytes matmul_4bit / our NF4 base", "bnb_nf4[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16, -1.0),
+]
+# Ratios shown beside the targets, not scored: QLoRA's base as users run it (matmul_4bit: bitsandbytes' GEMV at
+# T = 1 without grad) against ours.
+GPU_REFERENCE_RATIOS = [
+    ("bitsandbytes matmul_4bit / our NF4 base", "bnb_nf4[nf4]", "ours_nf4[nf4]", "fwd", lambda t: t <= 16),
 ]
 
 
@@ -162,8 +173,37 @@ def gpu_target_checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def gpu_reference_ratios(rows: list[dict]) -> list[dict]:
+    """The unscored comparisons of ``GPU_REFERENCE_RATIOS`` on every layer and token count that has both rows."""
+    idx = _index(rows)
+    ratios = []
+    for n, k, t in sorted({(r["n_out"], r["k_in"], r["tokens"]) for r in rows}):
+        for what, num, den, mode, applies in GPU_REFERENCE_RATIOS:
+            top, bottom = idx.get((n, k, t, num, mode)), idx.get((n, k, t, den, mode))
+            if applies(t) and top is not None and bottom is not None:
+                ratios.append(dict(what=what, layer=f"{n}×{k}", tokens=t, mode=mode, ratio=top["ms"] / bottom["ms"]))
+    return ratios
+
+
 def _gpu_target_lines(rows: list[dict]) -> list[str]:
     checks = gpu_target_checks(rows)
+    references = gpu_reference_ratios(rows)
+    lines = _gpu_check_table(checks)
+    if references:
+        lines += [
+            "",
+            "For reference (not targets):",
+            "",
+            "| ratio | layer | T | mode | value |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['what']} | {c['layer']} | {c['tokens']} | {c['mode']} | {c['ratio']:.2f}× |" for c in references
+        ]
+    return lines
+
+
+def _gpu_check_table(checks: list[dict]) -> list[str]:
     if not checks:
         return []
     met = sum(c["met"] for c in checks)
