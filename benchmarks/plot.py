@@ -20,7 +20,8 @@ __all__ = [
     "render",
 ]
 
-# H100/H200-class peaks (REFERENCE.md §6, measured on an H200) for the GPU rows' roofline column.
+# The GPU rows' roofline: the bf16 GEMM rate and bandwidth the project's reference (REFERENCE.md §6, outside this
+# repo) measured on an H200, below its spec sheet's 989 TFLOP/s and 4.8 TB/s.
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 4.3e12
 
