@@ -56,6 +56,7 @@ def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int
         base = idx[(n, k, tokens, "dense_linear[dense]", "fwd+bwd")]
     except KeyError:
         return None
+    fused = idx.get((n, k, tokens, "lokr_fused[dense]", "fwd+bwd"))
     share = moka["adapter_train_macs_per_token"] / (2 * n * k)  # adapter fwd+bwd FLOPs / base fwd+dX FLOPs
     overhead = moka["ms"] / base["ms"] - 1
     return {
@@ -71,6 +72,7 @@ def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int
         "moka_ms": moka["ms"],
         "lokr_ms": lokr["ms"],
         "base_ms": base["ms"],
+        "speedup_vs_lokr_fused": None if fused is None else fused["ms"] / moka["ms"],
     }
 
 
@@ -240,9 +242,19 @@ def render(path: Path) -> Path:
             "CPU targets (fp32, 2048×2048, T = 512, fwd+bwd):",
             f"- MoKA (PyTorch path) vs LoKr-style materialization: {check['speedup_vs_lokr']:.2f}× faster "
             f"(target ≥ {check['speedup_target']}×): {'met' if check['speedup_vs_lokr'] >= 2.5 else 'MISSED'}. "
-            f"LoKr-style takes {check['lokr_over_base']:.2f}× the base alone, so no layer that includes the base "
-            f"can be 2.5× faster than it here; counting only the time each adds to the base, MoKA's adapter is "
+            f"LoKr-style (PEFT's way: base(x) + F.linear(x, ΔW)) takes {check['lokr_over_base']:.2f}× the base "
+            f"alone; MoKA at the base GEMM's FLOP rate would take {1 + check['adapter_flop_share']:.2f}×, so "
+            f"{check['lokr_over_base'] / (1 + check['adapter_flop_share']):.2f}× is the most its FLOPs allow here; "
+            f"counting only the time each adds to the base, MoKA's adapter is "
             f"{check['adapter_speedup_vs_lokr']:.2f}× faster than LoKr's.",
+            *(
+                [
+                    f"- Against the stricter comparator, ΔW added to W0 for one GEMM (lokr_fused, not PEFT's way): "
+                    f"{check['speedup_vs_lokr_fused']:.2f}× faster."
+                ]
+                if check["speedup_vs_lokr_fused"] is not None
+                else []
+            ),
             f"- MoKA time over the base alone: +{100 * check['overhead_vs_base']:.1f}% against an adapter FLOP "
             f"share of {100 * check['adapter_flop_share']:.1f}% = {check['overhead_over_share']:.2f}× the share "
             f"(target ≤ {check['overhead_target']}×): {'met' if check['overhead_over_share'] <= 1.5 else 'MISSED'}",

@@ -14,7 +14,8 @@ Providers (all on the same W0, x and dy):
   ``dequant_cublas`` (CUDA: bitsandbytes ``dequantize_4bit`` + ``F.linear`` at every T, the GPU target's
   comparator; ``matmul_4bit`` itself takes a GEMV at T = 1 without grad);
 * adapters: ``moka_torch`` / ``moka_triton`` (ours, NF4 or dense base), ``lokr_materialized`` (PEFT LoKr's
-  way: ΔW = Σ α_i kron(A_i, B_i) every step, then a full-size F.linear on a dense base), ``lora_r16``,
+  way: ΔW = Σ α_i kron(A_i, B_i) every step, then ``base(x) + F.linear(x, ΔW)`` on a dense base, as PEFT's
+  LoKr layer computes it), ``lokr_fused`` (the same ΔW added to W0, one GEMM: stricter than PEFT), ``lora_r16``,
   ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at MoKA's trainable-parameter count).
 """
 
@@ -213,9 +214,20 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
                 "nf4_dequantize + cuBLAS from there"
             )
             return Case(_NF4Base.apply, note=note, frozen=persistent)
-        return Case(
-            lambda x: F.linear(x, dequantize_nf4(w_nf4, x.dtype)), note="dequantize + GEMM (CPU)", frozen=persistent
-        )
+
+        class _DecodeThenGemm(torch.autograd.Function):
+            # as moka_linear's PyTorch path runs the base: W decoded in the forward and again in the backward,
+            # never saved (autograd through F.linear would save the decoded fp32 W, N·K·4 bytes)
+            @staticmethod
+            def forward(ctx, x):
+                return F.linear(x, dequantize_nf4(w_nf4, x.dtype))
+
+            @staticmethod
+            def backward(ctx, dy):
+                return dy @ dequantize_nf4(w_nf4, dy.dtype)
+
+        note = "dequantize + GEMM (CPU), W decoded again in the backward, as moka_linear's PyTorch path"
+        return Case(_DecodeThenGemm.apply, note=note, frozen=persistent)
     if provider in ("moka_torch", "moka_triton"):
         weight = nf4(w_dense) if base == "nf4" else w_dense
         params = factors()
@@ -230,16 +242,27 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
             note=f"{base} base, r={len(shapes)}: " + ", ".join(f"{a1}x{a2}⊗{b1}x{b2}" for a1, a2, b1, b2 in shapes),
             frozen=persistent,
         )
-    if provider == "lokr_materialized":
+    if provider in ("lokr_materialized", "lokr_fused"):
         params = factors()
         a, b, g = params[:r], params[r : 2 * r], params[2 * r]
-        return Case(
+        n_k = n_out * k_in
+        if provider == "lokr_materialized":  # PEFT LoKr's forward: base_layer(x) + F.linear(x, ΔW)
+            return Case(
+                lambda x: F.linear(x, w_dense) + F.linear(x, materialized_delta_weight(a, b, g).to(dtype)),
+                params,
+                n_k,  # per token: the ΔW GEMM (forming ΔW, r·N·K per step, not counted)
+                3 * n_k,  # its forward, its dX and dΔW = Gᵀ X
+                moka_params,
+                note="dense base; ΔW = Σ α kron(A, B) formed every step, a second full-size GEMM (PEFT LoKr's way)",
+                frozen=persistent,
+            )
+        return Case(  # a stricter comparator than PEFT's: W0 + ΔW in one GEMM forward and one for dX
             lambda x: F.linear(x, w_dense + materialized_delta_weight(a, b, g).to(dtype)),
             params,
-            0,  # not per token: forming ΔW costs r·N·K MACs per step, and its gradient as much again
             0,
+            n_k,  # dΔW = Gᵀ X
             moka_params,
-            note="dense base; ΔW = Σ α kron(A, B) formed every step",
+            note="dense base; ΔW = Σ α kron(A, B) formed every step and added to W0: one GEMM",
             frozen=persistent,
         )
     if provider.startswith("lora_"):
@@ -267,6 +290,7 @@ PROVIDERS = (
     "moka_torch",
     "moka_triton",
     "lokr_materialized",
+    "lokr_fused",
     "lora_equal",
     "lora_r16",
     "lora_r32",

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ CPU_PROVIDERS = [
     ("moka_torch", "dense"),
     ("moka_torch", "nf4"),
     ("lokr_materialized", "dense"),
+    ("lokr_fused", "dense"),
     ("lora_equal", "dense"),
     ("lora_r16", "dense"),
     ("lora_r32", "dense"),
@@ -161,7 +163,21 @@ def mode_call(case, x, dy, mode: str):
             t.grad = None
         (case.forward(xg) if out is None else out).backward(dy, retain_graph=out is not None)
 
+    backward.input = xg  # for run_layer to free dX before a peak-memory window, as it frees the gradients
     return backward
+
+
+def wall_ms(fn, reps: int = 50) -> float:
+    """Milliseconds per call of ``reps`` back-to-back calls between two synchronizations: host time included
+    (``do_bench`` flushes L2 before each timed call, which lets the host run ahead by the flush's length, so
+    on launch-bound cells it reports about the device time alone)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e3
 
 
 def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: int) -> list[dict]:
@@ -178,7 +194,10 @@ def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: in
         for mode in MODES:
             call = mode_call(case, x, dy, mode)
             ms = measure(call)
-            for p in case.params:  # the peak counts the gradients' first allocation, as a training step does
+            # host-inclusive time where launches, not the device, may bound a call (CUDA, few tokens)
+            host = wall_ms(call) if device.type == "cuda" and tokens <= 16 else None
+            inputs = [call.input] if hasattr(call, "input") else []
+            for p in (*case.params, *inputs):  # the peak counts the gradients' and dX's first allocation
                 p.grad = None
             peak = peak_bytes(call, device)
             rows.append(
@@ -190,6 +209,7 @@ def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: in
                     "tokens": tokens,
                     "mode": mode,
                     "ms": ms,
+                    "wall_ms": host,
                     "trainable": case.trainable,
                     "adapter_macs_per_token": case.adapter_macs_per_token,
                     "adapter_train_macs_per_token": case.adapter_train_macs_per_token,

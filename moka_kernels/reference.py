@@ -137,11 +137,12 @@ def materialized_delta_weight(
     """ΔW = s · Σ_i α_i · kron(A_i, B_i), shape (N, K). For tests and merging only."""
     alpha = gate_weights(gate_logits, len(a_factors), a_factors[0].device, a_factors[0].dtype)
     # .contiguous(): torch.kron raises on a column-major first operand (a view error inside kron)
-    delta = sum(
+    terms = (
         alpha[i].to(a.dtype) * torch.kron(a.contiguous(), b.contiguous())
         for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True))
     )
-    return delta * scale
+    delta = functools.reduce(torch.add, terms)  # not sum(): its 0 + first term is one more N × K pass
+    return delta if scale == 1.0 else delta * scale
 
 
 def _dense_weight(weight: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
