@@ -10,8 +10,11 @@ random tokens, timing the median step after one warm-up step.
 
 Methods: ``moka`` (ours; r = 5 automatic components on all 7 projections), ``lora_r16`` / ``lora_r32``
 (PEFT LoRA on the same base: QLoRA when the base is 4-bit), ``lokr`` (PEFT LoKr; it cannot run on a
-4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward still runs through
-every layer to the inputs, the floor any adapter pays).
+4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward runs through every
+layer to the input embeddings: not quite the floor an adapter pays, since it also computes layer 0's input
+gradients, which the adapter methods skip, ~5% of the step's GEMM work on the 2-layer LLaMA-2-7B shapes).
+``lokr_bf16`` runs the whole model in bf16 (PEFT's LoKr cannot use the 4-bit base); its times are not
+comparable with the fp32-compute rows on CPU.
 
 ``llama2-7b`` is LLaMA-2-7B's architecture with random weights, built in memory (nothing to download, so it
 runs on machines without a model hub); its projections are quantized in memory to bitsandbytes NF4 with

@@ -1,6 +1,8 @@
 """pytest-benchmark view of the layer benchmarks: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers as ``python -m benchmarks.run``. ``MOKA_BENCH_SMOKE=1`` shrinks the shapes (CI runs this
+Same providers as ``python -m benchmarks.run``, timed differently: wall clock per call (host time included,
+synchronized on CUDA), no L2 flush, and fwd / fwd+bwd only (no backward-alone mode); the published numbers are
+``benchmarks.run``'s. ``MOKA_BENCH_SMOKE=1`` shrinks the shapes (CI runs this
 file with ``--benchmark-disable``, once per case, to keep it working).
 """
 
