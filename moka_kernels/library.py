@@ -9,7 +9,7 @@ Eager calls skip the dispatcher: :func:`apply_linear` runs the same backend func
 ``torch.autograd.Function`` (:class:`EagerLinear`) unless something is tracing (``torch.compile``,
 ``torch.export``, fake tensors, a dispatch mode, functorch transforms), which gets the custom op. The
 custom-op round trip costs about 0.2 ms of CPU per layer per training step (576² layer, r = 4, one token:
-0.54 ms vs 0.34 ms fwd+bwd; benchmarks/results/overhead-cpu.md), which is the whole step at small T on a GPU.
+0.64 ms vs 0.40 ms fwd+bwd; benchmarks/results/overhead-cpu.md), which is the whole step at small T on a GPU.
 """
 
 from __future__ import annotations
