@@ -8,7 +8,7 @@
 # Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
 # overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
 # the rows it measured, marked "complete": false); all five fit in 520 s, and with each part's 5 s kill grace
-# and the render's 20 s limit the worst case is 570 s (a 600 s call keeps 30 s for the setup)
+# and the render's 20 s limit (+5 s grace) the worst case is 575 s (a 600 s call keeps 25 s for the setup)
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 # PACK=FILE: after each part and every 20 s, every result so far is packed into the one gzipped tar FILE (the
@@ -27,7 +27,11 @@ export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # otherwise compile and time every NF4 GEMM config again), and each pick logged with its tuning time.
 export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
 pack() {  # a temp name per process: the background packer and this shell never write the same one
-  if [[ -n ${PACK:-} ]]; then tar czf "$PACK.$BASHPID.tmp" -C "$out" . 2>/dev/null && mv "$PACK.$BASHPID.tmp" "$PACK"; fi
+  # tar exits 1 when a file changed while it read it (a part rewriting its JSON): the archive is still whole
+  if [[ -n ${PACK:-} ]]; then
+    tar --warning=no-file-changed -czf "$PACK.$BASHPID.tmp" -C "$out" . 2>/dev/null
+    if (($? <= 1)); then mv "$PACK.$BASHPID.tmp" "$PACK"; fi
+  fi
 }
 if [[ -n ${PACK:-} ]]; then
   # Every 20 s too: if the device's command limit kills this script mid-part, that part's rows so far come back.

@@ -240,7 +240,7 @@ def write_json(path: Path, conds: dict, rows: list[dict], errors: list[dict] | N
 
 def failure(what: str, err: Exception, device: torch.device) -> dict:
     """A measurement that raised, as one record (its type and first message line), so that one failing provider
-    costs its own rows only, not the rest of a time-limited part; CUDA memory it held is released."""
+    costs its own rows only, not the rest of a time-limited part; the CUDA cache is emptied of what is free."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     message = (str(err).strip().splitlines() or [""])[0][:300]

@@ -158,6 +158,13 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP's reducer knows only the parameters it was built with: the factors' gradients would never be
+        # all-reduced, and each rank would train its own adapter
+        raise ValueError(
+            "model: is wrapped in DistributedDataParallel; call apply_moka (or load_adapter) on the model before "
+            "wrapping it, so DDP reduces the adapters' gradients"
+        )
     if _fsdp_modules(model):
         # the new factors would be plain parameters FSDP does not manage: their gradients never reduced, so
         # each rank would train its own adapter
@@ -369,7 +376,12 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
     merged = {name: layer.merge(requantize=requantize, dtype=dtype) for name, layer in layers.items()}
-    untied = _tied_weight_sources(model, layers)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    untied = {
+        name: source
+        for name, source in _tied_weight_sources(model, layers).items()
+        if embeddings is not None and getattr(layers[name].base_layer, "weight", None) is embeddings.weight
+    }
     config = getattr(model, "config", None)
     if untied and config is not None and hasattr(config, "tie_word_embeddings"):
         # the merged layer holds W0 + ΔW, no longer the embedding: a later tie_weights() (a resize, a reload
@@ -418,7 +430,10 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     try:
         from torch.distributed.fsdp import FSDPModule  # public from torch 2.6
     except ImportError:
-        return []
+        try:  # torch 2.4 / 2.5
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -612,6 +627,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     """
     from safetensors.torch import load_file
 
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not moka_layers(model):
+        apply_moka(model)  # raises: patching inside DDP would leave the adapters out of its gradient reduction
     model = _unwrapped(model)
     meta = read_adapter_config(directory)
     tensors = load_file(adapter_files(directory)[1])

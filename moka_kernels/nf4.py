@@ -305,7 +305,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
     blocksize = int(blocksize)  # a NumPy integer too
-    if double_quant not in (True, False):  # NumPy bools too
+    numpy_bool = type(double_quant).__module__ == "numpy" and type(double_quant).__name__ in ("bool", "bool_")
+    if not (isinstance(double_quant, bool) or numpy_bool):
         raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
     double_quant = bool(double_quant)
     if w.numel() == 0:

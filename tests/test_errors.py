@@ -314,8 +314,9 @@ def test_nf4_fields_and_arguments_are_checked_by_name():
     ]:
         with pytest.raises(error, match=message):
             dataclasses.replace(q, **{field: value})
-    with pytest.raises(TypeError, match=r"double_quant: expected a bool, got 'no'"):
-        quantize_nf4(torch.randn(4, 16), double_quant="no")
+    for not_a_bool in ("no", 1, torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"double_quant: expected a bool, got"):
+            quantize_nf4(torch.randn(4, 16), double_quant=not_a_bool)
     assert quantize_nf4(torch.randn(4, 16), double_quant=np.False_).double_quant is False
 
 

@@ -571,3 +571,30 @@ def test_quantize_model_frees_each_dense_weight_and_can_quantize_onto_another_de
     quantize_model(other, target_modules=["0"], device="meta", progress=False)
     assert isinstance(other[0], NF4Linear) and {t.device.type for t in other[0].buffers()} == {"meta"}
     assert other[1].weight.device.type == "cpu"
+
+
+def test_apply_and_load_refuse_a_model_inside_ddp(tmp_path):
+    """DDP's reducer knows only the parameters it was built with: patching inside it (apply_moka, or load_adapter
+    into an unpatched model) would leave each rank training its own adapter, so both refuse; a model patched
+    before wrapping loads through the wrapper."""
+    import torch.distributed as dist
+
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(tiny_llama())
+        with pytest.raises(ValueError, match=r"model: is wrapped in DistributedDataParallel"):
+            apply_moka(wrapped, MoKAConfig(num_components=2))
+        with pytest.raises(ValueError, match=r"model: is wrapped in DistributedDataParallel"):
+            load_adapter(wrapped, tmp_path / "adapter")
+        assert not moka_layers(wrapped.module)
+        patched = tiny_llama()
+        apply_moka(patched, MoKAConfig(num_components=2))
+        load_adapter(nn.parallel.DistributedDataParallel(patched), tmp_path / "adapter")
+        assert all(torch.equal(adapter_state_dict(patched)[k], v) for k, v in adapter_state_dict(model).items())
+    finally:
+        dist.destroy_process_group()
