@@ -172,6 +172,33 @@ def test_a_layer_with_factors_of_two_dtypes_casts_them_all():
         p.data = p.data.float()
     x = torch.randn(3, 32, dtype=dtype)
     assert torch.equal(layer(x), reference(x))
+    # the cast is differentiable: every trainable factor gets the gradient the all-bf16 layer's gets
+    layer(x).float().square().sum().backward()
+    reference(x).float().square().sum().backward()
+    trained = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for _, p in trained)
+    for (name, p), q in zip(trained, [q for q in reference.parameters() if q.requires_grad], strict=True):
+        torch.testing.assert_close(p.grad.to(q.grad.dtype), q.grad, msg=name)
+
+
+def test_bf16_adapters_on_an_fp32_base_are_cast_and_train():
+    """adapter_dtype=bf16 on an fp32 layer: the op takes fp32 factors, so the module casts them; the gradients
+    flow back through the cast to every bf16 factor, as a layer computing with fp32 copies of them would get."""
+    base = nn.Linear(36, 24)
+    layer = MoKALinear(base, MoKAConfig(num_components=2, adapter_dtype=torch.bfloat16))
+    with torch.no_grad():
+        for p in layer.b_factors:
+            p.normal_()
+    fp32 = MoKALinear(copy.deepcopy(base), MoKAConfig(num_components=2))
+    fp32.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    x = torch.randn(5, 36)
+    torch.testing.assert_close(layer(x), fp32(x))
+    layer(x).square().sum().backward()
+    fp32(x).square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), fp32.parameters(), strict=True):
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+            torch.testing.assert_close(p.grad.float(), q.grad, rtol=2e-2, atol=1e-3, msg=name)
 
 
 def test_warning_free_default_on_llama_shapes():

@@ -108,6 +108,11 @@ def test_zero_init_is_exactly_the_base(init, variant):
     assert torch.count_nonzero(layer.delta_weight()) == 0
     nonzero = [p for p in list(layer.a_factors) + list(layer.b_factors) if torch.count_nonzero(p) > 0]
     assert len(nonzero) == len(layer.component_shapes), "exactly one factor per component must be non-zero"
+    zeroed, random = (layer.a_factors, layer.b_factors) if init == "zero_a" else (layer.b_factors, layer.a_factors)
+    if variant == "moka_s" and init == "zero_a":  # A is the frozen identity: zero_a would zero the whole adapter
+        zeroed, random = layer.b_factors, layer.a_factors
+    assert all(torch.count_nonzero(p) == 0 for p in zeroed), f"{init}: the wrong factor was zeroed"
+    assert all(torch.count_nonzero(p) > 0 for p in random)
 
 
 def test_zero_init_is_exactly_the_4bit_base():
@@ -450,6 +455,22 @@ def test_requantized_merge_holds_the_adapter_and_keeps_the_format(blocksize, dou
     # exactly what quantizing W0 + ΔW in that format gives, and not what W0 alone gives
     assert torch.equal(q.dequantize(torch.float32), quantize_nf4(dense_merge, blocksize, double_quant).dequantize())
     assert not torch.equal(q.dequantize(torch.float32), layer.dense_base_weight(torch.float32))
+
+
+def test_requantized_merge_of_a_linear4bit_holds_the_adapter():
+    """The bitsandbytes branch: the merged Linear4bit's bytes are exactly quantize_nf4(W0 + ΔW), not W0's."""
+    from moka.bnb_compat import nf4_from_linear4bit
+
+    layer = MoKALinear(_linear4bit(48, 64), MoKAConfig(num_components=3))
+    _randomize_adapter(layer)
+    merged = layer.merge(requantize=True)
+    assert isinstance(merged, bnb.nn.Linear4bit)
+    q = nf4_from_linear4bit(merged)
+    base = nf4_from_linear4bit(layer.base_layer)
+    dense_merge = layer.dense_base_weight(torch.float32) + layer.delta_weight().float()
+    expected = quantize_nf4(dense_merge.to(base.dtype), base.blocksize, base.double_quant)
+    assert torch.equal(q.dequantize(torch.float32), expected.dequantize(torch.float32))
+    assert not torch.equal(q.dequantize(torch.float32), base.dequantize(torch.float32))
 
 
 def test_moka_s_identities_stay_frozen_after_apply_and_load(tmp_path):
