@@ -122,9 +122,8 @@ def test_pytest_benchmark_file_runs_in_smoke_mode():
     assert " passed" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's refusal of --device cuda")
 def test_runner_without_gpu_fails_with_one_line(capsys, tmp_path):
-    if torch.cuda.is_available():
-        return
     assert run.main(["--device", "cuda", "--out", "/nonexistent"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert run.main(["--smoke", "--out", str(tmp_path), "--providers", "moka_torch,mokka"]) == 2
@@ -605,3 +604,38 @@ def test_gpu_suite_plumbing(monkeypatch):
 
     monkeypatch.setattr(moka_kernels.ops, "TRITON_AVAILABLE", False)  # no kernels, no thresholds, no crash
     assert run.conditions(torch.device("cpu"), torch.float32, 0.01)["thresholds"] is None
+
+
+def test_providers_compute_what_they_are_named_for():
+    """The timed providers are compared on their speed only if each computes its method: the base alone,
+    MoKA and both LoKr-style variants against an fp64 reference on the same W0 and factors."""
+    from benchmarks.providers import _frozen_weights, build_case
+    from moka_kernels import dequantize_nf4
+    from moka_kernels.reference import moka_linear_materialized
+
+    n_out, k_in, device = 48, 64, torch.device("cpu")
+    w_dense, w_nf4 = _frozen_weights(n_out, k_in, device, torch.float32)
+    x = torch.randn(5, k_in)
+    bases = {"dense": w_dense.double(), "nf4": dequantize_nf4(w_nf4, torch.float64)}
+    for provider, base in [
+        ("dense_linear", "dense"),
+        ("ours_nf4", "nf4"),
+        ("bnb_nf4", "nf4"),
+        ("moka_torch", "dense"),
+        ("moka_torch", "nf4"),
+        ("lokr_materialized", "dense"),
+        ("lokr_fused", "dense"),
+    ]:
+        case = build_case(provider, n_out, k_in, device, torch.float32, r=4, base=base)
+        if case.params:
+            r = (len(case.params) - 1) // 2
+            factors = [p.detach().double() for p in case.params]
+            a, b, g = factors[:r], factors[r : 2 * r], factors[2 * r]
+            with torch.no_grad():
+                for p in case.params[r : 2 * r]:
+                    assert p.abs().sum() > 0  # the adapter is not zero: a provider that dropped it would show
+            expected = moka_linear_materialized(x.double(), bases[base], a, b, g)
+        else:
+            expected = x.double() @ bases[base].T
+        got = case.forward(x.requires_grad_(provider != "dense_linear")).detach().double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=f"{provider}[{base}]")

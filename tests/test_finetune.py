@@ -682,6 +682,10 @@ def test_response_only_labels_and_padding(model_dir):
         answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert example["input_ids"] == prompt + answer
         assert example["labels"] == [IGNORE_INDEX] * len(prompt) + answer  # the loss is on the response only
+    # the prompt carries the instruction and the input (not only what format_prompt happens to return)
+    first = tokenizer.decode(examples[0]["input_ids"])
+    assert "code for" in first and "w1" in first and "zorp" in first
+    assert "w1" not in tokenizer.decode(examples[1]["input_ids"])
     batch = DataCollator(pad_token_id=0)(examples)
     longest = max(len(e["input_ids"]) for e in examples)
     short = min(range(2), key=lambda i: len(examples[i]["input_ids"]))
@@ -689,6 +693,67 @@ def test_response_only_labels_and_padding(model_dir):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, longest)
     assert batch["input_ids"][short, n:].eq(0).all() and batch["labels"][short, n:].eq(IGNORE_INDEX).all()
     assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (longest - n)
+
+
+def test_prompt_format_without_and_with_a_chat_template():
+    """Written out by hand: the Alpaca layout for a tokenizer without a chat template, and the user turn
+    (instruction, blank line, input) handed to the chat template otherwise."""
+    from types import SimpleNamespace
+
+    from moka.data import ALPACA_PROMPT, format_prompt
+
+    plain = SimpleNamespace(chat_template=None)
+    assert format_prompt(plain, "code for", "w1") == (
+        ALPACA_PROMPT + "### Instruction:\ncode for\n\n### Input:\nw1\n\n### Response:\n"
+    )
+    assert format_prompt(plain, "code for") == ALPACA_PROMPT + "### Instruction:\ncode for\n\n### Response:\n"
+    turns = []
+    chat = SimpleNamespace(
+        chat_template="x", apply_chat_template=lambda messages, **kw: turns.append((messages, kw)) or "PROMPT"
+    )
+    assert format_prompt(chat, "code for", "w1") == "PROMPT"
+    assert turns == [
+        ([{"role": "user", "content": "code for\n\nw1"}], {"tokenize": False, "add_generation_prompt": True})
+    ]
+
+
+def test_exact_match_accuracy_counts_normalized_matches():
+    """Greedy continuations of known text against the records' outputs: 2 of 4 exact after normalization."""
+    from moka.finetune import exact_match_accuracy
+
+    class Tokenizer:
+        chat_template = None
+        padding_side = "left"
+        pad_token_id = 0
+
+        def __call__(self, prompts, **kwargs):
+            ids = torch.tensor([[1, 2, 3]] * len(prompts))
+
+            class Batch(dict):
+                def to(self, device):
+                    return self
+
+            return Batch(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [self.answers.pop(0) for _ in range(len(ids))]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, torch.zeros(len(input_ids), 2, dtype=torch.long)], 1)
+
+    tokenizer = Tokenizer()
+    tokenizer.answers = [" Zorp.", "blick", "Blick!", "quenn x"]  # matches: the 1st and 3rd
+    records = [
+        {"instruction": "code for", "input": f"w{i}", "output": out}
+        for i, out in enumerate(["zorp", "zorp", "blick", "quenn"])
+    ]
+    accuracy, predictions = exact_match_accuracy(Model(), tokenizer, records, batch_size=2)
+    assert accuracy == 0.5 and len(predictions) == 4
 
 
 def test_moka_flags_reach_the_saved_adapter(model_dir, data, tmp_path):
