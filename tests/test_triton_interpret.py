@@ -30,8 +30,11 @@ from moka_kernels.ops.kron_mixture import (
 from moka_kernels.ops.nf4_matmul import nf4_matmul, nf4_matmul_t
 from moka_kernels.reference import contraction_order, kron_component, moka_linear_materialized
 
-# Relative RMS error against an fp64 reference of the same inputs; bf16 outputs round at 2^-9.
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Relative RMS error against an fp64 reference of the same inputs; bf16 outputs round at 2^-9. bf16 was 2e-2 until a
+# mutation audit showed a 2% systematic error passing; the largest seen since is 1.26e-2 (a bf16 factor gradient at
+# T = 33), the forward ~3e-3. (Under the interpreter every tl.dot runs in fp32, DOT_FP32: the half-precision dot
+# GPUs take is checked by tests/test_gpu.py only.)
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 DTYPES = list(TOL)
 TOKENS = [0, 1, 7, 33]
 
