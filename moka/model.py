@@ -158,20 +158,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # DDP's reducer knows only the parameters it was built with: the factors' gradients would never be
-        # all-reduced, and each rank would train its own adapter
-        raise ValueError(
-            "model: is wrapped in DistributedDataParallel; call apply_moka (or load_adapter) on the model before "
-            "wrapping it, so DDP reduces the adapters' gradients"
-        )
-    if _fsdp_modules(model):
-        # the new factors would be plain parameters FSDP does not manage: their gradients never reduced, so
-        # each rank would train its own adapter
-        raise ValueError(
-            "model: is already sharded by FSDP2 (fully_shard); call apply_moka (or load_adapter) before "
-            "fully_shard, so the adapters are sharded and their gradients reduced with the rest"
-        )
+    _refuse_patching_inside_a_distributed_wrapper(model)
     # A matched layer of another kind with a weight matrix (a PEFT LoRA layer, GPT-2's Conv1D, an embedding)
     # is refused, not skipped; other matches (norms, activations, containers under a broad regex) are passed
     # over.
@@ -234,6 +221,21 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         layers[name]._tied_weights_keys = {"base_layer.weight": source}
     model.moka_config = config
     return _summary(model)
+
+
+def _refuse_patching_inside_a_distributed_wrapper(model: nn.Module) -> None:
+    """New factors under DDP or FSDP2 would be parameters their gradient reduction never sees (DDP's reducer and
+    FSDP's shards are built at wrapping): each rank would train its own adapter."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "model: is wrapped in DistributedDataParallel; call apply_moka (or load_adapter) on the model before "
+            "wrapping it, so DDP reduces the adapters' gradients"
+        )
+    if _fsdp_modules(model):
+        raise ValueError(
+            "model: is already sharded by FSDP2 (fully_shard); call apply_moka (or load_adapter) before "
+            "fully_shard, so the adapters are sharded and their gradients reduced with the rest"
+        )
 
 
 def _tied_weight_sources(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
@@ -377,18 +379,17 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
         raise ValueError("model: has no MoKA layers to merge")
     merged = {name: layer.merge(requantize=requantize, dtype=dtype) for name, layer in layers.items()}
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    untied = {
-        name: source
-        for name, source in _tied_weight_sources(model, layers).items()
-        if embeddings is not None and getattr(layers[name].base_layer, "weight", None) is embeddings.weight
-    }
+    untied = [
+        name
+        for name, layer in layers.items()
+        if embeddings is not None and getattr(layer.base_layer, "weight", None) is embeddings.weight
+    ]
     config = getattr(model, "config", None)
     if untied and config is not None and hasattr(config, "tie_word_embeddings"):
         # the merged layer holds W0 + ΔW, no longer the embedding: a later tie_weights() (a resize, a reload
         # honouring the flag) would silently tie it back and drop ΔW
         config.tie_word_embeddings = False
-        layer, source = next(iter(untied.items()))
-        logger.info("merge_moka: %s no longer tied to %s; config.tie_word_embeddings set to False", layer, source)
+        logger.info("merge_moka: %s no longer tied to the input embeddings; tie_word_embeddings=False", untied[0])
     for name, new in merged.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, new)
@@ -490,7 +491,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("model: has no MoKA layers to save")
     state = adapter_state_dict(model)  # under FSDP2 a collective: every rank gathers before any writes
     directory = Path(directory)
-    if not (_resharded(model) or _is_sharded(_adapter_parameters(model))):
+    if not (_fsdp_modules(model) or _is_sharded(_adapter_parameters(model))):  # (resharded by adapter_state_dict)
         return _write_adapter(model, layers, state, directory)
     import torch.distributed as dist
 
@@ -627,8 +628,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     """
     from safetensors.torch import load_file
 
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not moka_layers(model):
-        apply_moka(model)  # raises: patching inside DDP would leave the adapters out of its gradient reduction
+    if not moka_layers(model):  # patched below: refused inside DDP/FSDP2 (checked before unwrapping DDP)
+        _refuse_patching_inside_a_distributed_wrapper(model)
     model = _unwrapped(model)
     meta = read_adapter_config(directory)
     tensors = load_file(adapter_files(directory)[1])
