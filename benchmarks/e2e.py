@@ -10,9 +10,8 @@ random tokens, timing the median step after one warm-up step.
 
 Methods: ``moka`` (ours; r = 5 automatic components on all 7 projections), ``lora_r16`` / ``lora_r32``
 (PEFT LoRA on the same base: QLoRA when the base is 4-bit), ``lokr`` (PEFT LoKr; it cannot run on a
-4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward runs through every
-layer to the input embeddings: not quite the floor an adapter pays, since it also computes layer 0's input
-gradients, which the adapter methods skip, ~5% of the step's GEMM work on the 2-layer LLaMA-2-7B shapes).
+4-bit base, which the ``lokr_4bit`` row shows), ``frozen_base`` (no adapter; backward runs from the loss down
+to every projection an adapter would sit on, and no further: the floor every adapter method pays).
 ``lokr_bf16`` runs the whole model in bf16 (PEFT's LoKr cannot use the 4-bit base); its times are not
 comparable with the fp32-compute rows on CPU.
 
@@ -156,6 +155,7 @@ def attach(model, method: str):
     """Attach the method's adapter; returns the trainable parameters."""
     if method == "frozen_base":
         model.requires_grad_(False)
+        stop_gradients_where_adapters_would(model)
         return []
     if method == "moka":
         from moka import MoKAConfig, apply_moka
@@ -173,6 +173,25 @@ def attach(model, method: str):
             model.is_loaded_in_4bit = True  # what from_pretrained sets: PEFT then takes its bnb (QLoRA) layers
         model = get_peft_model(model, config)
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _output_needs_grad(module, args, output):
+    # A leaf that requires grad: backward reaches this projection's output and stops there, as it does at an
+    # adapted projection whose input needs no gradient (the adapter's own factor gradients aside).
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
+def stop_gradients_where_adapters_would(model: torch.nn.Module) -> list:
+    """Make the frozen model's backward exactly the flow an adapter on every ``TARGETS`` projection needs.
+
+    Each target projection's output is made to require grad: then backward runs from the loss down to every
+    adapted projection, and no further: layer 0's q/k/v input (the normed embeddings) gets no gradient, which
+    adapter training does not compute either. Returns the hook handles."""
+    return [
+        module.register_forward_hook(_output_needs_grad)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS
+    ]
 
 
 def measure_one(
@@ -194,17 +213,12 @@ def measure_one(
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    embed = model.get_input_embeddings()
     times, losses = [], []
 
     def train_step() -> torch.Tensor:
-        if optimizer is None:  # no adapter: still backpropagate through every layer to the inputs
-            embeds = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-            loss.backward()
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny, smollm2, llama2-7b (random weights), or model dirs (comma-separated)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, help="measured steps after one warm-up step (default: 10 tiny, 3 else)")
+    parser.add_argument("--steps", type=int, help="measured steps after one warm-up step (default: 10 tiny, 5 else)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, help="decoder layers of a random LLaMA preset (default: all)")
@@ -410,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for model_key in models:
         for method in METHODS.get(model_key, METHODS["smollm2"]):
-            steps = args.steps or (10 if model_key == "tiny" else 3)
+            steps = args.steps or (10 if model_key == "tiny" else 5)
             if model_key != "tiny" and method != "lokr_bf16" and importlib.util.find_spec("bitsandbytes") is None:
                 # fail in the parent: a child would first build the whole bf16 model
                 row = {"model": model_key, "method": method, "base": "NF4"}

@@ -77,7 +77,7 @@ if [[ $parts == *,layers,* ]]; then
   pack
 fi
 if [[ $parts == *,e2e,* ]]; then
-  limit 140 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --out "$out" \
+  limit 140 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --steps 3 --out "$out" \
     2>&1 | tee "$out/e2e.log" || status=1
   pack
 fi

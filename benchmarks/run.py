@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -84,6 +85,7 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
         "torch": torch.__version__,
         "triton": version("triton"),
         "bitsandbytes": version("bitsandbytes"),
@@ -99,6 +101,19 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         if device.type == "cuda"
         else f"torch.utils.benchmark blocked_autorange median, min_run_time={min_run_time}s",
     }
+
+
+def cpu_description() -> str:
+    """The host CPU as the timings depend on it: model name (from /proc/cpuinfo where there is one), the SIMD
+    level torch dispatches to, and the BLAS it calls (MKL picks slower paths on some non-Intel CPUs)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    blas = "MKL" if torch.backends.mkl.is_available() else "non-MKL BLAS"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {blas}"
 
 
 def _thresholds() -> dict | None:

@@ -20,7 +20,8 @@ def test_layer_runner_smoke_writes_results_and_renders(tmp_path, monkeypatch):
     monkeypatch.delenv("MOKA_BACKEND", raising=False)
     assert run.main(["--smoke", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layers-smoke.json").read_text())
-    assert {"device", "torch", "git_sha", "date", "timer"} <= set(data["conditions"])
+    assert {"device", "torch", "git_sha", "date", "timer", "cpu"} <= set(data["conditions"])
+    assert torch.backends.cpu.get_cpu_capability() in data["conditions"]["cpu"]
     labels = {plot.label(r) for r in data["rows"]}
     assert {"dense_linear[dense]", "moka_torch[nf4]", "lokr_materialized[dense]", "lora_equal[dense]"} <= labels
     assert {r["mode"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
@@ -639,3 +640,31 @@ def test_providers_compute_what_they_are_named_for():
             expected = x.double() @ bases[base].T
         got = case.forward(x.requires_grad_(provider != "dense_linear")).detach().double()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=f"{provider}[{base}]")
+
+
+def test_e2e_frozen_base_backward_is_the_flow_adapters_need():
+    """``frozen_base`` is the floor of adapter training: backward reaches every adapted projection's output
+    (all 7 in every layer) and computes no gradient past them into layer 0's attention input."""
+    from benchmarks import e2e
+
+    model, _ = e2e.build_model("tiny", "frozen_base", torch.device("cpu"))
+    assert e2e.attach(model, "frozen_base") == []
+    reached, input_needs_grad = set(), {}
+
+    def record(name):
+        def hook(module, args, output):
+            input_needs_grad[name] = args[0].requires_grad
+            output.register_hook(lambda grad: reached.add(name))
+
+        return hook
+
+    targets = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in e2e.TARGETS]
+    for name in targets:
+        model.get_submodule(name).register_forward_hook(record(name))  # runs after the floor's own hook
+    ids = torch.randint(3, model.config.vocab_size, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(targets) == 7 * model.config.num_hidden_layers and reached == set(targets)
+    # Only layer 0's attention input is upstream of every adapter (its MLP input depends on q/k/v already).
+    first_layer_inputs = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    assert {n for n, needs in input_needs_grad.items() if not needs} == first_layer_inputs
+    assert not any(p.requires_grad for p in model.parameters())
