@@ -2,7 +2,7 @@
 
 User-facing API: :class:`MoKAConfig`, :class:`MoKALinear`, :class:`NF4Linear`; :func:`quantize_model` (an NF4
 base without bitsandbytes); model patching with :func:`apply_moka`, :func:`remove_moka`, :func:`merge_moka`,
-:func:`save_adapter`, :func:`load_adapter`;
+:func:`save_adapter`, :func:`load_adapter`, :func:`disable_adapters` (the base alone, in a ``with`` block);
 the fine-tune CLI in :mod:`moka.finetune`. The functional ops live in :mod:`moka_kernels`.
 """
 
@@ -14,6 +14,7 @@ from .model import (
     MoKASummary,
     adapter_state_dict,
     apply_moka,
+    disable_adapters,
     load_adapter,
     merge_moka,
     moka_layers,
@@ -35,6 +36,7 @@ __all__ = [
     "apply_moka",
     "auto_component_shapes",
     "dequantize_nf4",
+    "disable_adapters",
     "load_adapter",
     "merge_moka",
     "moka_layers",

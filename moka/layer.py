@@ -6,6 +6,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, nf4_linear, quantize_nf4
@@ -195,7 +196,10 @@ class MoKALinear(nn.Module):
 
     Only ``a_factors``, ``b_factors`` and ``gate_logits`` are trainable (with ``moka_s``, A_i is a
     frozen identity). At init one factor of each component is zero, so the output equals the base's.
+    With ``adapters_enabled = False`` (see :func:`moka.disable_adapters`) the layer computes its base alone.
     """
+
+    adapters_enabled: bool = True  # a plain attribute: not part of the state dict or the adapter file
 
     def __init__(
         self,
@@ -366,9 +370,21 @@ class MoKALinear(nn.Module):
         # transformers ties an output embedding by assigning ``lm_head.weight = embed.weight`` (tie_weights,
         # resize_token_embeddings): the assignment goes to the base layer the adapter wraps. (Module's
         # __setattr__ would refuse a Parameter named like the ``weight`` property.)
+        if name in ("out_features", "in_features") and name in self.__dict__ and value != self.__dict__[name]:
+            # transformers' resize_token_embeddings sets a tied lm_head's out_features before tying the new weight
+            raise ValueError(
+                f"{name}: expected {self.__dict__[name]} (the adapter's factors are sized for it), got {value!r}; "
+                "resize the vocabulary before apply_moka, or remove_moka first"
+            )
         if name == "weight" and "base_layer" in self.__dict__.get("_modules", {}):
             if isinstance(self.base_layer, NF4Linear):
                 raise AttributeError("weight: an NF4 base layer's weight is its packed bytes; it cannot be assigned")
+            shape = tuple(getattr(value, "shape", ()))
+            if shape != (self.out_features, self.in_features):  # e.g. resize_token_embeddings on a tied lm_head
+                raise ValueError(
+                    f"weight: expected shape {(self.out_features, self.in_features)} (the adapter's factors are "
+                    f"sized for it), got {shape}; resize the vocabulary before apply_moka, or remove_moka first"
+                )
             setattr(self.base_layer, name, value)
             return
         super().__setattr__(name, value)
@@ -390,20 +406,39 @@ class MoKALinear(nn.Module):
         input_dtype = x.dtype
         x = x.to(self._compute_dtype(x))
         dtype = x.dtype
-        adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         bias = self.bias
+        if not self.adapters_enabled:  # the base alone, as the layer computed it before patching
+            weight, bias = self.base_weight(), None if bias is None else bias.to(dtype)
+            out = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight.to(dtype), bias)
+            return out.to(input_dtype)
+        adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
-        out = moka_linear(
-            x,
-            self.base_weight(),
-            a_factors,
-            b_factors,
-            self.gate_logits,
-            None if bias is None else bias.to(dtype),
-            self.scale,
-            adapter_input,
-        )
+        weight = self.base_weight()
+        try:
+            out = moka_linear(
+                x,
+                weight,
+                a_factors,
+                b_factors,
+                self.gate_logits,
+                None if bias is None else bias.to(dtype),
+                self.scale,
+                adapter_input,
+            )
+        except ValueError:
+            self._refuse_a_resized_base(weight)
+            raise
         return out.to(input_dtype)
+
+    def _refuse_a_resized_base(self, weight: torch.Tensor | NF4Tensor) -> None:
+        # A base weight resized in place after patching (transformers swaps a tied embedding's data on a
+        # vocabulary resize) fails in moka_linear's factor check, whose message does not say why.
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"base_layer: its weight is {tuple(weight.shape)} but the adapter was built for "
+                f"{(self.out_features, self.in_features)} (a vocabulary resized after apply_moka?); remove_moka, "
+                "resize, then apply_moka"
+            )
 
     # -- inspection and merging ----------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -6,11 +6,13 @@ the model as it was, and never a partial file in an adapter directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ __all__ = [
     "adapter_files",
     "adapter_state_dict",
     "apply_moka",
+    "disable_adapters",
     "load_adapter",
     "merge_moka",
     "moka_layers",
@@ -80,6 +83,27 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
     """Every MoKALinear in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoKALinear)}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the ``with`` block, every MoKA layer of ``model`` computes its frozen base alone, as before
+    patching (PEFT's ``model.disable_adapter()``): reference logits for DPO, an A/B check against the base.
+
+    The adapters are untouched and come back on leaving the block, also when it raises. A gradient-checkpointed
+    forward run inside the block must also be backpropagated inside it (its recomputation reads the switch).
+    """
+    layers = moka_layers(model)
+    if not layers:
+        raise ValueError("model: has no MoKA layers to disable")
+    enabled = {name: layer.adapters_enabled for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.adapters_enabled = enabled[name]
 
 
 def _count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -373,7 +397,9 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     """Replace each MoKALinear in place by a plain layer holding W0 + ΔW (see MoKALinear.merge).
 
     The requires_grad flags apply_moka found are restored (as remove_moka does), so the merged model is a
-    plain model again."""
+    plain model again. ``dtype`` is the merged layers' weight dtype only: the rest of the model (embeddings,
+    norms, unpatched layers) keeps its own, so to run the merged model in another dtype cast it too
+    (``model.to(dtype)``, as the ``moka-merge`` CLI does)."""
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
@@ -489,6 +515,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to save")
+    config = _saved_config(model, layers)
+    for name, layer in layers.items():  # the file holds one config, which load_adapter applies to every layer
+        differ = _settings_differ(config, layer, "the model's config")
+        if differ:
+            raise ValueError(
+                f"model: layer {name} has {differ}, but save_adapter writes one config for every layer and "
+                "load_adapter would apply it to all; give every layer the same scale, gate and variant"
+            )
     state = adapter_state_dict(model)  # under FSDP2 a collective: every rank gathers before any writes
     directory = Path(directory)
     if not (_fsdp_modules(model) or _is_sharded(_adapter_parameters(model))):  # (resharded by adapter_state_dict)
@@ -510,12 +544,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig:
+    return getattr(model, "moka_config", None) or next(iter(layers.values())).config
+
+
+def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> str:
+    """The settings that change a patched layer's function without changing a shape, where ``layer``'s differ
+    from ``config``'s: "scale=4.0 (<config_is>: 1.0)"; empty if none do."""
+    want = {"scale": float(config.scale), "gate": config.gate, "variant": config.variant}
+    have = {"scale": layer.scale, "gate": layer.gate_logits is not None, "variant": layer.variant}
+    return ", ".join(f"{k}={have[k]!r} ({config_is}: {want[k]!r})" for k in want if have[k] != want[k])
+
+
 def _write_adapter(
     model: nn.Module, layers: dict[str, MoKALinear], state: dict[str, torch.Tensor], directory: Path
 ) -> Path:
     from safetensors.torch import save_file
 
-    config = getattr(model, "moka_config", None) or next(iter(layers.values())).config
+    config = _saved_config(model, layers)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -632,20 +678,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
         _refuse_patching_inside_a_distributed_wrapper(model)
     model = _unwrapped(model)
     meta = read_adapter_config(directory)
-    tensors = load_file(adapter_files(directory)[1])
-    saved = MoKAConfig.from_dict(meta["config"])
+    config_path, weights_path = adapter_files(directory)
+    try:
+        saved = MoKAConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"directory: {str(config_path)!r} holds an invalid MoKA config ({err})") from err
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError on a damaged or truncated file
+        raise ValueError(
+            f"directory: {str(weights_path)!r} is not a readable safetensors file ({type(err).__name__}: {err})"
+        ) from err
     patched_here = not moka_layers(model)
     if patched_here:
         apply_moka(model, saved)
     else:  # names and shapes are checked below; these change the function without changing a shape
-        want = {"scale": float(saved.scale), "gate": saved.gate, "variant": saved.variant}
         for name, layer in moka_layers(model).items():
-            have = {"scale": layer.scale, "gate": layer.gate_logits is not None, "variant": layer.variant}
-            if have != want:
-                differ = ", ".join(f"{k}={want[k]!r} (model: {have[k]!r})" for k in want if have[k] != want[k])
+            differ = _settings_differ(saved, layer, "adapter")
+            if differ:
                 raise ValueError(
-                    f"directory: adapter {str(directory)!r} was saved with {differ} at {name}; call "
-                    "remove_moka(model) first and load_adapter patches the model with the adapter's config"
+                    f"directory: adapter {str(directory)!r} does not match the model at {name}, which has "
+                    f"{differ}; call remove_moka(model) first and load_adapter patches the model with the "
+                    "adapter's config"
                 )
     try:
         _resharded(model)  # a load into gathered copies would be undone at FSDP's next reshard

@@ -349,7 +349,9 @@ def _byte_pair_table_cpu() -> torch.Tensor:
     return torch.stack([_nf4_code_cpu()[byte >> 4], _nf4_code_cpu()[byte & 0xF]], dim=1)
 
 
+@functools.cache
 def _byte_pair_table(device: torch.device) -> torch.Tensor:
+    # Cached per device: a copy from pageable host memory on every decode would synchronize a GPU each call.
     return _code_on(_byte_pair_table_cpu(), device)
 
 

@@ -139,6 +139,28 @@ def test_load_adapter_from_another_shape_fails_clearly_and_changes_nothing(tmp_p
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
+@pytest.mark.parametrize("damage", ["config_value", "weights_file"])
+def test_load_adapter_from_a_damaged_adapter_names_the_file_and_changes_nothing(tmp_path, damage):
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    directory = save_adapter(model, tmp_path / "a")
+    config_path, weights_path = directory / "moka_adapter_config.json", directory / "moka_adapter.safetensors"
+    if damage == "config_value":
+        meta = json.loads(config_path.read_text())
+        meta["config"]["num_components"] = "five"
+        config_path.write_text(json.dumps(meta))
+        expected = rf"directory: '{re.escape(str(config_path))}' holds an invalid MoKA config \(num_components: "
+    else:
+        weights_path.write_bytes(weights_path.read_bytes()[:100])
+        expected = rf"directory: '{re.escape(str(weights_path))}' is not a readable safetensors file"
+    other = tiny_llama()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=expected):
+        load_adapter(other, directory)
+    assert not moka_layers(other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
 def test_target_modules_matching_nothing_fails_and_changes_nothing():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"matched no linear layer.*q_proj"):
@@ -281,6 +303,17 @@ def test_a_tied_output_embedding_can_be_patched_and_tied_again():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
     assert model(IDS).logits.shape == (*IDS.shape, 128)
+    # A resize after patching would tie a larger embedding to factors sized for 128 rows: refused when it sets
+    # lm_head.out_features, not at the next forward with a kernel's shape error; so is a direct tie.
+    with pytest.raises(ValueError, match=r"out_features: expected 128 .*got 136; resize the vocabulary before"):
+        model.resize_token_embeddings(136)
+    assert model.lm_head.out_features == 128
+    # The resize had already swapped the shared weight's data in place (how transformers keeps a tie): a
+    # forward now names the mismatch instead of failing in a kernel's factor check.
+    with pytest.raises(ValueError, match=r"base_layer: its weight is \(136, 64\) but the adapter was built for "):
+        model(IDS)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(128, 64\) .*got \(136, 64\); resize the voc"):
+        model.lm_head.weight = nn.Parameter(torch.zeros(136, 64), requires_grad=False)
 
 
 def test_a_tied_patched_lm_head_saves_and_merges_untied(tmp_path):
@@ -380,6 +413,40 @@ def test_4bit_base_through_bitsandbytes_config(tmp_path):
     assert isinstance(next(iter(moka_layers(model).values())), MoKALinear)
 
 
+@pytest.mark.parametrize("base", ["dense", "nf4", "bitsandbytes"])
+def test_disable_adapters_gives_the_base_alone_inside_the_block_only(tmp_path, base):
+    """PEFT's disable_adapter(): inside the block the base's logits (and no adapter gradients), after it the
+    adapted model again, also when the block raises; a model without MoKA layers is refused."""
+    from moka import disable_adapters
+
+    model = _bnb_nf4_model(tmp_path) if base == "bitsandbytes" else tiny_llama()
+    if base == "nf4":
+        quantize_model(model)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    with pytest.raises(ValueError, match="model: has no MoKA layers to disable"), disable_adapters(model):
+        pass
+    apply_moka(model, MoKAConfig(num_components=2))
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(IDS).logits
+    assert not torch.allclose(adapted, reference, atol=1e-3)
+    with disable_adapters(model) as same:
+        assert same is model
+        logits = model(IDS).logits
+        if base == "bitsandbytes":  # bitsandbytes' own CPU kernel computed the reference
+            torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(logits, reference)
+        assert not logits.requires_grad  # the adapters are out of the graph (all else is frozen)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, adapted)
+    with pytest.raises(KeyError), disable_adapters(model):
+        raise KeyError("inside")
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, adapted)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_base_patches_exactly_and_trains(dtype):
     model = tiny_llama().to(dtype)
@@ -419,12 +486,38 @@ def test_load_adapter_into_a_model_patched_with_another_scale_fails_clearly(tmp_
     other = tiny_llama()
     apply_moka(other, MoKAConfig(num_components=2))
     before = {k: v.clone() for k, v in adapter_state_dict(other).items()}
-    with pytest.raises(ValueError, match=r"scale=4\.0 \(model: 1\.0\).*remove_moka"):
+    with pytest.raises(ValueError, match=r"which has scale=1\.0 \(adapter: 4\.0\).*remove_moka"):
         load_adapter(other, tmp_path / "adapter")
     assert all(torch.equal(v, before[k]) for k, v in adapter_state_dict(other).items())
     remove_moka(other)
     load_adapter(other, tmp_path / "adapter")
     assert torch.equal(other(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("change", ["apply_with_another_scale", "edit_a_layer"])
+def test_save_adapter_refuses_layers_whose_settings_its_one_config_would_lose(tmp_path, change):
+    """The file holds one config that load_adapter applies to every layer: a layer patched with another
+    scale (or edited by hand) would reload as a different function, silently. Refused, naming the layer."""
+    model = tiny_llama()
+    if change == "apply_with_another_scale":
+        apply_moka(model.model.layers[0], MoKAConfig(num_components=2))
+        apply_moka(model.model.layers[1], MoKAConfig(num_components=2, scale=4.0))
+        odd = "model.layers.1.self_attn.q_proj"
+    else:
+        apply_moka(model, MoKAConfig(num_components=2))
+        odd = "model.layers.0.mlp.up_proj"
+        moka_layers(model)[odd].scale = 0.5
+    with pytest.raises(ValueError, match=rf"model: layer {re.escape(odd)} has scale=(4|0\.5)\.?0? \(the model's "):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    for layer in moka_layers(model).values():
+        layer.scale = 1.0
+    save_adapter(model, tmp_path / "adapter")  # uniform again: saved, and reloads as the same function
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
 
 
 def test_merge_restores_requires_grad_flags():

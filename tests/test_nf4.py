@@ -114,3 +114,12 @@ def test_chunked_decode_equals_bitsandbytes(monkeypatch, dtype, chunk_bytes):
     assert torch.equal(ours, bnbF.dequantize_4bit(packed, state))
     # fp32 values, then one cast: the fp32 decode rounds to the same output.
     assert torch.equal(dequantize_nf4(NF4Tensor.from_bnb(packed, state), torch.float32).to(dtype), ours)
+
+
+def test_decode_table_is_copied_to_a_device_once():
+    """dequantize_nf4's byte-pair table is cached per device: a host-to-device copy from pageable memory on
+    every decode would synchronize a GPU on every call (checked here with the meta device)."""
+    from moka_kernels.nf4 import _byte_pair_table
+
+    meta = torch.device("meta")
+    assert _byte_pair_table(meta) is _byte_pair_table(meta) and _byte_pair_table(meta).device == meta
