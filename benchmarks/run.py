@@ -99,7 +99,7 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         "python": sys.version.split()[0],
         "timer": "triton.testing.do_bench median"
         if device.type == "cuda"
-        else f"torch.utils.benchmark blocked_autorange median, min_run_time={min_run_time}s",
+        else f"torch.utils.benchmark blocked_autorange median, min_run_time={min_run_time}s and >= {MIN_SAMPLES} calls",
     }
 
 
@@ -129,6 +129,9 @@ def _thresholds() -> dict | None:
     return {"DEQUANTIZE_MIN_TOKENS": DEQUANTIZE_MIN_TOKENS, "ROWWISE_MIN_TOKENS": ROWWISE_MIN_TOKENS}
 
 
+MIN_SAMPLES = 7  # timed calls (CPU) behind each median, at least
+
+
 def make_timer(device: torch.device, min_run_time: float):
     if device.type == "cuda":
         import triton.testing
@@ -138,7 +141,10 @@ def make_timer(device: torch.device, min_run_time: float):
 
     def measure(fn):
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        # A median of at least MIN_SAMPLES calls: a fixed time budget gives a 100 ms call only 2-3 samples,
+        # and one slow call (a page-faulting allocation) then moves the median.
+        once = timer.timeit(1).median
+        return timer.blocked_autorange(min_run_time=max(min_run_time, MIN_SAMPLES * once)).median * 1e3
 
     return measure
 
