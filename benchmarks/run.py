@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -141,12 +142,22 @@ def make_timer(device: torch.device, min_run_time: float):
 
     def measure(fn):
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        # A median of at least MIN_SAMPLES calls: a fixed time budget gives a 100 ms call only 2-3 samples,
-        # and one slow call (a page-faulting allocation) then moves the median.
-        once = timer.timeit(1).median
-        return timer.blocked_autorange(min_run_time=max(min_run_time, MIN_SAMPLES * once)).median * 1e3
+        return statistics.median(cpu_samples(timer, min_run_time)) * 1e3
 
     return measure
+
+
+def cpu_samples(timer, min_run_time: float) -> list[float]:
+    """Seconds per call of ``blocked_autorange`` blocks: ``min_run_time`` of them, and at least MIN_SAMPLES.
+
+    A fixed time budget gives a 100 ms call only 2-3 samples, and one slow call (a page-faulting allocation)
+    then moves the median; the budget is sized from one call and topped up if later calls run slower."""
+    once = timer.timeit(1).median
+    times: list[float] = []
+    while len(times) < MIN_SAMPLES:
+        budget = max(0.0 if times else min_run_time, (MIN_SAMPLES - len(times)) * once)
+        times += timer.blocked_autorange(min_run_time=budget).times
+    return times
 
 
 def saved_bytes(case, x: torch.Tensor) -> int:

@@ -6,7 +6,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, nf4_linear, quantize_nf4
@@ -401,16 +400,14 @@ class MoKALinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + s·Σᵢ softmax(g)ᵢ·(Aᵢ ⊗ Bᵢ)·dropout(x), without forming ΔW; (..., in) -> (..., out)."""
+        if not self.adapters_enabled:  # the base layer's own forward: the function before patching, autocast too
+            return self.base_layer(x)
         if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # as nn.Linear: fp64 untouched
             x = x.to(torch.get_autocast_dtype(x.device.type))  # and the output in the autocast dtype
         input_dtype = x.dtype
         x = x.to(self._compute_dtype(x))
         dtype = x.dtype
         bias = self.bias
-        if not self.adapters_enabled:  # the base alone, as the layer computed it before patching
-            weight, bias = self.base_weight(), None if bias is None else bias.to(dtype)
-            out = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight.to(dtype), bias)
-            return out.to(input_dtype)
         adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         weight = self.base_weight()

@@ -7,6 +7,7 @@ the model as it was, and never a partial file in an adapter directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -87,8 +88,9 @@ def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the ``with`` block, every MoKA layer of ``model`` computes its frozen base alone, as before
-    patching (PEFT's ``model.disable_adapter()``): reference logits for DPO, an A/B check against the base.
+    """Within the ``with`` block, every MoKA layer of ``model`` runs its base layer's own forward, the function
+    it computed before patching (PEFT's ``model.disable_adapter()``): reference logits for DPO, an A/B check
+    against the base.
 
     The adapters are untouched and come back on leaving the block, also when it raises. A gradient-checkpointed
     forward run inside the block must also be backpropagated inside it (its recomputation reads the switch).
@@ -517,7 +519,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("model: has no MoKA layers to save")
     config = _saved_config(model, layers)
     for name, layer in layers.items():  # the file holds one config, which load_adapter applies to every layer
-        differ = _settings_differ(config, layer, "the model's config")
+        differ = _settings_differ(config, layer, f"{next(iter(layers))}, the first layer")
         if differ:
             raise ValueError(
                 f"model: layer {name} has {differ}, but save_adapter writes one config for every layer and "
@@ -545,7 +547,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig:
-    return getattr(model, "moka_config", None) or next(iter(layers.values())).config
+    """The config an adapter file records: the model's, with the scale its layers run with (the first
+    layer's: a scale set on every layer after patching is saved; save_adapter refuses layers that differ)."""
+    first = next(iter(layers.values()))
+    config = getattr(model, "moka_config", None) or first.config
+    return config if float(config.scale) == first.scale else dataclasses.replace(config, scale=first.scale)
 
 
 def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> str:
@@ -672,6 +678,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     and the model is left as it was. Into adapters sharded by FSDP2 (patch before ``fully_shard``), every
     rank loads the file and keeps its own shards.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not moka_layers(model):  # patched below: refused inside DDP/FSDP2 (checked before unwrapping DDP)
@@ -685,7 +692,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
         raise ValueError(f"directory: {str(config_path)!r} holds an invalid MoKA config ({err})") from err
     try:
         tensors = load_file(weights_path)
-    except Exception as err:  # safetensors raises its own SafetensorError on a damaged or truncated file
+    except SafetensorError as err:  # a damaged or truncated file (a missing or unreadable one raises OSError)
         raise ValueError(
             f"directory: {str(weights_path)!r} is not a readable safetensors file ({type(err).__name__}: {err})"
         ) from err

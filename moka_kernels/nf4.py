@@ -15,8 +15,8 @@ Layout (bitsandbytes 0.50.x, ``quant_type="nf4"``), for a weight W of shape (N, 
 
 from __future__ import annotations
 
-import functools
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,14 +55,32 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax vector in blocks of 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-@functools.cache
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def cached_table(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, made once per ``key`` and kept, unless it made a traced stand-in instead of a tensor: under
+    ``torch.export`` (non-strict) or a fake mode, factories return FakeTensors, which a later eager call must
+    never read (functools.cache kept them: an eager NF4 forward after a cold export decoded NaN)."""
+    table = _TABLES.get(key)
+    if table is None:
+        table = build()
+        if type(table) is torch.Tensor:
+            _TABLES[key] = table
+    return table
+
+
 def _nf4_code_cpu() -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32)
+    return cached_table(("nf4_code",), lambda: torch.tensor(NF4_CODE, dtype=torch.float32))
 
 
-@functools.cache
 def dynamic_code() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), used for nested absmax.
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), used for nested absmax (made once)."""
+    return cached_table(("dynamic_code",), _dynamic_code)
+
+
+def _dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map, built as ``create_dynamic_map()`` builds it.
 
     Built exactly as bitsandbytes builds it: float32 linspaces, means computed in float32,
     then scaled in Python floats, sorted, and stored as float32.
@@ -343,16 +361,17 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 DECODE_CHUNK_BYTES = 1 << 20
 
 
-@functools.cache
 def _byte_pair_table_cpu() -> torch.Tensor:
-    byte = torch.arange(256)
-    return torch.stack([_nf4_code_cpu()[byte >> 4], _nf4_code_cpu()[byte & 0xF]], dim=1)
+    def build() -> torch.Tensor:
+        byte = torch.arange(256)
+        return torch.stack([_nf4_code_cpu()[byte >> 4], _nf4_code_cpu()[byte & 0xF]], dim=1)
+
+    return cached_table(("byte_pairs", torch.device("cpu")), build)
 
 
-@functools.cache
 def _byte_pair_table(device: torch.device) -> torch.Tensor:
-    # Cached per device: a copy from pageable host memory on every decode would synchronize a GPU each call.
-    return _code_on(_byte_pair_table_cpu(), device)
+    # Kept per device: a copy from pageable host memory on every decode would synchronize a GPU each call.
+    return cached_table(("byte_pairs", device), lambda: _code_on(_byte_pair_table_cpu(), device))
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:

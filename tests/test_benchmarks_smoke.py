@@ -671,14 +671,19 @@ def test_e2e_frozen_base_backward_is_the_flow_adapters_need():
 
 
 def test_cpu_timer_takes_its_median_over_at_least_min_samples_calls():
-    """A slow call under a short time budget is still timed MIN_SAMPLES times (a median of 2 calls is not one)."""
+    """A slow call under a short time budget is still timed MIN_SAMPLES times (a median of 2 calls is not one),
+    also when calls after the one that sized the budget run slower."""
     import time as time_module
+
+    from torch.utils import benchmark
 
     calls = []
 
-    def slow():
+    def slowing():
         calls.append(1)
-        time_module.sleep(0.01)
+        time_module.sleep(0.004 if len(calls) <= 3 else 0.008)
 
-    ms = run.make_timer(torch.device("cpu"), min_run_time=0.001)(slow)
-    assert len(calls) >= run.MIN_SAMPLES + 1 and 10 <= ms < 100  # + the sizing call
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": slowing})
+    samples = run.cpu_samples(timer, min_run_time=0.001)
+    assert len(samples) >= run.MIN_SAMPLES and all(0.004 <= t < 0.1 for t in samples)
+    assert 8 <= run.make_timer(torch.device("cpu"), min_run_time=0.001)(slowing) < 100

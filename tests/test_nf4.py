@@ -123,3 +123,33 @@ def test_decode_table_is_copied_to_a_device_once():
 
     meta = torch.device("meta")
     assert _byte_pair_table(meta) is _byte_pair_table(meta) and _byte_pair_table(meta).device == meta
+
+
+def test_a_cold_trace_leaves_no_fake_decode_table_for_eager_calls(monkeypatch):
+    """Non-strict torch.export traces with FakeTensors: a decode table first built then must not be kept, or
+    the next eager NF4 forward reads the stand-in (it decoded NaN when functools.cache kept it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moka import NF4Linear
+    from moka_kernels.nf4_linear import nf4_linear_reference
+
+    torch.manual_seed(0)
+    layer = NF4Linear(quantize_nf4(torch.randn(64, 64), 64, True))
+    x = torch.randn(3, 64)
+    reference = nf4_linear_reference(x, layer.nf4_weight)
+    monkeypatch.setattr(nf4_module, "_TABLES", {})  # cold: every table is built during the trace
+    with FakeTensorMode():
+        assert type(nf4_module._byte_pair_table(torch.device("cpu"))) is not torch.Tensor
+    assert nf4_module._TABLES == {}
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, inputs):
+            return self.layer(inputs)
+
+    torch.export.export(Holder(), (x,), strict=False)
+    assert all(type(t) is torch.Tensor for t in nf4_module._TABLES.values())
+    torch.testing.assert_close(layer(x), reference)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
+from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, cached_table
 from . import INTERPRET, dot_in_fp32, new_output
 from .kron_mixture import AdapterLaunch, grouped_sandwich_program
 
@@ -426,9 +426,8 @@ def _nf4_matmul_t_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
-@functools.cache
 def _code_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return cached_table(("nf4_code", device), lambda: torch.tensor(NF4_CODE, dtype=torch.float32, device=device))
 
 
 def _nf4_args(w: NF4Tensor) -> tuple:
