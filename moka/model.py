@@ -656,6 +656,38 @@ def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
     )
 
 
+def _layer_of(key: str) -> str:
+    """The layer an adapter tensor belongs to: ``{layer}.a_factors.{i}``, ``{layer}.b_factors.{i}`` or
+    ``{layer}.gate_logits``."""
+    for marker in (".a_factors.", ".b_factors."):
+        if marker in key:
+            return key.rsplit(marker, 1)[0]
+    return key.removesuffix(".gate_logits")
+
+
+def _shared_layers(tensors: dict, expected: dict, directory) -> tuple[dict, dict]:
+    """The file's tensors and the model's expected shapes restricted to the layers both have (strict=False)."""
+    in_file, in_model = {_layer_of(k) for k in tensors}, {_layer_of(k) for k in expected}
+    shared = in_file & in_model
+    if not shared:
+        raise ValueError(
+            f"directory: adapter {str(directory)!r} shares no layer with this model (file: "
+            f"{sorted(in_file)[:3]}, model: {sorted(in_model)[:3]})"
+        )
+    if shared != in_file or shared != in_model:
+        logger.info(
+            "load_adapter: %d layers loaded; %d MoKA layers of the model not in the file keep their values; "
+            "%d layers of the file not in the model skipped",
+            len(shared),
+            len(in_model - shared),
+            len(in_file - shared),
+        )
+    return (
+        {k: v for k, v in tensors.items() if _layer_of(k) in shared},
+        {k: v for k, v in expected.items() if _layer_of(k) in shared},
+    )
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     """The JSON that :func:`save_adapter` wrote beside the weights (the ``MoKAConfig`` under ``"config"``,
     each layer's shape and components under ``"layers"``)."""
@@ -670,13 +702,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> MoKASummary:
     """Load adapters saved by :func:`save_adapter` into ``model``, patching it first if it is not yet.
 
     Names and shapes (and, for an already patched model, the scale, gate and variant) are validated
     against the model before anything is copied; on any mismatch a ValueError names the first problems
     and the model is left as it was. Into adapters sharded by FSDP2 (patch before ``fully_shard``), every
     rank loads the file and keeps its own shards.
+
+    Args:
+        strict: every MoKA layer of the model must be in the file and every layer of the file in the model.
+            ``False`` loads the layers both have (an adapter of some layers into a model patched more
+            broadly: the others keep their values) and logs what it skipped; each loaded layer must still
+            match whole, and a file that shares no layer with the model is refused.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -700,7 +738,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
     if patched_here:
         apply_moka(model, saved)
     else:  # names and shapes are checked below; these change the function without changing a shape
+        in_file = {_layer_of(key) for key in tensors}
         for name, layer in moka_layers(model).items():
+            if not strict and name not in in_file:
+                continue
             differ = _settings_differ(saved, layer, "adapter")
             if differ:
                 raise ValueError(
@@ -718,6 +759,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
                 "first (model.to_empty(device=...), after fully_shard under FSDP2), then load_adapter"
             )
         expected = {k: p.shape for k, p in params.items()}  # a DTensor's shape is the whole tensor's
+        if not strict:
+            tensors, expected = _shared_layers(tensors, expected, directory)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [
@@ -735,6 +778,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> MoKASummary:
             )
         dtensor = _dtensor_type() if _is_sharded(params) else None
         for key, p in params.items():
+            if key not in expected:  # a layer strict=False skips
+                continue
             value = tensors[key].to(device=p.device, dtype=p.dtype)
             if dtensor is not None and isinstance(p, dtensor):  # this rank's shards of the whole tensor
                 from torch.distributed.tensor import distribute_tensor

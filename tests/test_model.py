@@ -161,6 +161,40 @@ def test_load_adapter_from_a_damaged_adapter_names_the_file_and_changes_nothing(
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
+def test_load_adapter_non_strict_loads_the_layers_both_have(tmp_path):
+    """strict=False: an adapter of some layers into a model patched more broadly (the others keep their
+    values), or of more layers into a model patched less; refused when no layer is shared, and strict (the
+    default) refuses both with the missing/unexpected names."""
+    source = tiny_llama()
+    apply_moka(source, MoKAConfig(num_components=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(source, seed=3)
+    save_adapter(source, tmp_path / "qv")
+    broad = tiny_llama()
+    apply_moka(broad, MoKAConfig(num_components=2))
+    randomize_adapters(broad, seed=4)
+    before = {k: v.clone() for k, v in adapter_state_dict(broad).items()}
+    with pytest.raises(ValueError, match=r"does not fit this model .*missing \['model.layers.0.mlp"):
+        load_adapter(broad, tmp_path / "qv")
+    load_adapter(broad, tmp_path / "qv", strict=False)
+    loaded, saved = adapter_state_dict(broad), adapter_state_dict(source)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert all(torch.equal(loaded[k], before[k]) for k in loaded if k not in saved)
+    assert any(k not in saved for k in loaded)
+
+    save_adapter(broad, tmp_path / "all")
+    narrow = tiny_llama()
+    apply_moka(narrow, MoKAConfig(num_components=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.0.mlp"):
+        load_adapter(narrow, tmp_path / "all")
+    load_adapter(narrow, tmp_path / "all", strict=False)
+    assert all(torch.equal(v, loaded[k]) for k, v in adapter_state_dict(narrow).items())
+
+    unrelated = tiny_llama()
+    apply_moka(unrelated, MoKAConfig(num_components=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"shares no layer with this model"):
+        load_adapter(unrelated, tmp_path / "qv", strict=False)
+
+
 def test_target_modules_matching_nothing_fails_and_changes_nothing():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"matched no linear layer.*q_proj"):
