@@ -6,6 +6,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, nf4_linear, quantize_nf4
@@ -400,8 +401,6 @@ class MoKALinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + s·Σᵢ softmax(g)ᵢ·(Aᵢ ⊗ Bᵢ)·dropout(x), without forming ΔW; (..., in) -> (..., out)."""
-        if not self.adapters_enabled:  # the base layer's own forward: the function before patching, autocast too
-            return self.base_layer(x)
         if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):  # as nn.Linear: fp64 untouched
             x = x.to(torch.get_autocast_dtype(x.device.type))  # and the output in the autocast dtype
         input_dtype = x.dtype
@@ -409,8 +408,12 @@ class MoKALinear(nn.Module):
         dtype = x.dtype
         bias = self.bias
         adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
-        a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         weight = self.base_weight()
+        if not self.adapters_enabled:  # the base alone as this forward computes it: equal to it at zero adapters
+            bias = None if bias is None else bias.to(dtype)
+            out = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight.to(dtype), bias)
+            return out.to(input_dtype)
+        a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         try:
             out = moka_linear(
                 x,

@@ -88,9 +88,11 @@ def moka_layers(model: nn.Module) -> dict[str, MoKALinear]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the ``with`` block, every MoKA layer of ``model`` runs its base layer's own forward, the function
-    it computed before patching (PEFT's ``model.disable_adapter()``): reference logits for DPO, an A/B check
-    against the base.
+    """Within the ``with`` block, every MoKA layer of ``model`` computes its frozen base alone (PEFT's
+    ``model.disable_adapter()``): reference logits for DPO, an A/B check against the base. The base is computed
+    as the enabled layer computes it (same casts, same decode), so disabled equals enabled at zero adapters;
+    a bitsandbytes ``Linear4bit`` is decoded by moka, not by its own forward (whose CPU decode is wrong where
+    the blocksize does not divide K).
 
     The adapters are untouched and come back on leaving the block, also when it raises. A gradient-checkpointed
     forward run inside the block must also be backpropagated inside it (its recomputation reads the switch).

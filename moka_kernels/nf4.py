@@ -61,7 +61,8 @@ _TABLES: dict[tuple, torch.Tensor] = {}
 def cached_table(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, made once per ``key`` and kept, unless it made a traced stand-in instead of a tensor: under
     ``torch.export`` (non-strict) or a fake mode, factories return FakeTensors, which a later eager call must
-    never read (functools.cache kept them: an eager NF4 forward after a cold export decoded NaN)."""
+    never read (functools.cache kept them: an eager NF4 forward after a cold export decoded NaN). Builders
+    name their device (``device="cpu"``), so a default-device context cannot put a table under another key."""
     table = _TABLES.get(key)
     if table is None:
         table = build()
@@ -71,7 +72,7 @@ def cached_table(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 
 def _nf4_code_cpu() -> torch.Tensor:
-    return cached_table(("nf4_code",), lambda: torch.tensor(NF4_CODE, dtype=torch.float32))
+    return cached_table(("nf4_code",), lambda: torch.tensor(NF4_CODE, dtype=torch.float32, device="cpu"))
 
 
 def dynamic_code() -> torch.Tensor:
@@ -89,13 +90,13 @@ def _dynamic_code() -> torch.Tensor:
     non_sign_bits, max_exponent_bits = 7, 7
     for i in range(max_exponent_bits):
         fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32, device="cpu")
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
         data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
     data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    return torch.tensor(data, dtype=torch.float32, device="cpu")
 
 
 def _code_on(code: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -363,7 +364,7 @@ DECODE_CHUNK_BYTES = 1 << 20
 
 def _byte_pair_table_cpu() -> torch.Tensor:
     def build() -> torch.Tensor:
-        byte = torch.arange(256)
+        byte = torch.arange(256, device="cpu")
         return torch.stack([_nf4_code_cpu()[byte >> 4], _nf4_code_cpu()[byte & 0xF]], dim=1)
 
     return cached_table(("byte_pairs", torch.device("cpu")), build)

@@ -153,3 +153,17 @@ def test_a_cold_trace_leaves_no_fake_decode_table_for_eager_calls(monkeypatch):
     torch.export.export(Holder(), (x,), strict=False)
     assert all(type(t) is torch.Tensor for t in nf4_module._TABLES.values())
     torch.testing.assert_close(layer(x), reference)
+
+
+def test_decode_tables_ignore_a_default_device_context(monkeypatch):
+    """Tables are built on the device their key names: a first decode inside ``with torch.device("meta")`` (or
+    after set_default_device("cuda")) must not leave a meta/CUDA table under the CPU key."""
+    w = torch.randn(8, 64)
+    q = quantize_nf4(w, 64, True)
+    expected = dequantize_nf4(q)
+    monkeypatch.setattr(nf4_module, "_TABLES", {})
+    with torch.device("meta"):
+        assert nf4_module._byte_pair_table(torch.device("cpu")).device.type == "cpu"
+        assert nf4_module.dynamic_code().device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in nf4_module._TABLES.values())
+    assert torch.equal(dequantize_nf4(q), expected)
