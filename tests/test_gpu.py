@@ -230,3 +230,26 @@ def test_nf4_kernels_match_dequantize(tokens):
     assert rel_rms(nf4_matmul(x, w), x.float() @ dense.T) < 1e-2
     dy = torch.randn(tokens, 4096, device=CUDA, dtype=torch.bfloat16)
     assert rel_rms(nf4_matmul_t(dy, w), dy.float() @ dense) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 600])  # both NF4 routes: the fused GEMM, and decode + cuBLAS
+def test_disabled_adapters_match_the_layer_at_zero_adapters(tokens):
+    """disable_adapters on CUDA computes the NF4 base through nf4_linear, the enabled layer through its fused
+    kernels: at zero adapters the two agree to bf16 rounding, and the adapters come back after. (Last in this
+    file: the suite's time limit cuts it first.)"""
+    from moka import MoKAConfig, MoKALinear, disable_adapters
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(4096, 4096, generator=g) / 64).to(CUDA, torch.bfloat16)
+    layer = MoKALinear(quantize_nf4(w), MoKAConfig(num_components=5))  # zero_b: the adapter is zero at init
+    x = torch.randn(tokens, 4096, generator=g).to(CUDA, torch.bfloat16)
+    with torch.no_grad():
+        enabled = layer(x)
+        with disable_adapters(layer):
+            disabled = layer(x)
+        for b_factor in layer.b_factors:
+            b_factor.normal_(0, 0.05)
+        adapted = layer(x)
+    assert disabled.dtype == enabled.dtype == torch.bfloat16
+    assert rel_rms(disabled.float(), enabled.float()) < 1e-2
+    assert rel_rms(adapted.float(), enabled.float()) > 1e-2
