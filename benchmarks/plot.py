@@ -76,6 +76,22 @@ def cpu_target_check(rows: list[dict], n: int = 2048, k: int = 2048, tokens: int
     }
 
 
+def note_lines(rows: list[dict]) -> list[str]:
+    """One line per provider note; per layer where a provider's note differs between layers (MoKA's factor
+    shapes), rather than the last layer's note standing for all."""
+    notes: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["note"]:
+            notes.setdefault(label(r), {})[f"{r['n_out']}×{r['k_in']}"] = r["note"]
+    lines = []
+    for provider, by_layer in notes.items():
+        if len(set(by_layer.values())) == 1:
+            lines.append(f"- `{provider}`: {next(iter(by_layer.values()))}")
+        else:
+            lines += [f"- `{provider}` at {layer}: {note}" for layer, note in by_layer.items()]
+    return lines
+
+
 def share_table(rows: list[dict], provider: str = "moka_torch[dense]") -> list[str]:
     """Per layer, at its largest T: MoKA's fwd+bwd time over the dense base against its adapter FLOP share."""
     idx = _index(rows)
@@ -263,8 +279,7 @@ def render(path: Path) -> Path:
     lines += share_table(rows, "moka_triton[dense]" if gpu else "moka_torch[dense]")
     for mode in ("fwd", "fwd+bwd", "bwd"):
         lines += _table(rows, mode, gpu)
-    notes = {label(r): r["note"] for r in rows if r["note"]}
-    lines += ["", "Provider notes:"] + [f"- `{k}`: {v}" for k, v in notes.items()]
+    lines += ["", "Provider notes:", *note_lines(rows)]
     md = path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     _plots(path, rows)

@@ -687,3 +687,19 @@ def test_cpu_timer_takes_its_median_over_at_least_min_samples_calls():
     samples = run.cpu_samples(timer, min_run_time=0.001)
     assert len(samples) >= run.MIN_SAMPLES and all(0.004 <= t < 0.1 for t in samples)
     assert 8 <= run.make_timer(torch.device("cpu"), min_run_time=0.001)(slowing) < 100
+
+
+def test_provider_notes_name_the_layer_where_they_differ():
+    """MoKA's note lists its factor shapes, which differ per layer: one line per layer, not the last layer's."""
+    base = {"provider": "moka_torch", "base": "dense", "mode": "fwd", "tokens": 1}
+    rows = [
+        {**base, "n_out": 64, "k_in": 64, "note": "r=2: 8x8⊗8x8"},
+        {**base, "n_out": 32, "k_in": 64, "note": "r=2: 4x8⊗8x8"},
+        {**base, "provider": "lokr_fused", "n_out": 64, "k_in": 64, "note": "same"},
+        {**base, "provider": "lokr_fused", "n_out": 32, "k_in": 64, "note": "same"},
+    ]
+    assert plot.note_lines(rows) == [
+        "- `moka_torch[dense]` at 64×64: r=2: 8x8⊗8x8",
+        "- `moka_torch[dense]` at 32×64: r=2: 4x8⊗8x8",
+        "- `lokr_fused[dense]`: same",
+    ]
