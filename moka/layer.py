@@ -407,12 +407,14 @@ class MoKALinear(nn.Module):
         x = x.to(self._compute_dtype(x))
         dtype = x.dtype
         bias = self.bias
-        adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         weight = self.base_weight()
         if not self.adapters_enabled:  # the base alone as this forward computes it: equal to it at zero adapters
             bias = None if bias is None else bias.to(dtype)
             out = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight.to(dtype), bias)
             return out.to(input_dtype)
+        adapter_input = (
+            self.dropout(x) if (self.dropout is not None and self.training) else None
+        )  # no dropout draw while disabled
         a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         try:
             out = moka_linear(
