@@ -731,3 +731,19 @@ def test_apply_and_load_refuse_a_model_inside_ddp(tmp_path):
         assert all(torch.equal(adapter_state_dict(patched)[k], v) for k, v in adapter_state_dict(model).items())
     finally:
         dist.destroy_process_group()
+
+
+def test_disabled_adapters_draw_no_dropout():
+    """A disabled layer skips the adapter's dropout too: the RNG stream of a training step is the base's."""
+    from moka import disable_adapters
+
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2, dropout=0.5))
+    model.train()
+    state = torch.get_rng_state()
+    with torch.no_grad(), disable_adapters(model):
+        model(IDS)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        model(IDS)
+    assert not torch.equal(torch.get_rng_state(), state)  # enabled: the adapter input's dropout draws
