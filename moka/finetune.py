@@ -63,6 +63,15 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def refuse_unwritable(where: Path, path: Path, flag: str) -> None:
+    """A CLIError naming ``flag`` unless ``where`` (or, if it does not exist yet, its nearest existing parent)
+    is writable: found before a model is loaded, not after minutes of work (a read-only mount, no permission)."""
+    where = where.absolute()
+    existing = next((p for p in (where, *where.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag}: {str(path)!r} cannot be written ({str(existing)!r} is not writable)")
+
+
 # -- arguments ----------------------------------------------------------------------------------------
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default after its help, except None (the help says what no value means) and a switch's
@@ -178,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     above = next((p for p in args.output_dir.absolute().parents if p.exists() and not p.is_dir()), None)
     if above is not None:
         raise CLIError(f"--output-dir: {str(args.output_dir)!r} lies under the file {str(above)!r}")
+    refuse_unwritable(args.output_dir, args.output_dir, "--output-dir")
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
@@ -594,6 +604,14 @@ _RESUME_FLAGS = {
     "data": "--data",
     "max_length": "--max-length",
     "dropout": "--dropout",
+    # the optimization: a resume with another value would not continue the run (the data order comes from
+    # --seed, the LR schedule's peak from the checkpoint's scheduler, whatever --lr says)
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "lr": "--lr",
+    "warmup_steps": "--warmup-steps",
+    "weight_decay": "--weight-decay",
 }
 
 
@@ -616,8 +634,8 @@ def canonical_location(value: str) -> str:
 
 def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """What the trained adapter depends on beyond its own config (which ``load_adapter`` checks): the base
-    weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, and dropout (the --adapter
-    config's, when one is given: it wins over --dropout)."""
+    weights (model, 4-bit, who quantized it, compute dtype), the data and its cut, dropout (the --adapter
+    config's, when one is given: it wins over --dropout), and the optimization (seed, batch, LR schedule)."""
     dropout = args.dropout
     if args.adapter:
         try:
@@ -632,6 +650,10 @@ def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         "data": None if args.data is None else canonical_location(str(args.data)),
         "max_length": args.max_length,
         "dropout": dropout,
+        **{
+            key: getattr(args, key)
+            for key in ("seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay")
+        },
     }
 
 
@@ -767,6 +789,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         # The Trainer would take one more step; the run had ended, only what follows training was lost.
         print(f"--resume: {checkpoint} is the end of training (step {resumed_step}); evaluating it", flush=True)
         trainer._load_from_checkpoint(checkpoint)
+        trainer.state.global_step = resumed_step  # the final evaluation is logged at the last step, not at 0
         global_step, train_loss = resumed_step, None
     else:
         output = trainer.train(resume_from_checkpoint=None if resume is None else resume[0])

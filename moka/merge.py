@@ -41,6 +41,7 @@ from .finetune import (
     canonical_location,
     load_model,
     one_line,
+    refuse_unwritable,
     resolve_model_path,
     resolve_nf4_backend,
 )
@@ -124,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise CLIError(f"--output-dir: {str(out)!r} lies under the file {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--output-dir: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    refuse_unwritable(out.absolute().parent, out, "--output-dir")  # written into a temp dir beside it, then renamed
     model_path = embedded_model_path() if args.model == EMBEDDED else Path(args.model).expanduser()
     inputs = [("the --adapter", args.adapter), ("the current", Path.cwd())]
     inputs += [("the --model", model_path)] if model_path.exists() or args.model == EMBEDDED else []

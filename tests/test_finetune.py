@@ -192,6 +192,9 @@ def test_resume_refuses_a_run_on_another_base_or_data(model_dir, data, tmp_path,
         out,
     )
     _fails(_args(model_dir, data, out, *common, "--resume", "--max-length", "64"), capsys, "--max-length 256", out)
+    # the optimization too: another seed reorders the data, another --lr is overridden by the checkpoint's schedule
+    _fails(_args(model_dir, data, out, *common, "--resume", "--seed", "1"), capsys, "--seed 0 (this run: 1)", out)
+    _fails(_args(model_dir, data, out, *common, "--resume", "--lr", "0.5"), capsys, "--lr 0.01 (this run: 0.5)", out)
     relative = os.path.relpath(data[0])  # the same file named another way is the same data
     train_elsewhere = _jsonl(tmp_path / "other.jsonl", [{"text": "other data"}] * 8)
     _fails(_args(model_dir, (train_elsewhere, data[1]), out, *common, "--resume"), capsys, "--data", out)
@@ -285,8 +288,17 @@ def test_resume_of_a_run_that_ended_trains_no_extra_step(model_dir, data, tmp_pa
     straight = run(parse_args(_args(model_dir, data, tmp_path / "straight", *common)))
     with pytest.raises(_Interrupt):
         run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[StopAtTheEnd()])
-    resumed = run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
+
+    eval_steps: list[int] = []
+
+    class EvalSteps(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "eval_loss" in (logs or {}):
+                eval_steps.append(state.global_step)
+
+    resumed = run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")), [EvalSteps()])
     assert (resumed["steps"], resumed["steps_this_run"], resumed["train_loss"]) == (4, 0, None)
+    assert eval_steps == [4]  # the final evaluation is logged (and plotted) at the last step, not at 0
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
     for key, value in load_file(tmp_path / "straight" / "adapter" / "moka_adapter.safetensors").items():
         assert torch.equal(value, load_file(tmp_path / "broken" / "adapter" / "moka_adapter.safetensors")[key]), key
@@ -463,6 +475,12 @@ def test_each_target_name_must_match_and_spaces_are_dropped(model_dir, data, tmp
 def test_output_dir_under_a_file_and_help_defaults(model_dir, data, tmp_path, capsys):
     (tmp_path / "afile").write_text("keep me")
     _fails(_args(model_dir, data, tmp_path / "afile" / "sub"), capsys, "lies under the file", tmp_path / "none")
+    read_only = tmp_path / "read_only"  # refused in parse_args, not in the Trainer after the model is loaded
+    read_only.mkdir()
+    with pytest.MonkeyPatch.context() as patch:  # as on a read-only mount (root passes permission bits)
+        patch.setattr(os, "access", lambda path, mode: Path(path) != read_only)
+        target = read_only / "out"
+        _fails(_args(model_dir, data, target), capsys, f"--output-dir: '{target}' cannot be written", target)
     from moka.finetune import build_parser
     from moka.merge import build_parser as merge_parser
 

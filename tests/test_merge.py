@@ -147,6 +147,12 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     assert (base / "config.json").is_file() and (out / "keep.txt").is_file()
     (tmp_path / "file").write_text("x")
     fails([*common, "--adapter", str(adapter), "--output-dir", str(tmp_path / "file" / "m")], "lies under the file")
+    read_only = tmp_path / "read_only"  # refused before the model is loaded, not when writing it
+    read_only.mkdir()
+    with pytest.MonkeyPatch.context() as patch:  # as on a read-only mount (root passes permission bits)
+        patch.setattr(os, "access", lambda path, mode: Path(path) != read_only)
+        target = read_only / "m"
+        fails([*common, "--adapter", str(adapter), "--output-dir", str(target)], f"'{target}' cannot be written")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     fails(
