@@ -604,15 +604,14 @@ _RESUME_FLAGS = {
     "data": "--data",
     "max_length": "--max-length",
     "dropout": "--dropout",
-    # the optimization: a resume with another value would not continue the run (the data order comes from
-    # --seed, the LR schedule's peak from the checkpoint's scheduler, whatever --lr says)
-    "seed": "--seed",
-    "batch_size": "--batch-size",
-    "grad_accum": "--grad-accum",
-    "lr": "--lr",
-    "warmup_steps": "--warmup-steps",
-    "weight_decay": "--weight-decay",
 }
+# The optimization, recorded as given: a resume with another value would not continue the run (the data order
+# comes from --seed, the LR schedule's peak from the checkpoint's scheduler, whatever --lr says).
+_OPTIMIZATION_FLAGS = {
+    key: "--" + key.replace("_", "-")
+    for key in ("seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay")
+}
+_RESUME_FLAGS |= _OPTIMIZATION_FLAGS
 
 
 def _flag_value(key: str, value):
@@ -650,10 +649,7 @@ def run_conditions(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         "data": None if args.data is None else canonical_location(str(args.data)),
         "max_length": args.max_length,
         "dropout": dropout,
-        **{
-            key: getattr(args, key)
-            for key in ("seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay")
-        },
+        **{key: getattr(args, key) for key in _OPTIMIZATION_FLAGS},
     }
 
 

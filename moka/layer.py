@@ -380,7 +380,8 @@ class MoKALinear(nn.Module):
             if isinstance(self.base_layer, NF4Linear):
                 raise AttributeError("weight: an NF4 base layer's weight is its packed bytes; it cannot be assigned")
             shape = tuple(getattr(value, "shape", ()))
-            if shape != (self.out_features, self.in_features):  # e.g. resize_token_embeddings on a tied lm_head
+            # e.g. resize_token_embeddings on a tied lm_head (a Linear4bit's packed bytes have another shape)
+            if not self._wraps_linear4bit and shape != (self.out_features, self.in_features):
                 raise ValueError(
                     f"weight: expected shape {(self.out_features, self.in_features)} (the adapter's factors are "
                     f"sized for it), got {shape}; resize the vocabulary before apply_moka, or remove_moka first"
@@ -412,9 +413,8 @@ class MoKALinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
             out = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight.to(dtype), bias)
             return out.to(input_dtype)
-        adapter_input = (
-            self.dropout(x) if (self.dropout is not None and self.training) else None
-        )  # no dropout draw while disabled
+        # after the disabled return: no dropout draw while the adapters are off
+        adapter_input = self.dropout(x) if (self.dropout is not None and self.training) else None
         a_factors, b_factors = _factors_as_taken(self.a_factors, self.b_factors, dtype)
         try:
             out = moka_linear(

@@ -445,6 +445,10 @@ def test_4bit_base_through_bitsandbytes_config(tmp_path):
         if hasattr(m, "support_avx512bf16_for_cpu")
     )
     assert isinstance(next(iter(moka_layers(model).values())), MoKALinear)
+    layer = next(iter(moka_layers(model).values()))
+    packed = layer.base_layer.weight
+    layer.weight = packed  # a Linear4bit's packed bytes (shape (n, 1)) are not refused as a wrong-shaped weight
+    assert layer.base_layer.weight is packed
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4", "bitsandbytes"])
