@@ -93,6 +93,11 @@ def _components(text: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
+def user_path(text: str) -> Path:
+    """A path flag as given, with ``~`` expanded (a shell leaves ``--flag=~/x`` and a quoted ``"~/x"`` alone)."""
+    return Path(text).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moka-finetune",
@@ -122,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype; auto = bf16 on a GPU that supports it, else fp32",
     )
     g = p.add_argument_group("data (JSONL: {instruction, input, output} or {text})")
-    g.add_argument("--data", type=Path, help="training JSONL (default: the generated secret-code task)")
-    g.add_argument("--eval-data", type=Path, help="evaluation JSONL")
+    g.add_argument("--data", type=user_path, help="training JSONL (default: the generated secret-code task)")
+    g.add_argument("--eval-data", type=user_path, help="evaluation JSONL")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example")
     g = p.add_argument_group("MoKA")
     g.add_argument("--num-components", type=int, default=5, help="r, Kronecker components per layer")
@@ -133,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, default=1.0, help="s, the adapter's output scale")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
     g.add_argument("--init", choices=INITS, default="zero_b", help="which factor starts at zero")
-    g.add_argument("--adapter", type=Path, help="start from a saved MoKA adapter dir (its config wins)")
+    g.add_argument("--adapter", type=user_path, help="start from a saved MoKA adapter dir (its config wins)")
     g.add_argument(
         "--target-modules",
         default=",".join(LLAMA_TARGET_MODULES),
@@ -142,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-regex", action="store_true", help="treat --target-modules as one regex")
     g = p.add_argument_group("training")
     g.add_argument(
-        "--output-dir", type=Path, default=Path("moka-output"), help="adapter, summary.json and checkpoints/ land here"
+        "--output-dir",
+        type=user_path,
+        default=Path("moka-output"),
+        help="adapter, summary.json and checkpoints/ land here",
     )
     g.add_argument("--max-steps", type=int, default=40, help="optimizer steps (-1: use --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (with --max-steps -1)")
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed (initialization, data order), 0 to 2**32 - 1")
     g.add_argument("--logging-steps", type=int, default=5, help="log the train loss every this many steps")
     g.add_argument("--save-steps", type=int, default=20, help="checkpoint (and evaluate) every this many steps")
+    g.add_argument(
+        "--save-total-limit", type=int, default=2, help="checkpoints kept in OUTPUT_DIR/checkpoints (the newest ones)"
+    )
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
@@ -168,7 +179,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
-    positive = ("max_length", "batch_size", "grad_accum", "num_components", "logging_steps", "save_steps")
+    positive = (
+        "max_length",
+        "batch_size",
+        "grad_accum",
+        "num_components",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+    )
     for name in (*positive, "eval_max_new_tokens"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
@@ -734,7 +753,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         lr_scheduler_type="cosine",
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
-        save_total_limit=2,
+        save_total_limit=args.save_total_limit,
         eval_strategy="steps" if eval_ds else "no",
         eval_steps=args.save_steps if eval_ds else None,
         seed=args.seed,
@@ -803,7 +822,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         peak_memory_mb=round(peak_memory_mb(device), 1),
     )
     if eval_ds:
-        result["eval_loss"] = trainer.evaluate()["eval_loss"]
+        result["eval_loss"] = _final_eval_loss(trainer, global_step)
     if is_main:
         adapter_dir = args.output_dir / "adapter"
         loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
@@ -825,6 +844,13 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
     return result
+
+
+def _final_eval_loss(trainer: Trainer, global_step: int) -> float:
+    """The eval loss of the trained model: the one the Trainer logged at the last step if it evaluated there
+    (--save-steps divides the step count; the model has not changed since), else one evaluation now."""
+    logged = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == global_step]
+    return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ merged model's logits on a probe text are compared with the adapted model's (``-
 
 Examples::
 
-    python -m moka.merge                                    # the embedded default's adapter (moka-output/)
+    python -m moka.merge                                    # moka-output/adapter onto the model it was trained on
     python -m moka.merge --model ./llama-dir --adapter run/adapter --output-dir merged --load-in-4bit
 """
 
@@ -44,6 +44,7 @@ from .finetune import (
     refuse_unwritable,
     resolve_model_path,
     resolve_nf4_backend,
+    user_path,
 )
 from .layer import NF4Linear
 from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
@@ -60,10 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default=EMBEDDED, help="the base model: local dir, hub id, or the embedded SmolLM2")
-    p.add_argument("--adapter", type=Path, default=Path("moka-output/adapter"), help="a save_adapter directory")
     p.add_argument(
-        "--output-dir", type=Path, default=Path("moka-output/merged"), help="where the merged model is written"
+        "--model",
+        help="the base model: local dir, hub id, or the embedded SmolLM2 (default: the one the fine-tune recorded "
+        "in the adapter dir's moka_run.json; without one, the embedded SmolLM2)",
+    )
+    p.add_argument("--adapter", type=user_path, default=Path("moka-output/adapter"), help="a save_adapter directory")
+    p.add_argument(
+        "--output-dir", type=user_path, default=Path("moka-output/merged"), help="where the merged model is written"
     )
     p.add_argument(
         "--load-in-4bit",
@@ -102,15 +107,30 @@ def read_run_record(adapter_dir: Path) -> dict:
     return record
 
 
+def _recorded_model(record: dict) -> str:
+    """The base the fine-tune recorded (an absolute path, a hub id or the embedded name); the embedded model
+    when nothing was recorded."""
+    model = record.get("model", EMBEDDED)
+    if not isinstance(model, str) or not model:
+        raise CLIError(f"--adapter: its {RUN_CONDITIONS_NAME} records the model as {model!r}; pass --model")
+    if Path(model).is_absolute() and not (Path(model) / "config.json").is_file():  # moved, or another machine's
+        raise CLIError(
+            f"--model: not given, and the base the adapter's {RUN_CONDITIONS_NAME} records, {model!r}, is not a "
+            "model directory here; pass --model"
+        )
+    return model
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The merge's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
     args = build_parser().parse_args(argv)
-    args.adapter, args.output_dir = args.adapter.expanduser(), args.output_dir.expanduser()
     try:
         read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
     args.record = read_run_record(args.adapter)
+    if args.model is None:
+        args.model = _recorded_model(args.record)
     if args.load_in_4bit is None:
         args.load_in_4bit = bool(args.record.get("load_in_4bit", args.model == EMBEDDED))
     if args.nf4_backend is None:

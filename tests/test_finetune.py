@@ -855,3 +855,50 @@ def test_gradient_checkpointing_flag_reaches_the_model(model_dir, data, tmp_path
     calls.clear()
     assert main(_args(model_dir, data, tmp_path / "plain", "--max-steps", "2", "--save-steps", "2")) == 0
     assert not calls
+
+
+def test_final_eval_is_the_last_steps_and_checkpoints_kept_follow_the_flag(model_dir, data, tmp_path):
+    """The final eval loss is the Trainer's own at the last step when --save-steps divides the step count (a
+    second pass would give the same number); otherwise one evaluation after training. --save-total-limit
+    keeps that many checkpoints."""
+    from transformers import TrainerCallback
+
+    class CountEvaluations(TrainerCallback):
+        def __init__(self):
+            self.logged: list[tuple[int, float]] = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.logged.append((state.global_step, metrics["eval_loss"]))
+
+    common = ["--save-steps", "2", "--no-accuracy"]
+    counter = CountEvaluations()
+    result = run(
+        parse_args(_args(model_dir, data, tmp_path / "a", *common, "--max-steps", "6", "--save-total-limit", "3")),
+        [counter],
+    )
+    assert [step for step, _ in counter.logged] == [2, 4, 6] and result["eval_loss"] == counter.logged[-1][1]
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    counter = CountEvaluations()
+    result = run(parse_args(_args(model_dir, data, tmp_path / "b", *common, "--max-steps", "3")), [counter])
+    assert [step for step, _ in counter.logged] == [2, 3] and result["eval_loss"] == counter.logged[-1][1]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_path_flags_expand_the_home_directory(model_dir, data, tmp_path, monkeypatch, capsys):
+    """ "~" reaches the program unexpanded in --flag=~/x or a quoted "~/x": the path flags expand it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train, evaluation = data
+    shutil.copy(train, tmp_path / "train.jsonl")
+    shutil.copy(evaluation, tmp_path / "eval.jsonl")
+    argv = _args(model_dir, data, tmp_path / "unused", "--data=~/train.jsonl", "--eval-data=~/eval.jsonl")
+    argv += ["--output-dir=~/run", "--adapter=~/adapter"]
+    args = parse_args(argv)
+    assert (args.data, args.eval_data) == (tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    assert (args.output_dir, args.adapter) == (tmp_path / "run", tmp_path / "adapter")
+    _fails(
+        [*argv[:-1], "--save-total-limit", "0"],
+        capsys,
+        "--save-total-limit: expected a positive integer",
+        tmp_path / "run",
+    )

@@ -184,6 +184,15 @@ def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, ca
     ours = merged.get_submodule(name).weight
     assert torch.equal(ours, dequantize_nf4(trained_base.get_submodule(name).nf4_weight, torch.float32))
     assert not torch.equal(ours, dequantize_nf4(fp32_base.get_submodule(name).nf4_weight, torch.float32))
+    # without --model, the recorded base: here a path that no longer holds a model, refused naming the flag
+    assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m2")]) == 2
+    assert "--model: not given, and the base the adapter's moka_run.json records" in capsys.readouterr().err
+    record["model"] = str(base)
+    (recorded / "moka_run.json").write_text(json.dumps(record))
+    assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m3"), "--dtype", "fp32"]) == 0
+    assert "note: the adapter was trained on" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "m3" / "moka_merge.json").read_text())["base_model"] == str(base)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m3").get_submodule(name).weight, ours)
 
 
 def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_adapter, tmp_path, capsys, monkeypatch):
