@@ -79,4 +79,7 @@ def linear4bit_from_nf4(
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    # In eval on an AVX512-BF16 CPU its own forward would repack the bytes in place, out of the NF4 layout
+    # (a later apply_moka or merge could no longer read them), as MoKALinear prevents for the layers it wraps.
+    layer.support_avx512bf16_for_cpu = False
     return layer

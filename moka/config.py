@@ -21,6 +21,8 @@ ComponentShape = tuple[int, int, int, int]
 
 LLAMA_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("moka", "moka_s")
+# The dtypes MoKA computes in (bases and factors); float8 counts as floating point in torch but is not one.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INITS = ("zero_b", "zero_a")
 
 
@@ -30,6 +32,12 @@ def _as_int(value: Any) -> Any:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     return value
+
+
+def require_bool(value: Any, name: str) -> None:
+    """A flag must be True or False: a truthy string such as "False" would silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -133,10 +141,11 @@ class MoKAConfig:
         self.scale = float(self.scale)  # a NumPy scalar would not serialize to JSON
         if not isinstance(self.gate, bool):
             raise ValueError(f"gate: expected True or False, got {self.gate!r}")
-        if self.adapter_dtype is not None and not (
-            isinstance(self.adapter_dtype, torch.dtype) and self.adapter_dtype.is_floating_point
-        ):
-            raise ValueError(f"adapter_dtype: expected a floating torch.dtype or None, got {self.adapter_dtype!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"adapter_dtype: expected one of torch.float16, torch.bfloat16, torch.float32, torch.float64 or None, "
+                f"got {self.adapter_dtype!r}"
+            )
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)

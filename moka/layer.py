@@ -13,7 +13,7 @@ from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, m
 from moka_kernels import delta_weight as materialized_delta_weight
 
 from .bnb_compat import is_linear4bit, linear4bit_from_nf4, nf4_from_linear4bit
-from .config import MoKAConfig
+from .config import FLOAT_DTYPES, MoKAConfig, require_bool
 
 __all__ = ["MoKALinear", "NF4Linear"]
 
@@ -180,6 +180,34 @@ def _put_back(store: dict, order: list[str], held: dict) -> None:
     store.update(rest)
 
 
+def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "") -> None:
+    """MoKA computes a base layer from its weight (x·Wᵀ + b) and never calls its forward, so whatever that
+    forward adds would silently stop: a subclass's own forward (scales, casts) and hooks registered on it.
+    (bitsandbytes' Linear4bit and moka's NF4Linear are the 4-bit forms MoKA decodes itself.)"""
+    own_forward = type(layer).forward
+    if isinstance(layer, nn.Linear) and not is_linear4bit(layer) and own_forward is not nn.Linear.forward:
+        raise TypeError(
+            f"base_layer: {type(layer).__module__}.{type(layer).__qualname__} overrides nn.Linear.forward, which "
+            f"would never run (MoKA computes x·Wᵀ + b from the weight){at}; expected an nn.Linear, a bitsandbytes "
+            "Linear4bit or an NF4Linear"
+        )
+    kinds = [
+        kind
+        for kind, hooks in (
+            ("forward hooks", layer._forward_hooks),
+            ("forward pre-hooks", layer._forward_pre_hooks),
+            ("backward hooks", layer._backward_hooks),
+            ("backward pre-hooks", layer._backward_pre_hooks),
+        )
+        if hooks
+    ]
+    if kinds:
+        raise ValueError(
+            f"base_layer: has {' and '.join(kinds)}, which would never fire (the layer's own forward is not "
+            f"called){at}; remove them and register them on the layer that replaces it"
+        )
+
+
 class MoKALinear(nn.Module):
     r"""A linear layer whose frozen base is adapted by a gated mixture of Kronecker products.
 
@@ -222,6 +250,8 @@ class MoKALinear(nn.Module):
             )
         if isinstance(base_layer, NF4Tensor):
             base_layer = NF4Linear(base_layer, bias)
+        elif isinstance(base_layer, nn.Module):
+            refuse_a_forward_that_would_be_skipped(base_layer, at)
         elif bias is not None:
             raise ValueError("bias: only accepted with an NF4Tensor base; nn.Linear bases carry their own")
         if isinstance(base_layer, NF4Linear):
@@ -237,7 +267,7 @@ class MoKALinear(nn.Module):
             base_dtype = base_layer.compute_dtype or base_layer.weight.quant_state.dtype
             self._wraps_linear4bit = True
         elif isinstance(base_layer, nn.Linear):
-            if not base_layer.weight.is_floating_point():  # e.g. bitsandbytes' Linear8bitLt after quantizing
+            if base_layer.weight.dtype not in FLOAT_DTYPES:  # e.g. Linear8bitLt after quantizing, float8 weights
                 hint = (
                     " (a Linear4bit whose quant_state FSDP dropped? call moka.quantize_model(model, shardable=True) "
                     "before sharding)"
@@ -245,7 +275,7 @@ class MoKALinear(nn.Module):
                     else ""
                 )
                 raise TypeError(
-                    "base_layer: expected a floating-point weight or an NF4 Linear4bit, got a "
+                    "base_layer: expected a float16/bfloat16/float32/float64 weight or an NF4 Linear4bit, got a "
                     f"{base_layer.weight.dtype} weight in {type(base_layer).__name__}{at}{hint}"
                 )
             base_dtype = base_layer.weight.dtype
@@ -466,7 +496,8 @@ class MoKALinear(nn.Module):
             dtype: dtype of the merged dense weight; defaults to the base's dtype (for 4-bit bases,
                 the dtype bitsandbytes dequantizes to).
         """
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        require_bool(requantize, "requantize")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
         if (
             dtype is not None
@@ -496,6 +527,7 @@ class MoKALinear(nn.Module):
                 base = self.base_layer
                 layer = NF4Linear(q, bias, compute_dtype=base.compute_dtype, shardable=base.shardable)
             layer.moka_requantization_error = report
+            layer.train(self.training)
             logger.info(
                 "merge: NF4 requantization error max_abs=%.3g rel_rms=%.3g", report["max_abs"], report["rel_rms"]
             )
@@ -507,7 +539,7 @@ class MoKALinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.to(out_dtype))
         layer.requires_grad_(False)
-        return layer
+        return layer.train(self.training)  # the mode of the layer it replaces, as nn.Linear starts in train
 
     def num_trainable_parameters(self) -> int:
         """The adapter's trainable elements: its trainable factors (moka_s: the B's only) and the gate logits if on."""

@@ -24,8 +24,8 @@ from moka_kernels import NF4Tensor, quantize_nf4
 from moka_kernels.nf4 import VALID_BLOCKSIZES
 
 from .bnb_compat import is_linear4bit, nf4_from_linear4bit
-from .config import LLAMA_TARGET_MODULES, MoKAConfig
-from .layer import MoKALinear, NF4Linear
+from .config import LLAMA_TARGET_MODULES, MoKAConfig, require_bool
+from .layer import MoKALinear, NF4Linear, refuse_a_forward_that_would_be_skipped
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -209,19 +209,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         for name, module in model.named_modules()
         if isinstance(module, _BASE_LAYERS) and name and config.matches(name)
     }
-    unused_forward = [n for n in targets if isinstance(_parent_and_attr(model, n)[0], nn.MultiheadAttention)]
-    if unused_forward:
-        raise ValueError(
-            f"target_modules: {unused_forward[0]} is an nn.MultiheadAttention's projection, whose weight the "
-            "attention reads directly (never calling its forward), so an adapter there would never run; leave it "
-            "out of target_modules"
-        )
-    shared = _linears_under_two_names(model, targets)
-    if shared:
-        raise ValueError(
-            f"target_modules: one layer is reachable as {shared[0]!r} and {shared[1]!r}; wrapping it under one name "
-            "would leave the other call site without the adapter; untie the modules or target neither"
-        )
+    _refuse_targets_a_swap_would_miss(model, targets, "an adapter there would never run", "without the adapter")
     if not targets:
         linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, _BASE_LAYERS)})
         raise ValueError(
@@ -236,6 +224,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         raise
     model._moka_requires_grad = flags
     for name, layer in layers.items():
+        layer._moka_patched_as = name  # a plain string: pickles and deep-copies with the layer
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer)
     for p in model.parameters():
@@ -249,6 +238,23 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         layers[name]._tied_weights_keys = {"base_layer.weight": source}
     model.moka_config = config
     return _summary(model)
+
+
+def _refuse_targets_a_swap_would_miss(model: nn.Module, targets: dict[str, nn.Module], effect: str, left: str) -> None:
+    """Replacing a target module in its parent must reach every use of it: an nn.MultiheadAttention reads its
+    projection's weight directly, and a layer held by two parents would be replaced under one name only."""
+    unused_forward = [n for n in targets if isinstance(_parent_and_attr(model, n)[0], nn.MultiheadAttention)]
+    if unused_forward:
+        raise ValueError(
+            f"target_modules: {unused_forward[0]} is an nn.MultiheadAttention's projection, whose weight the "
+            f"attention reads directly (never calling its forward), so {effect}; leave it out of target_modules"
+        )
+    shared = _linears_under_two_names(model, targets)
+    if shared:
+        raise ValueError(
+            f"target_modules: one layer is reachable as {shared[0]!r} and {shared[1]!r}; replacing it under one "
+            f"name would leave the other call site {left}; untie the modules or target neither"
+        )
 
 
 def _refuse_patching_inside_a_distributed_wrapper(model: nn.Module) -> None:
@@ -326,17 +332,24 @@ def quantize_model(
         while converting (out of memory) leaves the layers converted so far, each one whole.
     """
     matches = MoKAConfig(target_modules=target_modules).matches  # validates target_modules
+    for flag, name in ((double_quant, "double_quant"), (shardable, "shardable"), (progress, "progress")):
+        require_bool(flag, name)
     if moka_layers(model):
         raise ValueError("model: has MoKA layers; quantize the base before apply_moka (or merge/remove first)")
-    if blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize}")
+    if isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")
     targets = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name and matches(name)}
     if not targets:
         kinds = sorted({type(m).__name__ for name, m in model.named_modules() if name and matches(name)})
         found = f" (it matched only {', '.join(kinds)} modules)" if kinds else _regex_hint(target_modules)
         raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear layer of the model{found}")
+    _refuse_targets_a_swap_would_miss(model, targets, "its 4-bit form would never be used", "dense")
     views: dict[str, NF4Tensor] = {}
     for name, m in targets.items():
+        try:
+            refuse_a_forward_that_would_be_skipped(m, f" (at {name})")
+        except (TypeError, ValueError) as err:  # the same checks as apply_moka's; NF4Linear skips them too
+            raise type(err)(str(err).replace("base_layer: ", "model: ", 1)) from None
         if is_linear4bit(m):
             try:
                 views[name] = nf4_from_linear4bit(m)
@@ -360,7 +373,7 @@ def quantize_model(
             weight, compute_dtype = quantize_nf4(dense, blocksize, double_quant), None
             del dense
         bias = None if m.bias is None else m.bias.detach()
-        layer = NF4Linear(weight, bias, compute_dtype=compute_dtype, shardable=shardable)
+        layer = NF4Linear(weight, bias, compute_dtype=compute_dtype, shardable=shardable).train(m.training)
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer if device is None else layer.to(device))
         del m, weight, bias, layer
@@ -372,11 +385,26 @@ def remove_moka(model: nn.Module) -> nn.Module:
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to remove")
+    _refuse_a_part_of_the_patched_model(model, layers, "remove_moka")
     for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer.base_layer)
     _forget_moka(model)
     return model
+
+
+def _refuse_a_part_of_the_patched_model(model: nn.Module, layers: dict[str, MoKALinear], what: str) -> None:
+    """apply_moka keeps the requires_grad flags it found on the module it was called on: called on a part
+    of that module, remove_moka/merge_moka would leave the part frozen, and a later apply_moka on the whole
+    would take the frozen flags as the original ones."""
+    if any(hasattr(m, "_moka_requires_grad") for m in model.modules()):
+        return
+    name, layer = next(((n, m) for n, m in layers.items() if getattr(m, "_moka_patched_as", None)), (None, None))
+    if layer is not None:
+        raise ValueError(
+            f"model: is a part of the module apply_moka patched (its layer {name!r} was patched as "
+            f"{layer._moka_patched_as!r}), which holds the requires_grad flags to restore; call {what} on that module"
+        )
 
 
 def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
@@ -407,6 +435,8 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
+    require_bool(requantize, "requantize")
+    _refuse_a_part_of_the_patched_model(model, layers, "merge_moka")
     merged = {name: layer.merge(requantize=requantize, dtype=dtype) for name, layer in layers.items()}
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     untied = [

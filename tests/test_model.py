@@ -751,3 +751,114 @@ def test_disabled_adapters_draw_no_dropout():
     with torch.no_grad():
         model(IDS)
     assert not torch.equal(torch.get_rng_state(), state)  # enabled: the adapter input's dropout draws
+
+
+def test_layers_made_by_quantize_model_and_merge_keep_the_models_mode(tmp_path):
+    """New modules start in train mode: quantize_model's NF4Linear and merge's layers take the mode of the
+    layer they replace, so an adapter with dropout applied after them does not drop out in an eval model."""
+    config = MoKAConfig(num_components=2, dropout=0.5)
+    model = tiny_llama().eval()
+    quantize_model(model, progress=False)
+    assert not any(m.training for m in model.modules())
+    apply_moka(model, config)
+    randomize_adapters(model)
+    assert torch.equal(model(IDS).logits, model(IDS).logits)  # no dropout in eval
+    for requantize in (False, True):
+        merged = copy.deepcopy(model)
+        merge_moka(merged, requantize=requantize)
+        assert not any(m.training for m in merged.modules()), requantize
+        apply_moka(merged, config)
+        randomize_adapters(merged)
+        assert torch.equal(merged(IDS).logits, merged(IDS).logits), requantize
+    trained = tiny_llama().train()
+    quantize_model(trained, progress=False)
+    assert all(m.training for m in trained.modules())
+
+
+def test_a_base_whose_own_forward_or_hooks_would_be_skipped_is_refused():
+    """MoKA computes the base from its weight: a Linear subclass's forward, hooks on the layer and float8 weights
+    are refused (naming the layer) by apply_moka and quantize_model, leaving the model as it was."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_llama()
+    attention = model.model.layers[1].self_attn
+    attention.v_proj = ScaledLinear(attention.v_proj.in_features, attention.v_proj.out_features, bias=False)
+    for convert in (lambda m: apply_moka(m, MoKAConfig(num_components=2)), lambda m: quantize_model(m, progress=False)):
+        with pytest.raises(
+            TypeError, match=r"ScaledLinear overrides nn\.Linear\.forward.*at model\.layers\.1\.self_attn\.v_proj"
+        ):
+            convert(model)
+        assert not moka_layers(model) and not any(isinstance(m, NF4Linear) for m in model.modules())
+    model = tiny_llama()
+    calls = []
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: calls.append(1))
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda *args: calls.append(2))
+    with pytest.raises(
+        ValueError, match=r"has forward hooks, which would never fire .*at model\.layers\.0\.mlp\.up_proj"
+    ):
+        apply_moka(model, MoKAConfig(num_components=2))
+    with pytest.raises(ValueError, match=r"model: has forward hooks"):
+        quantize_model(model, progress=False)
+    assert not moka_layers(model) and not any(isinstance(m, NF4Linear) for m in model.modules())
+    model.model.layers[0].mlp.up_proj._forward_hooks.clear()
+    with pytest.raises(ValueError, match=r"has forward pre-hooks.*down_proj"):
+        apply_moka(model, MoKAConfig(num_components=2))
+    float8 = nn.Linear(64, 64).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"base_layer: expected a float16/bfloat16/float32/float64 weight"):
+        MoKALinear(float8)
+    with pytest.raises(ValueError, match=r"adapter_dtype: expected one of"):
+        MoKAConfig(adapter_dtype=torch.float8_e4m3fn)
+
+
+def test_quantize_model_refuses_targets_a_swap_would_miss():
+    """As apply_moka: an nn.MultiheadAttention's projection (its weight is read directly) and a layer held
+    under two names would keep computing densely somewhere."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.enc = nn.Sequential(nn.Linear(16, 16))
+            self.dec = nn.Sequential(self.enc[0])
+
+    model = Shared()
+    with pytest.raises(ValueError, match=r"attn\.out_proj is an nn\.MultiheadAttention's projection"):
+        quantize_model(model, r"attn\.out_proj", progress=False)
+    with pytest.raises(ValueError, match=r"reachable as 'enc\.0' and 'dec\.0'"):
+        quantize_model(model, ["0"], progress=False)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_remove_or_merge_on_a_part_of_the_patched_model_is_refused():
+    """apply_moka(model) keeps the requires_grad flags on model: remove_moka(model.model) would leave every
+    parameter frozen, so it is refused, naming what to call instead."""
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2))
+    for undo in (remove_moka, merge_moka):
+        with pytest.raises(
+            ValueError, match=rf"model: is a part of the module apply_moka patched .*call {undo.__name__}"
+        ):
+            undo(model.model)
+    assert len(moka_layers(model)) == 14
+    remove_moka(model)
+    assert all(p.requires_grad for p in model.parameters())
+    layer = MoKALinear(nn.Linear(8, 8))  # built by hand: nothing recorded, removable anywhere
+    holder = nn.Sequential(nn.Sequential(layer))
+    remove_moka(holder[0])
+    assert isinstance(holder[0][0], nn.Linear)
+
+
+def test_boolean_flags_must_be_booleans():
+    model = tiny_llama()
+    for kwargs in ({"shardable": "no"}, {"double_quant": 1}, {"progress": None}):
+        with pytest.raises(TypeError, match=rf"{next(iter(kwargs))}: expected True or False"):
+            quantize_model(model, **kwargs)
+    with pytest.raises(ValueError, match=r"blocksize: expected one of .*got '64'"):
+        quantize_model(model, blocksize="64")
+    apply_moka(model, MoKAConfig(num_components=2))
+    with pytest.raises(TypeError, match=r"requantize: expected True or False, got 'False'"):
+        merge_moka(model, requantize="False")
+    assert moka_layers(model)
