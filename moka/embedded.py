@@ -178,7 +178,8 @@ def secret_code_task(eval_fraction: float = 0.25, seed: int = 0) -> tuple[list[d
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOKA_CACHE", Path.home() / ".cache" / "moka"))
+    """``$MOKA_CACHE`` (``~`` expanded; empty counts as unset), else ``~/.cache/moka``."""
+    return Path(os.environ.get("MOKA_CACHE") or Path.home() / ".cache" / "moka").expanduser()
 
 
 def _gguf_dir() -> Path:
@@ -217,6 +218,15 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     source = _gguf_dir()
+    try:  # before the conversion's half minute, not after it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {str(target.parent)!r}")
+    except OSError as err:
+        raise OSError(
+            f"the embedded model's cache: {err.strerror or err}: {str(target.parent)!r} (set MOKA_CACHE to a "
+            "writable directory)"
+        ) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -93,17 +93,30 @@ def _components(text: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the CLIs: a bad flag is one line on stderr (exit 2), not the usage block first; and no
+    abbreviated flags (``--save`` would change meaning, or fail, as soon as another ``--save-*`` flag exists)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def user_path(text: str) -> Path:
     """A path flag as given, with ``~`` expanded (a shell leaves ``--flag=~/x`` and a quoted ``"~/x"`` alone)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
     return Path(text).expanduser()
 
 
+DEFAULT_COMPONENTS = 5
+DEFAULT_MAX_STEPS = 40
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moka-finetune",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
+    p = ArgumentParser(prog="moka-finetune", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", default=EMBEDDED, help="local model dir, hub id, or the embedded SmolLM2-135M")
     g.add_argument(
@@ -115,10 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nf4-backend",
         choices=["auto", *NF4_BACKENDS],
-        default="auto",
-        help="who quantizes the 4-bit base: bitsandbytes (on load) or moka's quantize_model (no bitsandbytes "
-        "needed; the same NF4 format, its 8-bit scale codes the nearest, as bitsandbytes' CUDA kernel picks them); "
-        "auto = bitsandbytes when installed",
+        help="who quantizes the 4-bit base (with --load-in-4bit): bitsandbytes (on load) or moka's quantize_model "
+        "(no bitsandbytes needed; the same NF4 format, its 8-bit scale codes the nearest, as bitsandbytes' CUDA "
+        "kernel picks them); default auto = bitsandbytes when installed",
     )
     g.add_argument(
         "--dtype",
@@ -131,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-data", type=user_path, help="evaluation JSONL")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example")
     g = p.add_argument_group("MoKA")
-    g.add_argument("--num-components", type=int, default=5, help="r, Kronecker components per layer")
+    g.add_argument(
+        "--num-components", type=int, help=f"r, Kronecker components per layer (default {DEFAULT_COMPONENTS})"
+    )
     g.add_argument("--components", type=_components, help="explicit shapes 'a1,a2,b1,b2;...' for every layer")
     g.add_argument("--variant", choices=VARIANTS, default="moka", help="moka_s: A_i = I (block-diagonal update)")
     g.add_argument("--no-gate", action="store_true", help="ablation: fixed uniform mixing weights")
@@ -152,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("moka-output"),
         help="adapter, summary.json and checkpoints/ land here",
     )
-    g.add_argument("--max-steps", type=int, default=40, help="optimizer steps (-1: use --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (with --max-steps -1)")
+    g.add_argument(
+        "--max-steps", type=int, help=f"optimizer steps (default {DEFAULT_MAX_STEPS}; -1: train for --epochs)"
+    )
+    g.add_argument(
+        "--epochs", type=float, help="passes over the data, instead of --max-steps (default 1 with --max-steps -1)"
+    )
     g.add_argument("--batch-size", type=int, default=8, help="per device")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (AdamW, cosine decay)")
@@ -176,9 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The fine-tune's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The MoKA flags given (not left at their defaults): with --adapter they must agree with its config.
+    args.moka_flags_given = [dest for dest in _MOKA_FLAG_DESTS if getattr(args, dest) != parser.get_default(dest)]
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
+    if args.nf4_backend is not None and not args.load_in_4bit:
+        raise CLIError(
+            f"--nf4-backend: only used with --load-in-4bit (this run's base is not quantized), got {args.nf4_backend}"
+        )
+    args.nf4_backend = args.nf4_backend or "auto"
+    if args.epochs is not None and args.max_steps not in (None, -1):
+        raise CLIError(f"--epochs: conflicts with --max-steps {args.max_steps}; give one (or --max-steps -1)")
+    if args.max_steps is None:
+        args.max_steps = DEFAULT_MAX_STEPS if args.epochs is None else -1
+    args.epochs = 1.0 if args.epochs is None else args.epochs
+    if args.components is not None and args.num_components not in (None, len(args.components)):
+        raise CLIError(
+            f"--num-components: {args.num_components} disagrees with the {len(args.components)} shapes of "
+            "--components; give one"
+        )
+    if args.num_components is None:
+        args.num_components = DEFAULT_COMPONENTS if args.components is None else len(args.components)
     positive = (
         "max_length",
         "batch_size",
@@ -210,6 +248,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
+
+
+# The MoKA flags' argparse names, and the MoKAConfig field each sets.
+_MOKA_FLAG_DESTS = {
+    "num_components": "num_components",
+    "components": "components",
+    "scale": "scale",
+    "dropout": "dropout",
+    "no_gate": "gate",
+    "variant": "variant",
+    "target_modules": "target_modules",
+    "target_regex": "target_modules",
+    "init": "init",
+}
+
+
+def _check_moka_flags_against_adapter(args: argparse.Namespace, config: MoKAConfig, saved: MoKAConfig) -> None:
+    """With --adapter its own config wins: a MoKA flag given with another value would be dropped silently."""
+    for dest in getattr(args, "moka_flags_given", ()):
+        flag = "--" + dest.replace("_", "-")
+        field = _MOKA_FLAG_DESTS[dest]
+        if field == "init":
+            raise CLIError(f"{flag}: not used with --adapter (the adapter's trained factors are loaded); drop it")
+        wanted, before = getattr(config, field), getattr(saved, field)
+        if field == "target_modules" and isinstance(wanted, list) and isinstance(before, list):
+            wanted, before = sorted(wanted), sorted(before)
+        if wanted != before:
+            shown = _flag_value(field, before) if field != "gate" else ("on" if before else "off (--no-gate)")
+            raise CLIError(f"{flag}: differs from the --adapter's config ({field} {shown!r}), which wins; drop it")
 
 
 # The flag that sets each MoKAConfig field: an error about a field names the flag.
@@ -715,6 +782,12 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
 
     set_seed(args.seed)
     config = moka_config_from_args(args)
+    if args.adapter:
+        try:
+            saved_config = MoKAConfig.from_dict(read_adapter_config(args.adapter)["config"])
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+        _check_moka_flags_against_adapter(args, config, saved_config)
     train_records, eval_records, data_name = _datasets(args)  # validates data before anything is written
     resume = _last_checkpoint(args)
     dtype = compute_dtype(args.dtype)
@@ -738,8 +811,12 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     except ValueError as err:
         raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
+    if can_score:
+        _note_answers_longer_than_generated(tokenizer, eval_records, args.eval_max_new_tokens)
 
     _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
+    if (args.output_dir / "adapter").is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: this run's adapter will replace the one in {str(args.output_dir / 'adapter')!r}", flush=True)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "checkpoints"),
         per_device_train_batch_size=args.batch_size,
@@ -767,6 +844,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         # whole 4-bit model's size per step; every rank quantized the same weights, and nothing changes them
         ddp_broadcast_buffers=False,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",  # tokens/s from what the batches held, over all processes
     )
     recorder = LossRecorder()
     trainer = MoKATrainer(
@@ -781,8 +859,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     )
     is_main = trainer.is_world_process_zero()
     result: dict = {
-        "model": args.model,
-        "data": data_name,
+        "model": canonical_location(args.model),
+        "data": data_name if args.data is None else canonical_location(str(args.data)),
         "summary": str(summary),
         "trainable_parameters": summary.trainable_parameters,
         "total_parameters": summary.total_parameters,
@@ -794,15 +872,19 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         print(f"exact-match accuracy before fine-tuning: {result['accuracy_before']:.1%} on {len(eval_records)}")
 
     device = next(model.parameters()).device
-    resumed_step = 0
+    resumed_step = resumed_tokens = 0
     if resume is not None:
         checkpoint, state = resume
-        resumed_step = state["global_step"]
+        resumed_step, resumed_tokens = state["global_step"], state.get("num_input_tokens_seen", 0)
         recorder.replay(state.get("log_history", []))
     start = time.perf_counter()
-    if resume is not None and resumed_step >= _planned_steps(trainer, args):
+    if resume is not None and resumed_step >= (planned := _planned_steps(trainer, args)):
         # The Trainer would take one more step; the run had ended, only what follows training was lost.
-        print(f"--resume: {checkpoint} is the end of training (step {resumed_step}); evaluating it", flush=True)
+        end = f"--max-steps {args.max_steps}" if args.max_steps > 0 else f"--epochs {args.epochs}: {planned} steps"
+        print(
+            f"--resume: {checkpoint} (step {resumed_step}) is at or past this run's end ({end}); evaluating it",
+            flush=True,
+        )
         trainer._load_from_checkpoint(checkpoint)
         trainer.state.global_step = resumed_step  # the final evaluation is logged at the last step, not at 0
         global_step, train_loss = resumed_step, None
@@ -810,15 +892,14 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         output = trainer.train(resume_from_checkpoint=None if resume is None else resume[0])
         global_step, train_loss = output.global_step, output.training_loss
     seconds = time.perf_counter() - start
-    steps_run = global_step - resumed_step  # by this process; a resumed run's earlier steps took no time here
-    mean_length = sum(len(ex["input_ids"]) for ex in train_ds) / max(len(train_ds), 1)
-    tokens = mean_length * steps_run * args.batch_size * args.grad_accum  # per process
+    steps_run = global_step - resumed_step  # a resumed run's earlier steps took no time here
+    tokens = trainer.state.num_input_tokens_seen - resumed_tokens  # non-padding tokens, every process's
     result.update(
         steps=global_step,
         steps_this_run=steps_run,
-        train_seconds=round(seconds, 1),
+        train_seconds=round(seconds, 1),  # wall time of training, with its periodic evaluations and saves
         train_loss=train_loss,
-        tokens_per_second=round(tokens * trainer.args.world_size / max(seconds, 1e-9), 1) if steps_run else None,
+        tokens_per_second=round(tokens / max(seconds, 1e-9), 1) if steps_run else None,
         peak_memory_mb=round(peak_memory_mb(device), 1),
     )
     if eval_ds:
@@ -826,6 +907,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     if is_main:
         adapter_dir = args.output_dir / "adapter"
         loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
+        # an earlier run's summary would otherwise sit beside this run's adapter if the accuracy pass is cut short
+        (args.output_dir / "summary.json").unlink(missing_ok=True)
         with _directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
             save_adapter(model, staging)
             tokenizer.save_pretrained(staging)
@@ -844,6 +927,17 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
     return result
+
+
+def _note_answers_longer_than_generated(tokenizer, records: list[dict], max_new_tokens: int) -> None:
+    """Exact match generates --eval-max-new-tokens tokens: a longer expected answer can never match."""
+    too_long = sum(len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) > max_new_tokens for r in records)
+    if too_long:
+        print(
+            f"note: {too_long} of {len(records)} expected answers are longer than --eval-max-new-tokens "
+            f"{max_new_tokens} tokens and cannot match exactly; raise it to score them",
+            flush=True,
+        )
 
 
 def _final_eval_loss(trainer: Trainer, global_step: int) -> float:
@@ -890,15 +984,15 @@ def print_summary(result: dict) -> None:
     lines = [
         "== MoKA fine-tune summary ==",
         result["summary"],
-        f"steps: {result['steps']}{steps_note}  train time: {result['train_seconds']} s  "
+        f"steps: {result['steps']}{steps_note}  train time: {result['train_seconds']} s (with evals, saves)  "
         f"tokens/s: {_or_na(result['tokens_per_second'])}  peak memory: {result['peak_memory_mb']:.0f} MB",
         f"train loss: {_or_na(result['train_loss'], '.4f')}"
         + (f"  eval loss: {result['eval_loss']:.4f}" if "eval_loss" in result else ""),
     ]
     if "accuracy_after" in result:
         before = result.get("accuracy_before")
-        prefix = "" if before is None else f"exact-match accuracy before: {before:.1%}  "
-        lines.append(prefix + f"after: {result['accuracy_after']:.1%}")
+        before_text = "" if before is None else f"before: {before:.1%}  "
+        lines.append(f"exact-match accuracy {before_text}after: {result['accuracy_after']:.1%}")
         lines += [f"  {e['input']!r:>14} -> {e['predicted']!r} (want {e['expected']!r})" for e in result["examples"]]
     lines.append(f"adapter: {result['adapter_dir']}  (loss curve: {result['adapter_dir']}/loss_curve.png)")
     print("\n".join(lines), flush=True)
@@ -922,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``moka-finetune`` entry point: runs, and returns the exit code (2 with one error line on bad input)."""
     try:
         run(parse_args(argv))
-    except (CLIError, FileNotFoundError, ValueError, SafetensorError) as err:
+    except (CLIError, OSError, ValueError, SafetensorError) as err:  # OSError: a cache or disk that cannot be written
         print(f"moka-finetune: error: {one_line(err)}", file=sys.stderr)
         _destroy_process_group()
         return 2

@@ -2,9 +2,10 @@
 or ``moka-merge``.
 
 Each adapted projection becomes an ``nn.Linear`` holding W0 + s·Σᵢ αᵢ (Aᵢ ⊗ Bᵢ), so the output loads with a
-plain ``from_pretrained`` anywhere (inference servers, GGUF converters), with no moka installed. With
-``--load-in-4bit`` (the default for the embedded model, as in ``moka.finetune``) W0 is the NF4-decoded base
-the adapter was trained against, and every other 4-bit layer is decoded too; without it, W0 is the
+plain ``from_pretrained`` anywhere (inference servers, GGUF converters), with no moka installed. The base
+model and 4-bit default to what the fine-tune recorded in the adapter dir's ``moka_run.json``. With
+``--load-in-4bit`` W0 is the NF4-decoded base the adapter was trained against, and every other 4-bit layer
+is decoded too; without it, W0 is the
 checkpoint's full-precision weight (as PEFT's ``merge_and_unload`` on a bf16 base). Before saving, the
 merged model's logits on a probe text are compared with the adapted model's (``--no-check`` skips it).
 
@@ -35,8 +36,8 @@ from .finetune import (
     EMBEDDED,
     NF4_BACKENDS,
     RUN_CONDITIONS_NAME,
+    ArgumentParser,
     CLIError,
-    HelpFormatter,
     _read_json,
     canonical_location,
     load_model,
@@ -56,11 +57,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moka-merge",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
+    p = ArgumentParser(prog="moka-merge", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
         help="the base model: local dir, hub id, or the embedded SmolLM2 (default: the one the fine-tune recorded "
@@ -131,8 +128,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.record = read_run_record(args.adapter)
     if args.model is None:
         args.model = _recorded_model(args.record)
+    # flags given against what the fine-tune recorded: done as asked, and noted (the probe compares the merge
+    # with the adapter on the same base, so it cannot tell a base the adapter was not trained on)
+    given = {
+        "load_in_4bit": None if args.load_in_4bit is None else f"--{'' if args.load_in_4bit else 'no-'}load-in-4bit",
+        "nf4_backend": None if args.nf4_backend in (None, "auto") else f"--nf4-backend {args.nf4_backend}",
+    }
+    args.overridden = [
+        f"{flag} (recorded: {key} {args.record[key]!r})"
+        for key, flag in given.items()
+        if flag is not None and args.record.get(key) not in (None, getattr(args, key))
+    ]
     if args.load_in_4bit is None:
         args.load_in_4bit = bool(args.record.get("load_in_4bit", args.model == EMBEDDED))
+    if args.nf4_backend is not None and not args.load_in_4bit:
+        raise CLIError(f"--nf4-backend: only used with a 4-bit base (--load-in-4bit), got {args.nf4_backend}")
     if args.nf4_backend is None:
         args.nf4_backend = args.record.get("nf4_backend") or "auto"
     if args.load_in_4bit:
@@ -234,6 +244,8 @@ def merge(args: argparse.Namespace) -> dict:
     }
     if record.get("model") not in (None, canonical_location(args.model)):
         result["trained_on"] = record["model"]
+    if getattr(args, "overridden", None):
+        result["overridden"] = args.overridden
     if not record:
         result["run_record"] = None  # the flags as given: nothing says what the adapter was trained on
     if adapted is not None:
@@ -247,7 +259,10 @@ def merge(args: argparse.Namespace) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "moka_merge.json").write_text(
-            json.dumps({**result, "base_model": args.model, "adapter": str(args.adapter)}, indent=1)
+            json.dumps(
+                {**result, "base_model": canonical_location(args.model), "adapter": str(args.adapter.absolute())},
+                indent=1,
+            )
         )
         share_like_a_new_dir(tmp)
         if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
@@ -273,6 +288,8 @@ def print_summary(result: dict) -> None:
             f"note: the adapter dir has no {RUN_CONDITIONS_NAME} (not written by moka-finetune, or its save was cut "
             f"short): merged as the flags say (--load-in-4bit {four_bit}), which may not be the base it was trained on"
         )
+    for flag in result.get("overridden", ()):
+        print(f"note: merged with {flag} as given, not as the adapter's {RUN_CONDITIONS_NAME} records")
     if "trained_on" in result:
         print(f"note: the adapter was trained on {result['trained_on']!r} (its moka_run.json), not on this --model")
     if "probe_max_abs_diff" in result:

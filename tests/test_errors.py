@@ -204,7 +204,9 @@ def test_layer_errors_leave_base_untouched():
         MoKALinear(nn.Conv1d(3, 3, 1))
     int8 = nn.Linear(36, 24)
     int8.weight = nn.Parameter(torch.ones(24, 36, dtype=torch.int8), requires_grad=False)  # like Linear8bitLt
-    with pytest.raises(TypeError, match=r"base_layer: expected a float16/bfloat16/float32/float64 weight .* torch\.int8 weight"):
+    with pytest.raises(
+        TypeError, match=r"base_layer: expected a float16/bfloat16/float32/float64 weight .* torch\.int8 weight"
+    ):
         MoKALinear(int8)
     with pytest.raises(TypeError, match="config: expected a MoKAConfig"):
         MoKALinear(base, {"num_components": 2})

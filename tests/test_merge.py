@@ -193,6 +193,19 @@ def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, ca
     assert "note: the adapter was trained on" not in capsys.readouterr().out
     assert json.loads((tmp_path / "m3" / "moka_merge.json").read_text())["base_model"] == str(base)
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m3").get_submodule(name).weight, ours)
+    # a flag against the record is done as given, and noted (the probe cannot tell: it uses the same base)
+    assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m4"), "--no-load-in-4bit"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: merged with --no-load-in-4bit (recorded: load_in_4bit True) as given" in printed
+    assert json.loads((tmp_path / "m4" / "moka_merge.json").read_text())["nf4_backend"] is None
+    assert (
+        main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m5"), "--nf4-backend", "bitsandbytes"]) == 0
+    )
+    assert "note: merged with --nf4-backend bitsandbytes (recorded: nf4_backend 'moka')" in capsys.readouterr().out
+    record["load_in_4bit"] = False
+    (recorded / "moka_run.json").write_text(json.dumps(record))
+    assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m6"), "--nf4-backend", "moka"]) == 2
+    assert "--nf4-backend: only used with a 4-bit base" in capsys.readouterr().err
 
 
 def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_adapter, tmp_path, capsys, monkeypatch):
