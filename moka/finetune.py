@@ -423,6 +423,8 @@ def load_model(
         hint = ""
         if isinstance(err, SafetensorError) and Path(path).resolve().is_relative_to(_embedded_cache_dir().resolve()):
             hint = f" (a damaged cached conversion: delete {path!r} and run again to convert it anew)"
+        elif not Path(path).exists():  # taken for a hub id: say it is no local directory either
+            hint = f" (no local directory {path!r} either)"
         raise CLIError(f"--model: could not load {path!r}: {one_line(err)}{hint}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -642,6 +644,9 @@ def _set_aside_earlier_checkpoints(args) -> None:
         spare = next(p for i in itertools.count(1) if not (p := previous.with_name(f"{previous.name}.{i}")).exists())
         previous.rename(spare)
         kept = f"; the older {previous.name} holds this run's --adapter, kept as {str(spare)!r}"
+    elif previous.is_dir():
+        older = sum(1 for p in previous.iterdir() if p.name.startswith("checkpoint-"))
+        kept = f", deleting the {older} checkpoint(s) an older run left there" if older else ""
     shutil.rmtree(previous, ignore_errors=True)
     directory.rename(previous)
     print(

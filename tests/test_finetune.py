@@ -223,6 +223,8 @@ def test_a_new_run_sets_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_p
     kept = out / "checkpoints.previous.1" / "checkpoint-4" / "moka_adapter.safetensors"
     assert kept.read_bytes() == weights
     assert [p.name for p in (out / "checkpoints.previous").iterdir()] == ["checkpoint-2"]
+    run(parse_args(_args(model_dir, data, out, *common, "--max-steps", "2")))
+    assert "deleting the 1 checkpoint(s) an older run left there" in capsys.readouterr().out
 
 
 def test_adapter_flag_dropout_is_the_recorded_one(model_dir, data, tmp_path):
@@ -391,10 +393,23 @@ def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_model_dir(data, tmp_path, capsys):
+def test_missing_model_dir(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     _fails(_args(tmp_path / "no-such-model", data, out), capsys, "--model", out)
     assert not out.exists()
+    import transformers
+
+    from moka.finetune import CLIError, load_model
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)  # a bare name is a hub id unless such a directory exists here
+    with pytest.raises(
+        CLIError, match=r"--model: could not load 'my-llama': .*\(no local directory 'my-llama' either\)"
+    ):
+        load_model("my-llama", False, torch.float32)
 
 
 def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
