@@ -947,7 +947,7 @@ def _note_answers_longer_than_generated(tokenizer, records: list[dict], max_new_
 
 def _final_eval_loss(trainer: Trainer, global_step: int) -> float:
     """The eval loss of the trained model: the one the Trainer logged at the last step if it evaluated there
-    (--save-steps divides the step count; the model has not changed since), else one evaluation now."""
+    (transformers 5.24 always does; the model has not changed since), else one evaluation now."""
     logged = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == global_step]
     return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 

@@ -883,9 +883,8 @@ def test_gradient_checkpointing_flag_reaches_the_model(model_dir, data, tmp_path
 
 
 def test_final_eval_is_the_last_steps_and_checkpoints_kept_follow_the_flag(model_dir, data, tmp_path):
-    """The final eval loss is the Trainer's own at the last step when --save-steps divides the step count (a
-    second pass would give the same number); otherwise one evaluation after training. --save-total-limit
-    keeps that many checkpoints."""
+    """The final eval loss is the Trainer's own at the last step (a second pass would give the same number),
+    whether or not --save-steps divides the step count. --save-total-limit keeps that many checkpoints."""
     from transformers import TrainerCallback
 
     class CountEvaluations(TrainerCallback):
