@@ -904,6 +904,11 @@ def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs)
     assert out.dtype in (torch.float32, m_rows.dtype), "out: fp32, or the rows' dtype for the rowwise schedule"
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
+    if factors[0].dtype != m_rows.dtype:  # the interpreter would upcast both; tl.dot on a GPU refuses the mix
+        raise TypeError(
+            f"factors: expected the dtype of the rows they multiply ({m_rows.dtype}), got {factors[0].dtype}; cast "
+            "them first (moka_linear does: factors_in_dtype)"
+        )
     bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs])
     rows = []
     for m, s1, s2, o in jobs:
