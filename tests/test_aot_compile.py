@@ -209,3 +209,23 @@ print(json.dumps([aot.compile_for(x, 90).metadata.shared for x in (v, plain)]))
     assert out.returncode == 0, out.stderr[-2000:]
     specialized, plain = json.loads(out.stdout.strip().splitlines()[-1])
     assert specialized != plain and specialized <= 227 * 1024, (specialized, plain)
+
+
+def test_moka_linears_default_paths_are_variants():
+    """fp32 master factors of a bf16 layer (fp32 gradients, bf16 factor copies) in the finishing pass, and
+    fp32 rows written without accumulating (deterministic mode's rowwise schedule)."""
+    from moka_kernels.ops import aot
+
+    variants = aot.variants()
+    assert any(
+        v.kernel == "_factor_grad_finish_kernel"
+        and (v.pointer_types["grad_ptr"], v.pointer_types["factor_ptr"]) == ("*fp32", "*bf16")
+        for v in variants
+    )
+    assert any(
+        v.kernel == "_kron_sandwich_rowwise_kernel"
+        and v.pointer_types["out_ptr"] == "*fp32"
+        and v.pointer_types["m_ptr"] == "*bf16"
+        and v.constexprs["ACCUMULATE"] is False
+        for v in variants
+    )

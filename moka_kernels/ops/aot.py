@@ -243,6 +243,14 @@ def variants() -> list[Variant]:
         out += kron_variants(kron_mixture.maximal_blocks()[0], "bf16", ("1-fp32",), r_pad)
         finish = next(v for v in out if v.kernel == "_factor_grad_finish_kernel")
         out.append(dataclasses.replace(finish, constexprs=dict(finish.constexprs, R_PAD=r_pad)))
+    # MoKALinear's defaults the lists above miss: fp32 master factors of a bf16 layer (fp32 gradients beside
+    # the bf16 copies the kernels read), and fp32 rows written without accumulating (the rowwise schedule of
+    # deterministic mode, and of fp16 layers at T >= 512).
+    finish = next(v for v in out if v.kernel == "_factor_grad_finish_kernel" and v.pointer_types["grad_ptr"] == "*bf16")
+    master = dict(finish.pointer_types, grad_ptr="*fp32", gate_grad_ptr="*fp32", gate_ptr="*fp32")
+    out.append(dataclasses.replace(finish, pointer_types=master, constexprs=dict(finish.constexprs, GATE=1)))
+    rowwise = next(v for v in out if v.kernel == "_kron_sandwich_rowwise_kernel" and v.constexprs["GATE"] == 1)
+    out.append(dataclasses.replace(rowwise, constexprs=dict(rowwise.constexprs, ACCUMULATE=False)))
     first_fwd = next(v for v in out if v.kernel == "_nf4_matmul_kernel")
     first_t = next(v for v in out if v.kernel == "_nf4_matmul_t_kernel")
     split = dict(first_fwd.pointer_types, out_ptr="*fp32")  # split-K accumulates in fp32
