@@ -15,6 +15,9 @@ set -uo pipefail
 : "${OUT:?run this on the device machine, where OUT is set}"
 # Nothing may reach a model hub from here: a hidden download fails at once instead of waiting on the network.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+if [[ -z ${MOKA_GIT_SHA:-} ]]; then
+  echo "device_run: MOKA_GIT_SHA is not set: the results will record no git sha (this tree travels without .git)" >&2
+fi
 if ! compgen -G ".whl/*.whl" > /dev/null; then
   echo "device_run: NO WHEELS CARRIED (.whl/ is empty): no bitsandbytes, so no bnb/QLoRA rows and no e2e part" >&2
 fi

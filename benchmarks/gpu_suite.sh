@@ -7,8 +7,9 @@
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
 # Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
 # overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
-# the rows it measured, marked "complete": false); all five fit in 520 s, and with each part's 5 s kill grace
-# and the render's 20 s limit (+5 s grace) the worst case is 575 s (a 600 s call keeps 25 s for the setup)
+# the rows it measured, marked "complete": false); all five fit in 510 s, and with each part's 5 s kill grace
+# and the render's 20 s limit (+5 s grace) the worst case is 565 s (a 600 s call keeps 35 s for the setup:
+# the wheel's install, a cold torch import for env.json)
 # (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
 # this yet).
 # PACK=FILE: after each part and every 20 s, every result so far is packed into the one gzipped tar FILE (the
@@ -53,6 +54,7 @@ try:
 except (OSError, subprocess.TimeoutExpired):
     driver = None
 print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  "date": __import__("datetime").datetime.now(__import__("datetime").timezone.utc).isoformat(),
                   "torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
                   **{name: version(name) for name in ("triton", "transformers", "peft", "bitsandbytes", "numpy")},
                   "git_sha": os.environ.get("MOKA_GIT_SHA"),
@@ -73,22 +75,25 @@ if [[ $parts == *,tests,* ]]; then
   pack
 fi
 if [[ $parts == *,layers,* ]]; then
-  limit 160 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  limit 140 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
   pack
 fi
 if [[ $parts == *,e2e,* ]]; then
-  limit 140 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --steps 3 --out "$out" \
+  limit 130 "$py" -m benchmarks.e2e --models llama2-7b --device cuda --batch 4 --seq 512 --steps 3 --out "$out" \
     2>&1 | tee "$out/e2e.log" || status=1
   pack
 fi
 if [[ $parts == *,overhead,* ]]; then
-  limit 25 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+  limit 45 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
   pack
 fi
 if [[ $parts == *,schedule,* ]]; then
   limit 65 "$py" -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
   pack
 fi
+# Clocks and throttling at the end of the run (a throttled GPU would explain slow rows).
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+  nvidia-smi -q -d PERFORMANCE; } > "$out/nvidia-smi-end.txt" 2>&1 || true
 # A part cut short leaves JSON only; render whatever is there (never measures).
 limit 20 "$py" -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
 if [[ -n ${PACK:-} ]]; then stop_packer; fi  # no older snapshot can land after the last one

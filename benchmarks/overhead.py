@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from moka.config import auto_component_shapes
+from moka.config import MoKAConfig, auto_component_shapes
 from moka_kernels import library, moka_linear
 from moka_kernels.reference import GradRequest
 
 from .plot import failure_lines
 from .providers import build_case
-from .run import RESULTS, conditions, failure, make_timer, write_json
+from .run import RESULTS, conditions, failure, host_inclusive_timer, make_timer, write_json
 
 ROUTES = ["backend functions", "eager route", "custom-op route", "moka_linear", "peft lora r16"]
 
@@ -38,9 +38,10 @@ def measure_routes(
     gen = torch.Generator().manual_seed(0)
     shapes = auto_component_shapes(n_out, k_in, r)
     weight = (torch.randn(n_out, k_in, generator=gen) / k_in**0.5).to(device, dtype)
-    a_factors = [torch.randn(a1, a2, generator=gen).to(device, dtype).requires_grad_() for a1, a2, _, _ in shapes]
-    b_factors = [torch.randn(b1, b2, generator=gen).to(device, dtype).requires_grad_() for _, _, b1, b2 in shapes]
-    gate = torch.zeros(len(shapes), device=device, dtype=dtype, requires_grad=True)
+    master = MoKAConfig().resolved_adapter_dtype(dtype)  # fp32 factors and logits, as MoKALinear keeps them
+    a_factors = [torch.randn(a1, a2, generator=gen).to(device, master).requires_grad_() for a1, a2, _, _ in shapes]
+    b_factors = [torch.randn(b1, b2, generator=gen).to(device, master).requires_grad_() for _, _, b1, b2 in shapes]
+    gate = torch.zeros(len(shapes), device=device, dtype=master, requires_grad=True)
     x = torch.randn(tokens, k_in, generator=gen).to(device, dtype).requires_grad_()
     dy = torch.randn(tokens, n_out, generator=gen).to(device, dtype)
     backend = backend or ("triton" if device.type == "cuda" else "torch")
@@ -119,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     min_run_time = 0.05 if args.smoke else 0.5
-    measure = make_timer(device, min_run_time)
+    # on CUDA host time is the subject: do_bench's L2 flush before each call would hide most of it
+    measure = host_inclusive_timer() if device.type == "cuda" else make_timer(device, min_run_time)
     layers = [(48, 64)] if args.smoke else [(576, 576), (2048, 2048)]
     tokens = [1] if args.smoke else [1, 16]
     conds = conditions(device, dtype, min_run_time)
-    conds.update(components=args.components, smoke=args.smoke, complete=False)
+    timer = "host-inclusive: median of 5 rounds of 20 back-to-back calls" if device.type == "cuda" else "torch Timer"
+    conds.update(components=args.components, smoke=args.smoke, timer=timer, complete=False)
     path = args.out / f"overhead-{'smoke' if args.smoke else args.device}.json"
     rows, errors = [], []
+    write_json(path, conds, rows, errors)  # a part cut before its first row still leaves its conditions
     for n_out, k_in in layers:
         for t in tokens:
             try:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moka.config import auto_component_shapes
+from moka.config import MoKAConfig, auto_component_shapes
 from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
 from moka_kernels.reference import contraction_order, materialized_delta_weight
 
@@ -157,9 +157,9 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
         persistent.extend(t for t in (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset) if t is not None)
         return q
 
-    def factors():
-        a = [(torch.randn(a1, a2, generator=gen) / math.sqrt(a2)).to(device, dtype) for a1, a2, _, _ in shapes]
-        b = [(torch.randn(b1, b2, generator=gen) * 0.02).to(device, dtype) for _, _, b1, b2 in shapes]
+    def factors(factor_dtype=dtype):
+        a = [(torch.randn(a1, a2, generator=gen) / math.sqrt(a2)).to(device, factor_dtype) for a1, a2, _, _ in shapes]
+        b = [(torch.randn(b1, b2, generator=gen) * 0.02).to(device, factor_dtype) for _, _, b1, b2 in shapes]
         g = torch.zeros(len(shapes), device=device)
         return [t.requires_grad_(True) for t in (*a, *b, g)]
 
@@ -230,8 +230,11 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
         return Case(_DecodeThenGemm.apply, note=note, frozen=persistent)
     if provider in ("moka_torch", "moka_triton"):
         weight = nf4(w_dense) if base == "nf4" else w_dense
-        params = factors()
+        # fp32 master factors on a half-precision layer, as MoKALinear keeps them (MoKAConfig.adapter_dtype)
+        master = MoKAConfig().resolved_adapter_dtype(dtype)
+        params = factors(master)
         a, b, g = params[:r], params[r : 2 * r], params[2 * r]
+        factor_note = "" if master == dtype else f", {str(master).removeprefix('torch.')} master factors"
         return Case(
             lambda x: moka_linear(x, weight, a, b, g),
             params,
@@ -239,7 +242,8 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
             adapter_train_macs(shapes),
             moka_params,
             backend=provider.removeprefix("moka_"),
-            note=f"{base} base, r={len(shapes)}: " + ", ".join(f"{a1}x{a2}⊗{b1}x{b2}" for a1, a2, b1, b2 in shapes),
+            note=f"{base} base{factor_note}, r={len(shapes)}: "
+            + ", ".join(f"{a1}x{a2}⊗{b1}x{b2}" for a1, a2, b1, b2 in shapes),
             frozen=persistent,
         )
     if provider in ("lokr_materialized", "lokr_fused"):

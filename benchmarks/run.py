@@ -55,12 +55,24 @@ CPU_PROVIDERS = [
     ("lora_r16", "nf4"),
     ("lora_r32", "nf4"),
 ]
+# On CUDA the targets' providers first (a time limit cuts the last ones of a cell), the PyTorch path last.
 CUDA_PROVIDERS = [
-    *CPU_PROVIDERS,
+    ("ours_nf4", "nf4"),
+    ("moka_triton", "nf4"),
     ("dequant_cublas", "nf4"),
     ("ours_nf4_fused", "nf4"),
-    ("moka_triton", "nf4"),
+    ("dense_linear", "dense"),
     ("moka_triton", "dense"),
+    ("bnb_nf4", "nf4"),
+    ("lora_r16", "nf4"),
+    ("lora_r32", "nf4"),
+    ("lokr_materialized", "dense"),
+    ("lora_equal", "dense"),
+    ("lora_r16", "dense"),
+    ("lora_r32", "dense"),
+    ("lokr_fused", "dense"),
+    ("moka_torch", "dense"),
+    ("moka_torch", "nf4"),
 ]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -72,7 +84,10 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         except ImportError:
             return None
 
+    sha = os.environ.get("MOKA_GIT_SHA")  # given with a copy of the tree (the lent GPU machine): it wins
     try:
+        if sha:
+            raise OSError("MOKA_GIT_SHA given")
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
         changed = subprocess.check_output(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", "moka", "moka_kernels", "benchmarks/*.py"],
@@ -81,7 +96,7 @@ def conditions(device: torch.device, dtype: torch.dtype, min_run_time: float) ->
         )
         sha += "+uncommitted" if changed.strip() else ""  # the measured code is not that commit's
     except (OSError, subprocess.CalledProcessError):
-        sha = os.environ.get("MOKA_GIT_SHA")  # a copy of the tree without .git (the lent GPU machine)
+        pass  # no git: the sha given, or None
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": str(dtype).removeprefix("torch."),
@@ -212,6 +227,21 @@ def wall_ms(fn, reps: int = 50) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def host_inclusive_timer(rounds: int = 5, reps: int = 20):
+    """Per-call ms of back-to-back calls (``wall_ms``), the median of ``rounds``: what a launch-bound call
+    costs a training loop, host work included."""
+    return lambda fn: statistics.median(wall_ms(fn, reps) for _ in range(rounds))
+
+
+def cells(layers: list, tokens: list, device: torch.device) -> list[tuple[tuple[int, int], int]]:
+    """(layer, T) in measuring order. On CUDA the targets' token counts (T ≤ 16 and T = 4096, the first two
+    of ``tokens``) over every layer first, then the rest: a time limit then cuts the untargeted cells."""
+    if device.type != "cuda":
+        return [(layer, t) for layer in layers for t in tokens]
+    first, rest = tokens[:2], tokens[2:]
+    return [(layer, t) for group in (first, rest) for layer in layers for t in group]
+
+
 def run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, r: int) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, k_in, generator=gen).to(device, dtype)
@@ -331,23 +361,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     errors: list[dict] = []
     failures: dict[tuple[str, str], int] = {}
-    for n_out, k_in in LAYERS[key]:
-        for tokens in TOKENS[key]:
-            for provider, base in providers:
-                what = f"{provider}[{base}] {n_out}x{k_in} T={tokens}"
-                if failures.get((provider, base), 0) >= 2:  # failed twice: its later cells are not tried
-                    errors.append({"what": what, "error": "skipped: this provider failed twice before"})
-                    continue
-                try:
-                    layer_rows = run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, args.components)
-                except Exception as err:  # one provider's failure (a kernel, OOM) costs its own cell only
-                    errors.append(failure(what, err, device))
-                    failures[provider, base] = failures.get((provider, base), 0) + 1
-                    continue
-                rows += layer_rows
-                times = "  ".join(f"{r['mode']} {r['ms']:8.3f}" for r in layer_rows)
-                print(f"{n_out:>5}x{k_in:<5} T={tokens:<5} {provider + '[' + base + ']':24s} {times} ms", flush=True)
-                write_json(path, conds, rows, errors)
+    write_json(path, conds, rows, errors)  # a part cut before its first row still leaves its conditions
+    for (n_out, k_in), tokens in cells(LAYERS[key], TOKENS[key], device):
+        for provider, base in providers:
+            what = f"{provider}[{base}] {n_out}x{k_in} T={tokens}"
+            if failures.get((provider, base), 0) >= 2:  # failed twice: its later cells are not tried
+                errors.append({"what": what, "error": "skipped: this provider failed twice before"})
+                continue
+            try:
+                layer_rows = run_layer(provider, base, n_out, k_in, tokens, device, dtype, measure, args.components)
+            except Exception as err:  # one provider's failure (a kernel, OOM) costs its own cell only
+                errors.append(failure(what, err, device))
+                failures[provider, base] = failures.get((provider, base), 0) + 1
+                continue
+            rows += layer_rows
+            times = "  ".join(f"{r['mode']} {r['ms']:8.3f}" for r in layer_rows)
+            print(f"{n_out:>5}x{k_in:<5} T={tokens:<5} {provider + '[' + base + ']':24s} {times} ms", flush=True)
+            write_json(path, conds, rows, errors)
     conds["complete"] = True
     if not rows:
         write_json(path, conds, rows, errors)
