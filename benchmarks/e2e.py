@@ -422,9 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         if r["model"] not in models
     ]
     rows: list[dict] = []
-    tmp = path.with_suffix(".json.tmp")  # a part cut before its first row still leaves its conditions
-    tmp.write_text(json.dumps({"conditions": conds, "rows": kept}, indent=1))
-    tmp.replace(path)
+    tmp = path.with_suffix(".json.tmp")
+    if not path.exists():  # a part cut before its first row still leaves its conditions (never over earlier rows)
+        tmp.write_text(json.dumps({"conditions": conds, "rows": kept}, indent=1))
+        tmp.replace(path)
     for model_key in models:
         for method in METHODS.get(model_key, METHODS["smollm2"]):
             steps = args.steps or (10 if model_key == "tiny" else 5)

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     conds.update(components=args.components, smoke=args.smoke, timer=timer, complete=False)
     path = args.out / f"overhead-{'smoke' if args.smoke else args.device}.json"
     rows, errors = [], []
-    write_json(path, conds, rows, errors)  # a part cut before its first row still leaves its conditions
+    if not path.with_suffix(".json").exists():  # a part cut before its first row still leaves its conditions
+        write_json(path, conds, rows, errors)  # (never over earlier results: those stay until a first new row)
     for n_out, k_in in layers:
         for t in tokens:
             try:

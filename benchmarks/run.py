@@ -234,8 +234,9 @@ def host_inclusive_timer(rounds: int = 5, reps: int = 20):
 
 
 def cells(layers: list, tokens: list, device: torch.device) -> list[tuple[tuple[int, int], int]]:
-    """(layer, T) in measuring order. On CUDA the targets' token counts (T ≤ 16 and T = 4096, the first two
-    of ``tokens``) over every layer first, then the rest: a time limit then cuts the untargeted cells."""
+    """(layer, T) in measuring order. On CUDA the first two of ``tokens`` (T = 16 and 4096, where the forward
+    targets lie) over every layer first, then the rest (T = 1 and 512, which some targets cover too): a time
+    limit then cuts those."""
     if device.type != "cuda":
         return [(layer, t) for layer in layers for t in tokens]
     first, rest = tokens[:2], tokens[2:]
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     errors: list[dict] = []
     failures: dict[tuple[str, str], int] = {}
-    write_json(path, conds, rows, errors)  # a part cut before its first row still leaves its conditions
+    if not path.with_suffix(".json").exists():  # a part cut before its first row still leaves its conditions
+        write_json(path, conds, rows, errors)  # (never over earlier results: those stay until a first new row)
     for (n_out, k_in), tokens in cells(LAYERS[key], TOKENS[key], device):
         for provider, base in providers:
             what = f"{provider}[{base}] {n_out}x{k_in} T={tokens}"

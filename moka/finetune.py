@@ -194,10 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The fine-tune's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # The MoKA flags given (not left at their defaults): with --adapter they must agree with its config.
-    args.moka_flags_given = [dest for dest in _MOKA_FLAG_DESTS if getattr(args, dest) != parser.get_default(dest)]
+    args = build_parser().parse_args(argv)
+    # The MoKA flags given, at any value: with --adapter they must agree with its config.
+    args.moka_flags_given = [dest for dest in _MOKA_FLAG_DESTS if dest in _flags_given(argv)]
     if args.load_in_4bit is None:
         args.load_in_4bit = args.model == EMBEDDED
     if args.nf4_backend is not None and not args.load_in_4bit:
@@ -264,13 +263,19 @@ _MOKA_FLAG_DESTS = {
 }
 
 
+def _flags_given(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags on the command line (a flag given at its default value included)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
 def _check_moka_flags_against_adapter(args: argparse.Namespace, config: MoKAConfig, saved: MoKAConfig) -> None:
     """With --adapter its own config wins: a MoKA flag given with another value would be dropped silently."""
     for dest in getattr(args, "moka_flags_given", ()):
         flag = "--" + dest.replace("_", "-")
         field = _MOKA_FLAG_DESTS[dest]
-        if field == "init":
-            raise CLIError(f"{flag}: not used with --adapter (the adapter's trained factors are loaded); drop it")
         wanted, before = getattr(config, field), getattr(saved, field)
         if field == "target_modules" and isinstance(wanted, list) and isinstance(before, list):
             wanted, before = sorted(wanted), sorted(before)
@@ -782,7 +787,8 @@ def _check_resume_conditions(checkpoint: str, conditions: dict, config: MoKAConf
 
 
 def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
-    """The whole job; ``callbacks`` are extra TrainerCallbacks (tests use them to interrupt a run)."""
+    """The whole job on ``parse_args``' checked flags (it fills in the defaults that depend on other flags);
+    ``callbacks`` are extra TrainerCallbacks (tests use them to interrupt a run)."""
     from transformers import TrainingArguments, set_seed
 
     set_seed(args.seed)
@@ -816,7 +822,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     except ValueError as err:
         raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
-    if can_score:
+    if can_score and int(os.environ.get("RANK", "0")) == 0:
         _note_answers_longer_than_generated(tokenizer, eval_records, args.eval_max_new_tokens)
 
     _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
@@ -935,12 +941,13 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
 
 
 def _note_answers_longer_than_generated(tokenizer, records: list[dict], max_new_tokens: int) -> None:
-    """Exact match generates --eval-max-new-tokens tokens: a longer expected answer can never match."""
+    """Exact match generates --eval-max-new-tokens tokens: a longer expected answer can only match if what is cut
+    off is what the comparison ignores (case, trailing punctuation and spaces)."""
     too_long = sum(len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) > max_new_tokens for r in records)
     if too_long:
         print(
             f"note: {too_long} of {len(records)} expected answers are longer than --eval-max-new-tokens "
-            f"{max_new_tokens} tokens and cannot match exactly; raise it to score them",
+            f"{max_new_tokens} tokens and may not be generated whole; raise it to score them",
             flush=True,
         )
 

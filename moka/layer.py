@@ -185,7 +185,10 @@ def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "") -> No
     forward adds would silently stop: a subclass's own forward (scales, casts) and hooks registered on it.
     (bitsandbytes' Linear4bit and moka's NF4Linear are the 4-bit forms MoKA decodes itself.)"""
     own_forward = type(layer).forward
-    if isinstance(layer, nn.Linear) and not is_linear4bit(layer) and own_forward is not nn.Linear.forward:
+    # bitsandbytes' 4-bit layer by class, not by its quant_state (which FSDP may have dropped: refused later,
+    # with that hint)
+    four_bit = any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(layer).__mro__)
+    if isinstance(layer, nn.Linear) and not four_bit and own_forward is not nn.Linear.forward:
         raise TypeError(
             f"base_layer: {type(layer).__module__}.{type(layer).__qualname__} overrides nn.Linear.forward, which "
             f"would never run (MoKA computes x·Wᵀ + b from the weight){at}; expected an nn.Linear, a bitsandbytes "
@@ -250,10 +253,10 @@ class MoKALinear(nn.Module):
             )
         if isinstance(base_layer, NF4Tensor):
             base_layer = NF4Linear(base_layer, bias)
-        elif isinstance(base_layer, nn.Module):
-            refuse_a_forward_that_would_be_skipped(base_layer, at)
         elif bias is not None:
             raise ValueError("bias: only accepted with an NF4Tensor base; nn.Linear bases carry their own")
+        elif isinstance(base_layer, nn.Module):
+            refuse_a_forward_that_would_be_skipped(base_layer, at)
         if isinstance(base_layer, NF4Linear):
             base_dtype = base_layer.nf4_dtype
         elif is_linear4bit(base_layer):

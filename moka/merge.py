@@ -128,17 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.record = read_run_record(args.adapter)
     if args.model is None:
         args.model = _recorded_model(args.record)
-    # flags given against what the fine-tune recorded: done as asked, and noted (the probe compares the merge
-    # with the adapter on the same base, so it cannot tell a base the adapter was not trained on)
-    given = {
-        "load_in_4bit": None if args.load_in_4bit is None else f"--{'' if args.load_in_4bit else 'no-'}load-in-4bit",
-        "nf4_backend": None if args.nf4_backend in (None, "auto") else f"--nf4-backend {args.nf4_backend}",
-    }
-    args.overridden = [
-        f"{flag} (recorded: {key} {args.record[key]!r})"
-        for key, flag in given.items()
-        if flag is not None and args.record.get(key) not in (None, getattr(args, key))
-    ]
+    given_4bit, given_backend = args.load_in_4bit, args.nf4_backend
     if args.load_in_4bit is None:
         args.load_in_4bit = bool(args.record.get("load_in_4bit", args.model == EMBEDDED))
     if args.nf4_backend is not None and not args.load_in_4bit:
@@ -147,6 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.nf4_backend = args.record.get("nf4_backend") or "auto"
     if args.load_in_4bit:
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
+    # flags given against what the fine-tune recorded: done as asked, and noted (the probe compares the merge
+    # with the adapter on the same base, so it cannot tell a base the adapter was not trained on)
+    given = {
+        "load_in_4bit": None if given_4bit is None else f"--{'' if given_4bit else 'no-'}load-in-4bit",
+        "nf4_backend": None if given_backend is None else f"--nf4-backend {given_backend} ({args.nf4_backend})",
+    }
+    args.overridden = [
+        f"{flag} (recorded: {key} {args.record[key]!r})"
+        for key, flag in given.items()
+        if flag is not None and args.record.get(key) not in (None, getattr(args, key))
+    ]
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")

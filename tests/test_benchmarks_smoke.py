@@ -758,3 +758,8 @@ def test_a_part_cut_before_its_first_row_leaves_its_conditions(tmp_path, monkeyp
         overhead.main(["--smoke", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "overhead-smoke.json").read_text())
     assert written["conditions"]["complete"] is False and written["rows"] == []
+    # an earlier result file stays whole until a first new row replaces it
+    (tmp_path / "overhead-smoke.json").write_text('{"conditions": {"complete": true}, "rows": [1]}')
+    with pytest.raises(KeyboardInterrupt):
+        overhead.main(["--smoke", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "overhead-smoke.json").read_text())["rows"] == [1]

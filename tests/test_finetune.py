@@ -960,7 +960,7 @@ def test_moka_flags_given_with_adapter_must_agree_with_its_config(model_dir, dat
     from moka import MoKAConfig, apply_moka, save_adapter
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    apply_moka(model, MoKAConfig(num_components=2, scale=2.0, target_modules=["q_proj", "v_proj"]))
+    apply_moka(model, MoKAConfig(num_components=2, scale=2.0, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     save_adapter(model, tmp_path / "adapter")
     adapter = ["--adapter", str(tmp_path / "adapter"), "--max-steps", "1", "--no-accuracy"]
     out = tmp_path / "out"
@@ -969,10 +969,11 @@ def test_moka_flags_given_with_adapter_must_agree_with_its_config(model_dir, dat
         (["--num-components", "3"], "--num-components: differs from the --adapter's config (num_components 2)"),
         (["--no-gate"], "--no-gate: differs from the --adapter's config (gate 'on')"),
         (["--target-modules", "q_proj"], "--target-modules: differs from the --adapter's config (target_modules"),
-        (["--init", "zero_a"], "--init: not used with --adapter"),
+        (["--init", "zero_a"], "--init: differs from the --adapter's config (init 'zero_b')"),
+        (["--dropout", "0"], "--dropout: differs from the --adapter's config (dropout 0.1)"),  # given at the default
     ):
         _fails(_args(model_dir, data, out, *adapter, *extra), capsys, pattern, out)
-    flags = ["--scale", "2", "--num-components", "2", "--target-modules", "v_proj,q_proj"]
+    flags = ["--scale", "2", "--num-components", "2", "--target-modules", "v_proj,q_proj", "--init", "zero_b"]
     assert main(_args(model_dir, data, out, *adapter, *flags)) == 0
 
 
@@ -984,7 +985,9 @@ def test_expected_answers_longer_than_the_generation_are_noted(model_dir, capsys
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [{"output": "zorp"}, {"output": "zorp blick quenn"}, {"output": "tavo"}]
     _note_answers_longer_than_generated(tokenizer, records, 2)
-    assert "note: 1 of 3 expected answers are longer than --eval-max-new-tokens 2 tokens" in capsys.readouterr().out
+    assert "note: 1 of 3 expected answers are longer than --eval-max-new-tokens 2 tokens and may not" in (
+        capsys.readouterr().out
+    )
     _note_answers_longer_than_generated(tokenizer, records, 3)
     assert capsys.readouterr().out == ""
 

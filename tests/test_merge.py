@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moka import MoKAConfig, apply_moka, dequantize_nf4, load_adapter, save_adapter
 from moka.finetune import load_model
-from moka.merge import PROBE_TEXT, main
+from moka.merge import PROBE_TEXT, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -201,7 +201,11 @@ def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, ca
     assert (
         main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m5"), "--nf4-backend", "bitsandbytes"]) == 0
     )
-    assert "note: merged with --nf4-backend bitsandbytes (recorded: nf4_backend 'moka')" in capsys.readouterr().out
+    assert "note: merged with --nf4-backend bitsandbytes (bitsandbytes) (recorded: nf4_backend 'moka')" in (
+        capsys.readouterr().out
+    )
+    args = parse_args(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m7"), "--nf4-backend", "auto"])
+    assert args.overridden == ["--nf4-backend auto (bitsandbytes) (recorded: nf4_backend 'moka')"]  # resolved first
     record["load_in_4bit"] = False
     (recorded / "moka_run.json").write_text(json.dumps(record))
     assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m6"), "--nf4-backend", "moka"]) == 2

@@ -1097,11 +1097,14 @@ def test_nf4_fields_that_are_strided_views_are_read_right(route, double_quant, m
 
 def test_factors_in_another_dtype_than_the_rows_are_refused_before_a_launch():
     """The interpreter would upcast a bf16 × fp32 tl.dot; compiled for a GPU it is refused, so the wrappers
-    refuse the mix (moka_linear casts the factors first)."""
+    refuse the mix (moka_linear casts the factors first), also once a matching call has cached a plan."""
     x, _, a_f, b_f, _, _ = make_problem(40, 96, [(8, 12, 5, 8)], torch.bfloat16, lead=(3,), gate=False, bias=False)
-    wide = [t.detach().float() for t in a_f], [t.detach().float() for t in b_f]
+    a_f, b_f = [t.detach() for t in a_f], [t.detach() for t in b_f]
+    wide = [t.float() for t in a_f], [t.float() for t in b_f]
     for kernel, rows in ((kron_mixture_forward, x.detach()), (kron_mixture_backward_dx, torch.randn(3, 40).bfloat16())):
-        with pytest.raises(
-            TypeError, match=r"factors: expected the dtype of the rows they multiply \(torch\.bfloat16\)"
-        ):
+        kernel(rows.float(), *wide)  # a matching call first: its plan is cached, keyed by the factors' dtype
+        with pytest.raises(TypeError, match=r"the dtype of the rows they multiply \(torch\.bfloat16\)"):
             kernel(rows, *wide)
+        kernel(rows, a_f, b_f)
+        with pytest.raises(TypeError, match=r"the dtype of the rows they multiply \(torch\.float32\)"):
+            kernel(rows.float(), a_f, b_f)

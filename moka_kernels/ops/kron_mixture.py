@@ -904,11 +904,6 @@ def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs)
     assert out.dtype in (torch.float32, m_rows.dtype), "out: fp32, or the rows' dtype for the rowwise schedule"
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
-    if factors[0].dtype != m_rows.dtype:  # the interpreter would upcast both; tl.dot on a GPU refuses the mix
-        raise TypeError(
-            f"factors: expected the dtype of the rows they multiply ({m_rows.dtype}), got {factors[0].dtype}; cast "
-            "them first (moka_linear does: factors_in_dtype)"
-        )
     bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs])
     rows = []
     for m, s1, s2, o in jobs:
@@ -939,6 +934,12 @@ def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
 def _adapter_plan(kind: str, rows: torch.Tensor, out: torch.Tensor, a_factors, b_factors) -> _SandwichPlan:
     """The plan of the adapter forward (``kind="forward"``: rows = x, out = y) or dx (``"dx"``: rows = dy,
     out = dx). A plan holds no activation address, so a layer's calls share it."""
+    if a_factors[0].dtype != rows.dtype:  # before the plan cache, whose key holds the factors' dtype only
+        # the interpreter would upcast both; tl.dot on a GPU refuses the mix
+        raise TypeError(
+            f"factors: expected the dtype of the rows they multiply ({rows.dtype}), got {a_factors[0].dtype}; cast "
+            "them first (moka_linear does: factors_in_dtype)"
+        )
     key = (
         kind,
         tile_policy(),
