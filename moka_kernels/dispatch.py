@@ -97,6 +97,8 @@ def validate_moka_inputs(
     else:
         raise TypeError(f"weight: expected a torch.Tensor or NF4Tensor, got {type(weight).__name__}")
     n_out, k_in = _shape(weight)
+    if k_in < 1 or n_out < 1:
+        raise ValueError(f"weight: expected N, K >= 1, got shape {(n_out, k_in)}")
     if x.shape[-1] != k_in:
         raise ValueError(f"x: expected last dim K={k_in} (weight is {n_out}x{k_in}), got shape {tuple(x.shape)}")
     validate_factors(a_factors, b_factors, gate_logits, scale, out_in=(n_out, k_in), device=x.device, x_dtype=x.dtype)
@@ -198,12 +200,16 @@ def is_finite_real(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     try:
-        return math.isfinite(value)
+        value = float(value)
     except OverflowError:  # an int too large for a float
         return False
+    # comparisons, not math.isfinite: torch.compile traces a scale that differs between calls as a SymFloat
+    return -math.inf < value < math.inf
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.amp.is_autocast_available(device_type):  # e.g. meta tensors: nothing to cast
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 

@@ -14,6 +14,7 @@ custom-op round trip costs about 0.2 ms of CPU per layer per training step (576Â
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -170,7 +171,8 @@ def linear_backward(
         nf4_dtype,
     )
     _, backward = BACKEND_IMPLS[backend]
-    grads = backward(grad_out, x, adapter_x, w, gate_logits, scale, a_factors, b_factors, request)
+    with without_autocast(grad_out.device):
+        grads = backward(grad_out, x, adapter_x, w, gate_logits, scale, a_factors, b_factors, request)
     flat = [grads.x, grads.adapter_x, grads.bias, grads.gate, *grads.a, *grads.b]
     return _unaliased([x.new_empty(0) if g is None else g for g in flat])
 
@@ -184,11 +186,21 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for t in tensors:
         if t.numel():
             storage = t.untyped_storage().data_ptr()
-            if storage in seen:
+            if storage in seen or t.storage_offset():  # an offset slice too: the fake kernel's are at offset 0
                 t = t.clone()
-            seen.add(storage)
+            else:
+                seen.add(storage)
         out.append(t)
     return out
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The backends compute in the dtypes they are given, as the forward does (it runs with autocast off):
+    a backward called inside an autocast region (on a CPU autograd runs it on the caller's thread) would
+    otherwise recast their matmuls' inputs while their out= buffers stay fp32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @linear_backward.register_fake
@@ -376,17 +388,18 @@ def _eager_backward(ctx, grad_out, saved):
     n = ctx.needs_input_grad
     needs = GradRequest(n[0], n[1], n[3], n[4], tuple(n[8 : 8 + r]), tuple(n[8 + r :]))
     _, backward = BACKEND_IMPLS[backend]
-    grads = backward(
-        grad_out.contiguous(),
-        x,
-        adapter_x if has_adapter_x else None,
-        weight,
-        gate_logits if has_gate else None,
-        scale,
-        factors[:r],
-        factors[r:],
-        needs,
-    )
+    with without_autocast(grad_out.device):
+        grads = backward(
+            grad_out.contiguous(),
+            x,
+            adapter_x if has_adapter_x else None,
+            weight,
+            gate_logits if has_gate else None,
+            scale,
+            factors[:r],
+            factors[r:],
+            needs,
+        )
     return grads.x, grads.adapter_x, None, grads.bias, grads.gate, None, None, None, *grads.a, *grads.b
 
 

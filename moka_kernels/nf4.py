@@ -137,8 +137,12 @@ class NF4Tensor:
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating-point torch.dtype (dequantize's default), got {self.dtype!r}")
         n_rows, n_cols = self.shape
+        if n_rows < 1 or n_cols < 1:
+            raise ValueError(f"shape: expected two dimensions >= 1, got {tuple(self.shape)}")
+        if not isinstance(self.blocksize, numbers.Integral) or isinstance(self.blocksize, bool):
+            raise TypeError(f"blocksize: expected an integer, got {self.blocksize!r}")
         numel = n_rows * n_cols
-        if numel <= 0 or self.blocksize <= 0 or self.blocksize % 2:
+        if self.blocksize <= 0 or self.blocksize % 2:
             raise ValueError(
                 f"blocksize: expected a positive even element count per block for shape {tuple(self.shape)}, "
                 f"got {self.blocksize}"

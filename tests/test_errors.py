@@ -330,3 +330,18 @@ def test_gate_weights_and_factor_dtype_check_refuse_empty_input():
         gate_weights(None, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"factors: expected at least one factor tensor"):
         factors_taken_as_they_are([], torch.float32)
+
+
+def test_degenerate_shapes_are_refused_by_name():
+
+    with pytest.raises(ValueError, match=r"weight: expected N, K >= 1, got shape \(15, 0\)"):
+        moka_linear(torch.randn(4, 0), torch.randn(15, 0), [torch.randn(3, 0)], [torch.randn(5, 0)], None)
+    q = quantize_nf4(torch.randn(8, 8))
+    fields = dict(packed=q.packed, absmax=q.absmax, dtype=q.dtype, nested_absmax=q.nested_absmax)
+    fields.update(nested_code=q.nested_code, offset=q.offset)
+    with pytest.raises(ValueError, match=r"shape: expected two dimensions >= 1, got \(-8, -8\)"):
+        NF4Tensor(shape=(-8, -8), blocksize=64, **fields)
+    with pytest.raises(ValueError, match=r"shape: expected two dimensions >= 1, got \(0, 64\)"):
+        NF4Tensor(shape=(0, 64), blocksize=64, **fields)
+    with pytest.raises(TypeError, match=r"blocksize: expected an integer, got 64\.0"):
+        NF4Tensor(shape=(8, 8), blocksize=64.0, **fields)

@@ -80,3 +80,63 @@ def test_torch_export_records_the_custom_op(strict):
     exported = torch.export.export(layer, (x,), strict=strict)
     assert "torch.ops.moka.linear.default" in exported.graph_module.code
     torch.testing.assert_close(exported.module()(x), layer(x))
+
+
+def _grads_of_a_layer(inputs: dict, use_custom_op: bool, autocast: bool) -> tuple[torch.Tensor, ...]:
+    from moka_kernels.library import apply_linear
+
+    x, weight, gate, a_factors, b_factors = (inputs[k] for k in ("x", "weight", "gate", "a", "b"))
+    y = apply_linear(x, None, weight, None, gate, 0.5, a_factors, b_factors, "torch", use_custom_op)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):  # the backward only
+        return torch.autograd.grad(y.float().square().sum(), [x, gate, *a_factors, *b_factors])
+
+
+@pytest.mark.parametrize("use_custom_op", [False, True], ids=["eager-route", "custom-op-route"])
+def test_a_backward_run_inside_autocast_matches_one_outside(use_custom_op):
+    """On a CPU autograd runs the backward on the caller's thread, inside its autocast region: the backends
+    must keep their own dtypes there (an a_first component's fp32 sums raised; b_first ones lost precision)."""
+    gen = torch.Generator().manual_seed(0)
+    for x_dtype, factor_dtype in ((torch.float16, torch.float16), (torch.bfloat16, torch.float32)):
+        inputs = {
+            "x": torch.randn(6, 14, generator=gen).to(x_dtype).requires_grad_(),
+            "weight": (torch.randn(15, 14, generator=gen) * 0.1).to(x_dtype),
+            "gate": torch.zeros(2, requires_grad=True),
+            # A 5x7 with B 3x2 takes the a_first order; A 3x2 with B 5x7 the b_first one
+            "a": [torch.randn(*s, generator=gen).to(factor_dtype).requires_grad_() for s in ((5, 7), (3, 2))],
+            "b": [torch.randn(*s, generator=gen).to(factor_dtype).requires_grad_() for s in ((3, 2), (5, 7))],
+        }
+        inside, outside = (_grads_of_a_layer(inputs, use_custom_op, autocast) for autocast in (True, False))
+        for g_in, g_out in zip(inside, outside, strict=True):
+            assert g_in.dtype == g_out.dtype and torch.equal(g_in, g_out), (x_dtype, factor_dtype)
+
+
+def test_layers_with_different_scales_compile_whole():
+    """A scale that differs between compiled calls is traced as a SymFloat: its check must not break the graph."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 64)
+    for scale in (0.5, 2.0):
+        layer = MoKALinear(nn.Linear(64, 48), MoKAConfig(num_components=2, scale=scale))
+        with torch.no_grad():
+            for p in layer.b_factors:
+                p.normal_(0, 0.2)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_custom_op_outputs_share_no_storage_and_start_at_offset_zero():
+    """The fake kernel's outputs are fresh tensors: the real op's must not be offset slices of one buffer."""
+    from moka_kernels.library import _unaliased
+
+    buffer = torch.arange(10.0)
+    out = _unaliased([buffer[3:5], buffer[5:10], buffer[0:3], torch.ones(2)[1:]])
+    assert all(t.storage_offset() == 0 for t in out)
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 4
+    assert [t.tolist() for t in out] == [[3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0], [0.0, 1.0, 2.0], [1.0]]
+
+
+def test_meta_tensors_give_the_output_shape():
+    from moka_kernels import moka_linear
+
+    x, weight = torch.empty(4, 14, device="meta"), torch.empty(15, 14, device="meta")
+    out = moka_linear(x, weight, [torch.empty(5, 7, device="meta")], [torch.empty(3, 2, device="meta")], None)
+    assert out.shape == (4, 15) and out.device.type == "meta"
