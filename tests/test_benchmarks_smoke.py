@@ -763,3 +763,29 @@ def test_a_part_cut_before_its_first_row_leaves_its_conditions(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         overhead.main(["--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "overhead-smoke.json").read_text())["rows"] == [1]
+
+
+def test_registers_table_shows_the_default_layout_of_each_nf4_config(tmp_path):
+    """Variants that share a config's tiles (another blocksize, fp32 scales) follow the default-layout row in
+    the results: the table keeps the first, not the last."""
+    from benchmarks import registers
+
+    def row(cc, regs, **extra):
+        c = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, **extra)
+        return dict(
+            kernel="_nf4_matmul_t_kernel",
+            capability=cc,
+            constexprs=c,
+            num_warps=4,
+            num_stages=4,
+            registers=regs,
+            spill_bytes=0,
+            target="",
+            spill_checked=False,
+            error=None,
+        )
+
+    rows = [row(80, 186), row(90, 158), row(80, 128, BLOCKSIZE=256), row(90, 130, BLOCKSIZE=256)]
+    path = tmp_path / "registers.json"
+    path.write_text(json.dumps({"conditions": {}, "rows": rows}))
+    assert "| nf4_matmul_t_kernel | 16×64×128 | 4 | 4 | 186 / 0 B | 158 / 0 B |" in registers.render(path).read_text()

@@ -67,8 +67,9 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 
 # GPU configs: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Under the interpreter one small config, so tests
 # cross tile edges on small shapes (the interpreter cannot autotune several configs without a GPU).
-# The W tile is decoded in registers, so large tiles spill (ptxas on sm_90: 128×128×64 at 8 warps 60 B,
-# 256×128×64 1.7 KB); the lists keep them for autotuning to time, beside spill-free tiles for every token
+# The W tile is decoded in registers, so large tiles spill (ptxas on sm_90, specialized as launched at 4096²:
+# 128×256×64 232 B, 256×128×64 228 B; benchmarks/results/registers.md); the lists keep them for autotuning to
+# time, beside spill-free tiles for every token
 # count (python -m benchmarks.registers writes each config's registers and spills).
 NF4_MATMUL_CONFIGS = (
     _configs([(32, 32, 32, 4, 1)])
