@@ -461,6 +461,14 @@ def apply_linear(
 
     ``use_custom_op`` forces one route (tests compare them); ``None`` decides per call.
     """
+    if torch._C._functorch.peek_interpreter_stack() is not None and not (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    ):
+        # the op's autograd is register_autograd's, which functorch refuses, and it has no batching rule
+        raise NotImplementedError(
+            "moka_linear: torch.func transforms (grad, vmap, jacrev, ...) are not supported; differentiate with "
+            "torch.autograd (loss.backward() or torch.autograd.grad)"
+        )
     if use_custom_op is None:
         use_custom_op = _must_trace(x)
     if use_custom_op:

@@ -140,3 +140,16 @@ def test_meta_tensors_give_the_output_shape():
     x, weight = torch.empty(4, 14, device="meta"), torch.empty(15, 14, device="meta")
     out = moka_linear(x, weight, [torch.empty(5, 7, device="meta")], [torch.empty(3, 2, device="meta")], None)
     assert out.shape == (4, 15) and out.device.type == "meta"
+
+
+def test_torch_func_transforms_are_refused_by_name_and_functional_call_works():
+    from moka_kernels import moka_linear
+
+    x, weight = torch.randn(4, 14), torch.randn(15, 14)
+    a, b = [torch.randn(5, 7)], [torch.randn(3, 2)]
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(NotImplementedError, match=r"moka_linear: torch\.func transforms .* not supported"):
+            transform(lambda t: moka_linear(t, weight, a, b, None).sum())(x)
+    layer = MoKALinear(nn.Linear(14, 15), MoKAConfig(num_components=1))
+    params = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    torch.testing.assert_close(torch.func.functional_call(layer, params, (x,)), layer(x))
