@@ -26,7 +26,15 @@ from moka_kernels.reference import GradRequest
 
 from .plot import failure_lines
 from .providers import build_case
-from .run import RESULTS, conditions, failure, host_inclusive_timer, make_timer, write_json
+from .run import (
+    RESULTS,
+    conditions,
+    failure,
+    host_inclusive_timer,
+    make_timer,
+    write_conditions_first,
+    write_json,
+)
 
 ROUTES = ["backend functions", "eager route", "custom-op route", "moka_linear", "peft lora r16"]
 
@@ -129,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     conds.update(components=args.components, smoke=args.smoke, timer=timer, complete=False)
     path = args.out / f"overhead-{'smoke' if args.smoke else args.device}.json"
     rows, errors = [], []
-    if not path.with_suffix(".json").exists():  # a part cut before its first row still leaves its conditions
-        write_json(path, conds, rows, errors)  # (never over earlier results: those stay until a first new row)
+    write_conditions_first(path, conds)
     for n_out, k_in in layers:
         for t in tokens:
             try:

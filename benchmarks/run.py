@@ -301,6 +301,13 @@ def write_json(path: Path, conds: dict, rows: list[dict], errors: list[dict] | N
     tmp.replace(path.with_suffix(".json"))
 
 
+def write_conditions_first(path: Path, conds: dict) -> None:
+    """A part's conditions (no rows, ``complete: false``) before its first row, so a part cut before it still
+    leaves a file; never over an earlier result file, which stays until a first new row replaces it."""
+    if not path.with_suffix(".json").exists():
+        write_json(path, conds, [])
+
+
 def failure(what: str, err: Exception, device: torch.device) -> dict:
     """A measurement that raised, as one record (its type and first message line), so that one failing provider
     costs its own rows only, not the rest of a time-limited part; the CUDA cache is emptied of what is free."""
@@ -362,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     errors: list[dict] = []
     failures: dict[tuple[str, str], int] = {}
-    if not path.with_suffix(".json").exists():  # a part cut before its first row still leaves its conditions
-        write_json(path, conds, rows, errors)  # (never over earlier results: those stay until a first new row)
+    write_conditions_first(path, conds)
     for (n_out, k_in), tokens in cells(LAYERS[key], TOKENS[key], device):
         for provider, base in providers:
             what = f"{provider}[{base}] {n_out}x{k_in} T={tokens}"

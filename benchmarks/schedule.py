@@ -32,7 +32,15 @@ from moka.config import auto_component_shapes
 from moka_kernels import quantize_nf4
 
 from .plot import failure_lines
-from .run import RESULTS, conditions, failure, host_inclusive_timer, make_timer, write_json
+from .run import (
+    RESULTS,
+    conditions,
+    failure,
+    host_inclusive_timer,
+    make_timer,
+    write_conditions_first,
+    write_json,
+)
 
 SCHEDULES = ("atomic", "rowwise")
 ROUTE_MIN_SWEPT = 64  # below this the NF4 base takes the fused (decode) route whatever the threshold
@@ -150,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     conds.update(components=args.components, smoke=args.smoke, complete=False)
     path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"
     rows, errors = [], []
-    if not path.with_suffix(".json").exists():  # a part cut before its first row still leaves its conditions
-        write_json(path, conds, rows, errors)  # (never over earlier results: those stay until a first new row)
+    write_conditions_first(path, conds)
     for n_out, k_in in layers:
         for t in tokens:
             try:

@@ -180,7 +180,7 @@ def _put_back(store: dict, order: list[str], held: dict) -> None:
     store.update(rest)
 
 
-def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "") -> None:
+def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "", param: str = "base_layer") -> None:
     """MoKA computes a base layer from its weight (x·Wᵀ + b) and never calls its forward, so whatever that
     forward adds would silently stop: a subclass's own forward (scales, casts) and hooks registered on it.
     (bitsandbytes' Linear4bit and moka's NF4Linear are the 4-bit forms MoKA decodes itself.)"""
@@ -190,7 +190,7 @@ def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "") -> No
     four_bit = any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(layer).__mro__)
     if isinstance(layer, nn.Linear) and not four_bit and own_forward is not nn.Linear.forward:
         raise TypeError(
-            f"base_layer: {type(layer).__module__}.{type(layer).__qualname__} overrides nn.Linear.forward, which "
+            f"{param}: {type(layer).__module__}.{type(layer).__qualname__} overrides nn.Linear.forward, which "
             f"would never run (MoKA computes x·Wᵀ + b from the weight){at}; expected an nn.Linear, a bitsandbytes "
             "Linear4bit or an NF4Linear"
         )
@@ -206,7 +206,7 @@ def refuse_a_forward_that_would_be_skipped(layer: nn.Module, at: str = "") -> No
     ]
     if kinds:
         raise ValueError(
-            f"base_layer: has {' and '.join(kinds)}, which would never fire (the layer's own forward is not "
+            f"{param}: has {' and '.join(kinds)}, which would never fire (the layer's own forward is not "
             f"called){at}; remove them and register them on the layer that replaces it"
         )
 

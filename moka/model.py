@@ -346,10 +346,7 @@ def quantize_model(
     _refuse_targets_a_swap_would_miss(model, targets, "its 4-bit form would never be used", "dense")
     views: dict[str, NF4Tensor] = {}
     for name, m in targets.items():
-        try:
-            refuse_a_forward_that_would_be_skipped(m, f" (at {name})")
-        except (TypeError, ValueError) as err:  # the same checks as apply_moka's; NF4Linear skips them too
-            raise type(err)(str(err).replace("base_layer: ", "model: ", 1)) from None
+        refuse_a_forward_that_would_be_skipped(m, f" (at {name})", "model")  # NF4Linear would skip it as MoKA does
         if is_linear4bit(m):
             try:
                 views[name] = nf4_from_linear4bit(m)

@@ -198,9 +198,9 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """The backends compute in the dtypes they are given, as the forward does (it runs with autocast off):
     a backward called inside an autocast region (on a CPU autograd runs it on the caller's thread) would
     otherwise recast their matmuls' inputs while their out= buffers stay fp32."""
-    if torch.amp.is_autocast_available(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return contextlib.nullcontext()  # the usual case: no autocast context to enter and leave per backward
 
 
 @linear_backward.register_fake
@@ -461,17 +461,17 @@ def apply_linear(
 
     ``use_custom_op`` forces one route (tests compare them); ``None`` decides per call.
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None and not (
-        torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    ):
-        # the op's autograd is register_autograd's, which functorch refuses, and it has no batching rule
-        raise NotImplementedError(
-            "moka_linear: torch.func transforms (grad, vmap, jacrev, ...) are not supported; differentiate with "
-            "torch.autograd (loss.backward() or torch.autograd.grad)"
-        )
     if use_custom_op is None:
         use_custom_op = _must_trace(x)
-    if use_custom_op:
+    if use_custom_op:  # (a functorch transform takes this route: refused here, off the eager hot path)
+        if torch._C._functorch.peek_interpreter_stack() is not None and not (
+            torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        ):
+            # the op's autograd is register_autograd's, which functorch refuses, and it has no batching rule
+            raise NotImplementedError(
+                "moka_linear: torch.func transforms (grad, vmap, jacrev, ...) are not supported; differentiate "
+                "with torch.autograd (loss.backward() or torch.autograd.grad)"
+            )
         return linear(x, adapter_x, *weight_fields(weight), bias, gate_logits, scale, a_factors, b_factors, backend)
     return EagerLinear.apply(
         x, adapter_x, weight, bias, gate_logits, scale, backend, len(a_factors), *a_factors, *b_factors
