@@ -934,7 +934,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
                 {"input": r.get("input", ""), "expected": r["output"], "predicted": p.strip()}
                 for r, p in list(zip(eval_records, preds, strict=True))[::stride][:6]
             ]
-        result["adapter_dir"] = str(adapter_dir)
+        result["adapter_dir"] = str(adapter_dir.absolute())  # summary.json is read from anywhere
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
     return result

@@ -69,8 +69,9 @@ def _args(model_dir, data, out, *extra):
     ]
 
 
-def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys):
-    out = tmp_path / "run"
+def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")  # relative, as a user types it: the summary still records where the adapter lies
     assert main(_args(model_dir, data, out, "--max-steps", "6", "--save-steps", "3")) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in (
@@ -84,6 +85,7 @@ def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys):
         assert key in summary, key
     assert summary["steps"] == 6 and summary["train_loss"] > 0
     adapter = out / "adapter"
+    assert summary["adapter_dir"] == str(tmp_path / "run" / "adapter")
     assert (adapter / "moka_adapter.safetensors").is_file() and (adapter / "loss_curve.png").stat().st_size > 1000
     assert (out / "checkpoints" / "checkpoint-6" / "moka_adapter.safetensors").is_file()
     recorded = json.loads((adapter / "moka_run.json").read_text())  # what moka-merge reads back
