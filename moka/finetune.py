@@ -455,7 +455,7 @@ class MoKATrainer(Trainer):
     ``run_conditions``: a JSON-able dict saved beside each checkpoint's adapter as ``moka_run.json`` (the CLI
     records what the run trained on there, and ``--resume`` checks it)."""
 
-    def __init__(self, *args, model=None, run_conditions: dict | None = None, **kwargs):
+    def __init__(self, model=None, *args, run_conditions: dict | None = None, **kwargs):
         if model is None or not moka_layers(model):
             raise ValueError("model: expected a model patched with apply_moka")
         self.run_conditions = run_conditions
@@ -463,7 +463,7 @@ class MoKATrainer(Trainer):
         previous = getattr(model, "_hf_peft_config_loaded", None)
         model._hf_peft_config_loaded = True
         try:
-            super().__init__(*args, model=model, **kwargs)
+            super().__init__(model, *args, **kwargs)
         finally:
             if previous is None:
                 del model._hf_peft_config_loaded
@@ -483,6 +483,11 @@ class MoKATrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's adapters (Trainer's own looks for whole-model
+        weights, which these checkpoints do not hold, and would keep the last step's adapters with a warning)."""
+        load_adapter(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 
 class LossRecorder(TrainerCallback):

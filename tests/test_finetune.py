@@ -1014,3 +1014,45 @@ def test_embedded_model_cache_location_and_an_unwritable_one(monkeypatch, tmp_pa
     assert main(["--max-steps", "1", "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "moka-finetune: error: the embedded model's cache" in err[0], err
+
+
+def test_trainer_loads_the_best_checkpoints_adapters_at_the_end(tmp_path):
+    """MoKATrainer as a library Trainer: the model may come positionally, and load_best_model_at_end loads the
+    best checkpoint's adapters (transformers' own loader finds no whole-model weights there and keeps the last)."""
+    from transformers import TrainingArguments
+
+    from moka import MoKAConfig, adapter_state_dict, apply_moka
+    from moka.finetune import MoKATrainer
+
+    model = tiny_llama(vocab=64)
+    apply_moka(model, MoKAConfig(num_components=2))
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(16):
+        ids = torch.randint(0, 64, (8,), generator=generator)
+        records.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones(8, dtype=torch.long)})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,  # "best" is the highest loss: the first evaluation's, not the last step's
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = MoKATrainer(model, args, train_dataset=records, eval_dataset=records[:4])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and Path(best).name == "checkpoint-2"
+    best_adapters = load_file(Path(best) / "moka_adapter.safetensors")
+    last_adapters = load_file(tmp_path / "checkpoint-6" / "moka_adapter.safetensors")
+    assert any(not torch.equal(best_adapters[k], last_adapters[k]) for k in best_adapters)  # precondition
+    current = adapter_state_dict(model)
+    assert current.keys() == best_adapters.keys()
+    assert all(torch.equal(current[k], best_adapters[k]) for k in best_adapters)
