@@ -7,7 +7,13 @@ from torch import nn
 
 from moka_kernels import NF4Tensor
 
-__all__ = ["is_linear4bit", "linear4bit_from_nf4", "nf4_from_linear4bit"]
+__all__ = [
+    "forget_4bit_loading",
+    "is_linear4bit",
+    "keep_dense_when_reloaded",
+    "linear4bit_from_nf4",
+    "nf4_from_linear4bit",
+]
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -83,3 +89,38 @@ def linear4bit_from_nf4(
     # (a later apply_moka or merge could no longer read them), as MoKALinear prevents for the layers it wraps.
     layer.support_avx512bf16_for_cpu = False
     return layer
+
+
+def forget_4bit_loading(model: nn.Module) -> None:
+    """Drop transformers' record that ``model`` was loaded in 4-bit (its quantizer, ``config.quantization_config``,
+    ``is_loaded_in_4bit`` and the 4-bit deserializer among its load-time conversions), for a model whose 4-bit
+    layers are all gone: ``save_pretrained`` then writes a plain model, which ``from_pretrained`` reloads as one
+    (with the config kept, it would rebuild ``Linear4bit`` layers around the dense weights)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model, "is_loaded_in_4bit", False):  # read by the Trainer and num_parameters
+        model.is_loaded_in_4bit = False
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        # transformers 5.17 keeps the 4-bit checkpoint's deserializer among the load-time conversions, which
+        # save_pretrained then tries to reverse (NotImplementedError); the layers are dense now.
+        model._weight_conversions = [c for c in conversions if not _deserializes_4bit(c)]
+
+
+def _deserializes_4bit(conversion) -> bool:
+    return any(type(op).__name__.startswith("Bnb4bit") for op in getattr(conversion, "operations", ()))
+
+
+def keep_dense_when_reloaded(model: nn.Module, names: list[str]) -> None:
+    """Add ``names`` (layers of a 4-bit-loaded model that are dense now) to its quantization config's skipped
+    modules, so ``from_pretrained`` of the saved model builds them as ``nn.Linear`` again, not as ``Linear4bit``
+    around dense weights. The skips transformers chose by default (the output layer) are kept: an explicit
+    list replaces them."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None or not names or not hasattr(config, "llm_int8_skip_modules"):
+        return
+    chosen = config.llm_int8_skip_modules
+    if chosen is None:
+        chosen = getattr(getattr(model, "hf_quantizer", None), "modules_to_not_convert", None) or []
+    config.llm_int8_skip_modules = [*chosen, *(n for n in names if n not in chosen)]

@@ -30,7 +30,7 @@ from torch import nn
 
 from moka_kernels import dequantize_nf4
 
-from .bnb_compat import is_linear4bit, nf4_from_linear4bit
+from .bnb_compat import forget_4bit_loading, is_linear4bit, nf4_from_linear4bit
 from .embedded import embedded_model_path
 from .finetune import (
     EMBEDDED,
@@ -193,19 +193,8 @@ def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
         dense.requires_grad_(False)
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, dense)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    conversions = getattr(model, "_weight_conversions", None)
-    if layers and conversions:
-        # transformers 5.17 keeps the 4-bit checkpoint's deserializer among the load-time conversions, which
-        # save_pretrained then tries to reverse (NotImplementedError); the layers are dense now.
-        model._weight_conversions = [c for c in conversions if not _deserializes_4bit(c)]
+    forget_4bit_loading(model)
     return len(layers)
-
-
-def _deserializes_4bit(conversion) -> bool:
-    return any(type(op).__name__.startswith("Bnb4bit") for op in getattr(conversion, "operations", ()))
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:

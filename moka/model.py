@@ -23,7 +23,7 @@ from torch import nn
 from moka_kernels import NF4Tensor, quantize_nf4
 from moka_kernels.nf4 import VALID_BLOCKSIZES
 
-from .bnb_compat import is_linear4bit, nf4_from_linear4bit
+from .bnb_compat import forget_4bit_loading, is_linear4bit, keep_dense_when_reloaded, nf4_from_linear4bit
 from .config import LLAMA_TARGET_MODULES, MoKAConfig, require_bool
 from .layer import MoKALinear, NF4Linear, refuse_a_forward_that_would_be_skipped
 
@@ -428,7 +428,11 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     The requires_grad flags apply_moka found are restored (as remove_moka does), so the merged model is a
     plain model again. ``dtype`` is the merged layers' weight dtype only: the rest of the model (embeddings,
     norms, unpatched layers) keeps its own, so to run the merged model in another dtype cast it too
-    (``model.to(dtype)``, as the ``moka-merge`` CLI does)."""
+    (``model.to(dtype)``, as the ``moka-merge`` CLI does).
+
+    On a model transformers loaded in 4-bit, ``save_pretrained`` afterwards writes what ``from_pretrained``
+    reloads as it is: with no 4-bit layer left the quantization config is dropped (a plain model); with some
+    left, the layers merged dense are added to its skipped modules."""
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to merge")
@@ -450,6 +454,10 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
     for name, new in merged.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, new)
+    if not any(is_linear4bit(m) or isinstance(m, NF4Linear) for m in model.modules()):
+        forget_4bit_loading(model)  # a 4-bit-loaded model merged dense: saved and reloaded as the plain model it is
+    else:  # some stay 4-bit: a reload must still build the merged ones dense
+        keep_dense_when_reloaded(model, [name for name, new in merged.items() if not is_linear4bit(new)])
     _forget_moka(model)
     return model
 

@@ -273,3 +273,39 @@ def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path,
     assert main(argv) == 2  # one line on stderr, as for bad input
     assert capsys.readouterr().err.splitlines()[-1] == "moka-merge: error: disk full"
     assert (out / "old.txt").read_text() == "x" and not list(tmp_path.glob(".merged.*"))
+
+
+@pytest.mark.parametrize("targets", ["all", "some"])
+def test_merge_moka_on_a_4bit_loaded_model_saves_a_model_that_reloads(base_and_adapter, tmp_path, targets):
+    """merge_moka (the library call) on a model transformers loaded in 4-bit: merged dense everywhere, the
+    quantization config is dropped and the reload is the plain model; merged in part, the merged layers are
+    listed as skipped modules, so the reload builds them dense (not Linear4bit around dense weights)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from moka import merge_moka
+
+    base, _ = base_and_adapter
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, device_map="cpu").eval()
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=names if targets == "all" else ["q_proj"]))
+    randomize_adapters(model, std=0.3)
+    merge_moka(model)
+    model.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    merged_q = reloaded.model.layers[1].self_attn.q_proj
+    assert type(merged_q) is torch.nn.Linear
+    torch.testing.assert_close(merged_q.weight, model.model.layers[1].self_attn.q_proj.weight, rtol=0, atol=0)
+    if targets == "all":
+        assert "quantization_config" not in config and not getattr(model, "is_loaded_in_4bit", False)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    else:
+        assert "model.layers.1.self_attn.q_proj" in config["quantization_config"]["llm_int8_skip_modules"]
+        assert "lm_head" in config["quantization_config"]["llm_int8_skip_modules"]  # transformers' own skip kept
+        assert type(reloaded.model.layers[1].self_attn.k_proj).__name__ == "Linear4bit"
+        assert type(reloaded.lm_head) is torch.nn.Linear
