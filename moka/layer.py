@@ -476,9 +476,13 @@ class MoKALinear(nn.Module):
             )
 
     # -- inspection and merging ----------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """The materialized ΔW = s Σ softmax(g)_i kron(A_i, B_i), shape (out, in), adapter dtype."""
-        return materialized_delta_weight(list(self.a_factors), list(self.b_factors), self.gate_logits, self.scale)
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The materialized ΔW = s Σ softmax(g)_i kron(A_i, B_i), shape (out, in), computed in ``dtype``
+        (the factors cast to it first; default: the adapter dtype)."""
+        a_factors, b_factors = list(self.a_factors), list(self.b_factors)
+        if dtype is not None:
+            a_factors, b_factors = [a.to(dtype) for a in a_factors], [b.to(dtype) for b in b_factors]
+        return materialized_delta_weight(a_factors, b_factors, self.gate_logits, self.scale)
 
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 as a dense tensor (dequantized for 4-bit bases)."""
@@ -513,15 +517,19 @@ class MoKALinear(nn.Module):
             )
         base_w = self.base_weight()
         out_dtype = dtype or (base_w.dtype if isinstance(base_w, (torch.Tensor, NF4Tensor)) else torch.float32)
-        merged_fp32 = self.dense_base_weight(torch.float32) + self.delta_weight().float()
+        # At least fp32 and at least the base's and the adapter's precision (fp64 stays fp64); bf16 factors
+        # widened before their products, as the forward widens them to fp32 activations.
+        wide = torch.promote_types(torch.float32, self.a_factors[0].dtype)
+        if isinstance(base_w, torch.Tensor) and base_w.dtype.is_floating_point:
+            wide = torch.promote_types(wide, base_w.dtype)
+        merged_wide = self.dense_base_weight(wide) + self.delta_weight(wide)
         bias = self.bias
         if self.is_4bit and requantize:
-            q = quantize_nf4(merged_fp32.to(out_dtype), base_w.blocksize, base_w.double_quant)
-            decoded = dequantize_nf4(q, torch.float32)
-            err = decoded - merged_fp32
+            q = quantize_nf4(merged_wide.to(out_dtype), base_w.blocksize, base_w.double_quant)
+            err = dequantize_nf4(q, torch.float32) - merged_wide
             report = {
                 "max_abs": err.abs().max().item(),
-                "rel_rms": (err.pow(2).mean().sqrt() / merged_fp32.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+                "rel_rms": (err.pow(2).mean().sqrt() / merged_wide.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
             }
             if is_linear4bit(self.base_layer):
                 storage = getattr(self.base_layer, "quant_storage", None) or self.base_layer.weight.dtype
@@ -536,9 +544,9 @@ class MoKALinear(nn.Module):
             )
             return layer
         layer = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=merged_fp32.device, dtype=out_dtype
+            self.in_features, self.out_features, bias=bias is not None, device=merged_wide.device, dtype=out_dtype
         )
-        layer.weight.copy_(merged_fp32.to(out_dtype))
+        layer.weight.copy_(merged_wide.to(out_dtype))
         if bias is not None:
             layer.bias.copy_(bias.to(out_dtype))
         layer.requires_grad_(False)

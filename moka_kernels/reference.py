@@ -284,7 +284,9 @@ def moka_forward_torch(
     """Forward of the reshape form, (T, K) -> (T, N). No autograd inside."""
     xa = x2d if adapter_x2d is None else adapter_x2d
     alpha = gate_weights(gate_logits, len(a_factors), x2d.device, x2d.dtype)
-    coeffs = (alpha * scale).to(x2d.dtype)
+    # c_i stays fp32 (a 0-dim tensor: the product keeps the factor's dtype, rounded once), so in fp16 a
+    # c_i below fp16's normal range still scales the factor (rounded to fp16 first, it lost digits or was 0)
+    coeffs = alpha * scale
     out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
     a_factors, b_factors = in_compute_dtype(a_factors, x2d.dtype), in_compute_dtype(b_factors, x2d.dtype)
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
@@ -321,8 +323,7 @@ def moka_backward_torch(
     xa = adapter_x2d if separate else x2d
     num_tokens = x2d.shape[0]
     alpha = gate_weights(gate_logits, r, x2d.device, x2d.dtype)
-    coeffs_wide = alpha * scale  # fp32 at least: the finishing scale of raw sums kept in fp32
-    coeffs = coeffs_wide.to(grad_out.dtype)
+    coeffs = alpha * scale  # fp32 at least: the finishing scale of raw sums, and folded as in the forward
 
     grad_x = grad_out @ _dense_weight(weight, grad_out.dtype) if needs.x else None
     # Not zeros_like: that keeps a transposed adapter input's strides, and the per-component views need rows.
@@ -372,9 +373,7 @@ def moka_backward_torch(
             if m_slot is not None:
                 _token_sum_outer(g3_raw, x3_raw @ raw(b).T, out=m_slot.view(a1, a2))  # Σ_t G_t U_tᵀ
 
-    grad_a, grad_b, grad_alpha = finish_factor_grads(
-        raw_flat, requests, needs, param_a, param_b, coeffs_wide, alpha, scale
-    )
+    grad_a, grad_b, grad_alpha = finish_factor_grads(raw_flat, requests, needs, param_a, param_b, coeffs, alpha, scale)
     grad_gate = softmax_gate_backward(alpha, grad_alpha, gate_logits.dtype) if needs.gate else None
     grad_bias = grad_out.sum(0) if needs.bias else None
     return MoKAGrads(grad_x, grad_xa, grad_bias, grad_gate, grad_a, grad_b)

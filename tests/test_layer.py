@@ -199,6 +199,21 @@ def test_merge_equals_forward(kind):
             layer.merge(requantize=True, dtype=torch.float64)
 
 
+@pytest.mark.parametrize(
+    ("base_dtype", "adapter_dtype", "tol"),
+    [(torch.float64, None, 1e-12), (torch.float32, torch.bfloat16, 2e-6)],
+    ids=["fp64-layer", "bf16-adapter-on-fp32"],
+)
+def test_merge_is_as_precise_as_the_forward(base_dtype, adapter_dtype, tol):
+    """The merge sums W0 + ΔW at the forward's precision: fp64 throughout for an fp64 layer (not via fp32),
+    and bf16 factors widened before their products (the forward widens them to the fp32 activations)."""
+    base = nn.Linear(64, 48, dtype=base_dtype)
+    layer = MoKALinear(base, MoKAConfig(num_components=3, adapter_dtype=adapter_dtype))
+    _randomize_adapter(layer)
+    x = torch.randn(6, 64, dtype=base_dtype)
+    assert_close_rel(layer.merge()(x), layer(x), tol)
+
+
 @pytest.mark.parametrize("kind", ["linear4bit", "nf4"])
 def test_merge_requantize_reports_error(kind):
     base = _linear4bit(48, 64) if kind == "linear4bit" else quantize_nf4(torch.randn(48, 64) * 0.05)

@@ -584,6 +584,8 @@ def test_patched_fp32_model_runs_under_autocast():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     layer = next(iter(moka_layers(model).values()))
+    with torch.no_grad():  # logits a bf16 copy holds exactly (autocast leaves the gate in fp32, as its softmax is)
+        layer.gate_logits.copy_(layer.gate_logits.bfloat16())
     x = torch.randn(3, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)

@@ -330,6 +330,27 @@ def test_fp16_factor_gradients_do_not_overflow_before_the_gradients_do():
         torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("scale", [3e-8, 1e-6], ids=["c-below-fp16-subnormals", "c-subnormal"])
+def test_fp16_keeps_a_coefficient_below_fp16s_normal_range(scale):
+    """c_i = s·α_i is folded into a factor without first being rounded to fp16 (which made it 0 or lost its
+    digits), so the output and dX follow the fp64 truth while A_i·c_i is representable."""
+    shapes = [(2, 3, 3, 5), (3, 5, 2, 3)]  # one component in each contraction order
+    dtype = torch.float16
+    a_f = [torch.full((a1, a2), 100.0, dtype=dtype) for a1, a2, _, _ in shapes]
+    b_f = [torch.full((b1, b2), 100.0, dtype=dtype) for _, _, b1, b2 in shapes]
+    x = torch.ones(2, 15, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(6, 15, dtype=dtype)
+    out = moka_linear(x, weight, a_f, b_f, None, None, scale)
+    (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    x64 = x.detach().double().requires_grad_()
+    wide = [[t.double() for t in f] for f in (a_f, b_f)]
+    ref = moka_linear(x64, weight.double(), *wide, None, None, scale)
+    (ref_grad_x,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+    assert ref.abs().min() > 1e-3  # the output itself is well inside fp16's range
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(grad_x.double(), ref_grad_x, rtol=1e-2, atol=0)
+
+
 def test_first_order_grads_with_create_graph_under_activation_checkpointing():
     """Non-reentrant checkpointing allows each saved tensor one unpack: the backward reads them once even
     when it also guards its gradients against a second derivative (create_graph=True)."""
