@@ -216,7 +216,8 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
             f"target_modules: {config.target_modules!r} matched no linear layer; this model's linear layers are "
             f"named {linear_names}{_regex_hint(config.target_modules)}"
         )
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # every name, a tied weight's second one too: a merge unties lm_head, whose own weight then needs its flag
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     try:  # build every layer before swapping any: a layer that cannot be wrapped leaves the model as it was
         layers = {name: MoKALinear(module, config, name=name) for name, module in targets.items()}
     except BaseException:
@@ -231,7 +232,8 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         p.requires_grad_(False)
     for layer in moka_layers(model).values():
         layer.reset_requires_grad()
-    for name, source in _tied_weight_sources(model, layers).items():
+    base_weights = {name: getattr(layer.base_layer, "weight", None) for name, layer in layers.items()}
+    for name, source in _tied_weight_sources(model, base_weights).items():
         # transformers' save_pretrained drops a tied weight only under a name the model declares tied
         # (lm_head.weight); declared here under its wrapped name, a patched model with a tied lm_head saves
         # (the Trainer's checkpoints) instead of raising on the shared tensor
@@ -272,15 +274,14 @@ def _refuse_patching_inside_a_distributed_wrapper(model: nn.Module) -> None:
         )
 
 
-def _tied_weight_sources(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
-    """For each MoKA layer (by name) whose base weight is the same tensor as another parameter of the model
-    (an lm_head tied to the input embedding), that parameter's name."""
+def _tied_weight_sources(model: nn.Module, weights: dict[str, torch.Tensor | None]) -> dict[str, str]:
+    """For each layer (by name) whose weight is the same tensor as another parameter of the model (an
+    lm_head tied to the input embedding), that parameter's name."""
     names_by_tensor: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_by_tensor.setdefault(id(p), []).append(name)
     sources = {}
-    for name, layer in layers.items():
-        weight = getattr(layer.base_layer, "weight", None)
+    for name, weight in weights.items():
         others = [n for n in names_by_tensor.get(id(weight), []) if not n.startswith(f"{name}.")]
         if others:
             sources[name] = others[0]
@@ -344,6 +345,11 @@ def quantize_model(
         found = f" (it matched only {', '.join(kinds)} modules)" if kinds else _regex_hint(target_modules)
         raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear layer of the model{found}")
     _refuse_targets_a_swap_would_miss(model, targets, "its 4-bit form would never be used", "dense")
+    for name, source in _tied_weight_sources(model, {n: m.weight for n, m in targets.items()}).items():
+        raise ValueError(
+            f"target_modules: {name}.weight is also {source} (tied weights): a 4-bit copy would untie them and "
+            f"keep the dense one for {source.rpartition('.')[0]}; leave {name} out of target_modules"
+        )
     views: dict[str, NF4Tensor] = {}
     for name, m in targets.items():
         refuse_a_forward_that_would_be_skipped(m, f" (at {name})", "model")  # NF4Linear would skip it as MoKA does
@@ -405,7 +411,7 @@ def _refuse_a_part_of_the_patched_model(model: nn.Module, layers: dict[str, MoKA
 
 
 def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters(remove_duplicate=False):
         if n in flags and p.is_floating_point():  # a 4-bit weight is uint8 and never requires grad
             p.requires_grad_(flags[n])
 

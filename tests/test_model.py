@@ -564,12 +564,17 @@ def test_save_adapter_refuses_layers_whose_settings_its_one_config_would_lose(tm
     torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
 
 
-def test_merge_restores_requires_grad_flags():
-    model = tiny_llama()
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply_moka(model, MoKAConfig(num_components=2))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-lm-head"])
+def test_merge_restores_requires_grad_flags(tied):
+    """Every name's flag, a tied lm_head's too: merged, it holds its own weight, which must not stay frozen."""
+    model = tiny_llama(tie_word_embeddings=tied)
+    model.model.norm.weight.requires_grad_(False)  # a user's own choice, restored as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    assert "lm_head.weight" in flags and not flags["model.norm.weight"]
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=["q_proj", "lm_head"]))
     merge_moka(model)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)} == flags
     assert not hasattr(model, "_moka_requires_grad") and not hasattr(model, "moka_config")
 
 
@@ -832,6 +837,16 @@ def test_quantize_model_refuses_targets_a_swap_would_miss():
     with pytest.raises(ValueError, match=r"reachable as 'enc\.0' and 'dec\.0'"):
         quantize_model(model, ["0"], progress=False)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def test_quantize_model_refuses_a_tied_output_layer():
+    """A tied lm_head shares the embedding's weight: in 4-bit it would untie them (tie_weights() then put the
+    dense embedding back on the NF4 layer as a new parameter), so it is refused before anything changes."""
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"lm_head\.weight is also model\.embed_tokens\.weight \(tied weights\)"):
+        quantize_model(model, ["q_proj", "lm_head"], progress=False)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    assert quantize_model(tiny_llama(), ["lm_head"], progress=False) == 1  # untied, it is a layer like any other
 
 
 def test_remove_or_merge_on_a_part_of_the_patched_model_is_refused():
