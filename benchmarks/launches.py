@@ -306,8 +306,16 @@ def count_routes(
     return out
 
 
+def _columns(rows: list[dict], preferred: list[str], key: str) -> list[str]:
+    """The routes a results file measured ``key`` for, in ``preferred`` order then its own: runs from before
+    a route was added (or after one was renamed) render with the columns they have."""
+    present = list(dict.fromkeys(name for row in rows for name, cell in row["routes"].items() if key in cell))
+    return [n for n in preferred if n in present] + [n for n in present if n not in preferred]
+
+
 def render(path: Path) -> Path:
     data = json.loads(path.read_text())
+    routes, host_routes = _columns(data["rows"], ROUTES, "launches"), _columns(data["rows"], HOST_ROUTES, "host_us")
     lines = [
         f"# Device operations per layer call: {path.stem}",
         "",
@@ -316,32 +324,36 @@ def render(path: Path) -> Path:
         "Kernel launches per call, forward / forward+backward (Triton launches + aten ops that run a kernel), "
         "counted exactly; host syncs in brackets where not 0.",
         "",
-        "| layer | T | " + " | ".join(ROUTES) + " |",
-        "|---|---|" + "---|" * len(ROUTES),
+        "| layer | T | " + " | ".join(routes) + " |",
+        "|---|---|" + "---|" * len(routes),
     ]
     for row in data["rows"]:
         cells = []
-        for name in ROUTES:
-            c = row["routes"][name]
+        for name in routes:
+            c = row["routes"].get(name, {})
+            if "launches" not in c:
+                cells.append("—")
+                continue
             cells.append(f"{c['fwd_launches']} / {c['launches']}" + (f" [{c['syncs']} syncs]" if c["syncs"] else ""))
         lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
-    host_rows = [row for row in data["rows"] if "host_us" in row["routes"][HOST_ROUTES[0]]]
+    host_rows = [row for row in data["rows"] if any("host_us" in row["routes"].get(n, {}) for n in host_routes)]
     if host_rows:
         lines += [
             "",
             "Host time per call, forward / forward+backward (µs): our Python and the dispatcher with every Triton "
-            "launch a no-op (Triton's own launcher, which needs a GPU, not included; aten ops run on CPU, so PEFT "
-            "LoRA's includes its three small matmuls). Best of 7 rounds of repeated calls.",
+            "launch a no-op (Triton's own launcher, which needs a GPU, not included; aten ops run on CPU"
+            + (", so PEFT LoRA's includes its three small matmuls" if "peft lora r16" in host_routes else "")
+            + "). Best of 7 rounds of repeated calls.",
             "",
-            "| layer | T | " + " | ".join(HOST_ROUTES) + " |",
-            "|---|---|" + "---|" * len(HOST_ROUTES),
+            "| layer | T | " + " | ".join(host_routes) + " |",
+            "|---|---|" + "---|" * len(host_routes),
         ]
         for row in host_rows:
             cells = [
                 f"{row['routes'][n]['fwd_host_us']:.1f} / {row['routes'][n]['host_us']:.1f}"
-                if "host_us" in row["routes"][n]
+                if "host_us" in row["routes"].get(n, {})
                 else "—"
-                for n in HOST_ROUTES
+                for n in host_routes
             ]
             lines.append(f"| {row['n_out']}×{row['k_in']} r={row['r']} | {row['tokens']} | " + " | ".join(cells) + " |")
     md = path.with_suffix(".md")

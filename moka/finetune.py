@@ -405,7 +405,7 @@ def load_model(
     layers); ``"moka"`` loads the weights in ``dtype`` and quantizes the same layers (every linear layer but
     the output embedding) with :func:`moka.quantize_model` into ``NF4Linear`` layers, without bitsandbytes:
     the same nibbles and fp32 scales; the 8-bit codes of the scales are the nearest ones, as bitsandbytes'
-    reference and CUDA kernels pick them (its CPU kernel picks a neighbour for ~1% of blocks). Its peak memory
+    reference and CUDA kernels pick them (its CPU kernel picks a neighbour for 0.1–0.25% of blocks). Its peak memory
     holds the dense model in CPU memory and one dense weight at a time on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -455,7 +455,7 @@ class MoKATrainer(Trainer):
     ``run_conditions``: a JSON-able dict saved beside each checkpoint's adapter as ``moka_run.json`` (the CLI
     records what the run trained on there, and ``--resume`` checks it)."""
 
-    def __init__(self, model=None, *args, run_conditions: dict | None = None, **kwargs):
+    def __init__(self, model: torch.nn.Module | None = None, *args, run_conditions: dict | None = None, **kwargs):
         if model is None or not moka_layers(model):
             raise ValueError("model: expected a model patched with apply_moka")
         self.run_conditions = run_conditions

@@ -212,7 +212,7 @@ def merge(args: argparse.Namespace) -> dict:
     record = getattr(args, "record", {})
     # A 4-bit W0 is quantized from the weights as the fine-tune loaded them (its dtype: fp32 weights rounded to
     # bf16 first quantize to other NF4 bytes), by the backend it used (on a CPU bitsandbytes' kernel picks a
-    # neighbouring scale code for ~1% of blocks where moka takes the nearest).
+    # neighbouring scale code for 0.1–0.25% of blocks where moka takes the nearest).
     base_dtype = DTYPES.get(record.get("dtype"), dtype) if args.load_in_4bit else dtype
     model, tokenizer = load_model(model_dir, args.load_in_4bit, base_dtype, args.nf4_backend)
     # Every 4-bit layer decoded to dtype: the base the adapter was trained on, dense. (A checkpoint saved in

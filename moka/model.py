@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,7 +291,7 @@ def _tied_weight_sources(model: nn.Module, weights: dict[str, torch.Tensor | Non
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    target_modules: list[str] | str = LLAMA_TARGET_MODULES,
+    target_modules: Sequence[str] | str = LLAMA_TARGET_MODULES,
     blocksize: int = 64,
     double_quant: bool = True,
     *,
@@ -304,7 +304,7 @@ def quantize_model(
 
     * A dense ``nn.Linear`` (fp32/fp16/bf16 W) is quantized: ``quantize_nf4(W, blocksize, double_quant)``,
       the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` holds when
-      quantized on a GPU (its CPU kernel picks a neighbouring 8-bit scale code for ~1% of blocks).
+      quantized on a GPU (its CPU kernel picks a neighbouring 8-bit scale code for 0.1–0.25% of blocks).
       The layer computes in x's dtype; W's dtype is its ``nf4_dtype`` (the adapter's and a merge's dtype).
     * A bitsandbytes NF4 ``Linear4bit`` (e.g. loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) becomes
       an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are

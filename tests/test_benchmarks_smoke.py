@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,19 @@ def test_plot_cli_renders_every_results_file_and_skips_others(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped:" in proc.stderr and (tmp_path / "layers-v1.2.md").is_file()
+
+
+def test_every_committed_results_file_renders_to_its_committed_markdown(tmp_path):
+    """The documented re-render (``python -m benchmarks.plot benchmarks/results/*.json``) works on every
+    committed run, older ones with fewer routes or columns too, and reproduces the committed tables."""
+    results = ROOT / "benchmarks" / "results"
+    files = sorted(results.glob("*.json"))
+    assert len(files) >= 5
+    for source in files:
+        copy = tmp_path / source.name
+        shutil.copy(source, copy)
+        rendered = plot.render_any(copy)
+        assert rendered.read_text() == (results / rendered.name).read_text(), source.name
 
 
 def test_e2e_smoke_runs_every_tiny_method(tmp_path):

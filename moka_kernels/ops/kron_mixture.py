@@ -561,7 +561,7 @@ ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 
 # from 8704 up, 27 of the 47 sets spill more than 32 B in some kernel or target (68 B and up, e.g.
 # 128×16×64×32: 108 B, 64⁴: 236 B; benchmarks/results/registers.json).
 TILE_ELEMENTS = 8192
-SPILL_TOLERANCE_BYTES = 32  # ptxas spills 4-24 B of a few small tile sets at 80-128 registers: not a cost
+SPILL_TOLERANCE_BYTES = 32  # ptxas spills 8-24 B of a few in-budget tile sets (80-168 registers): not a cost
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
 MIN_DOT_OUTPUTS = 4 * 16 * 8  # 4 warps × one 16×8 MMA tile each: a smaller dot output leaves warps idle
 
