@@ -457,6 +457,10 @@ def merge_moka(model: nn.Module, requantize: bool = False, dtype: torch.dtype | 
         # honouring the flag) would silently tie it back and drop ΔW
         config.tie_word_embeddings = False
         logger.info("merge_moka: %s no longer tied to the input embeddings; tie_word_embeddings=False", untied[0])
+    tied_keys = getattr(model, "all_tied_weights_keys", None)  # transformers' cached mapping, used on reloads
+    if isinstance(tied_keys, dict):
+        for name in untied:
+            tied_keys.pop(f"{name}.weight", None)
     for name, new in merged.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, new)

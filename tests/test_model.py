@@ -367,6 +367,8 @@ def test_a_tied_patched_lm_head_saves_and_merges_untied(tmp_path):
     torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
     model.tie_weights()  # honours the flag: the merged head stays
     torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
+    model.tie_weights(recompute_mapping=False)  # transformers' cached mapping (its init and load paths) too
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
     model.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(reloaded(IDS).logits, adapted, rtol=1e-4, atol=1e-5)
