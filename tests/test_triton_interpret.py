@@ -178,6 +178,21 @@ def _sandwich_dims(shapes):
     return out
 
 
+def test_plan_cache_drops_the_least_recently_used():
+    """A plan (and the factor copies cached the same way) used every step stays however many others come and
+    go: a CUDA graph replaying a layer never refreshes the cache, so dropping the oldest-built entry instead
+    would free buffers a live layer still uses."""
+    from moka_kernels.ops.kron_mixture import _PlanCache
+
+    cache = _PlanCache(maxsize=2)
+    assert cache.get("hot", lambda: "hot plan") == "hot plan"
+    cache.get("a", lambda: "a plan")
+    assert cache.get("hot", lambda: "rebuilt") == "hot plan"  # a hit: now the most recent
+    cache.get("b", lambda: "b plan")  # over maxsize: "a", the least recently used, goes
+    assert cache.get("hot", lambda: "rebuilt") == "hot plan" and cache.misses == 3
+    assert cache.get("a", lambda: "a again") == "a again" and cache.misses == 4
+
+
 def test_tile_sizes_follow_the_least_padded_work(monkeypatch):
     """One set of tile sizes serves every component of a launch. At LLaMA-7B's 4096², r = 5 (components
     from 16×256 to 64×64) tiles sized for the largest component executed 10.8× the adapter's
@@ -766,6 +781,10 @@ def test_autotuning_keeps_the_partial_sums_an_accumulating_call_adds_to(monkeypa
     acc = partial.clone()
     nm.nf4_matmul_accumulate(x, q, acc)
     torch.testing.assert_close(acc, partial + x @ dequantize_nf4(q, torch.float32).T, rtol=1e-4, atol=1e-4)
+    deterministic = mock.patch.object(torch, "are_deterministic_algorithms_enabled", return_value=True)
+    refused = pytest.raises(RuntimeError, match=r"use_deterministic_algorithms\(True\) is set: use nf4_matmul")
+    with deterministic, refused:
+        nm.nf4_matmul_accumulate(x, q, acc)
 
 
 def test_autotuning_tunes_the_base_alone_and_the_fused_layer_apart(monkeypatch):

@@ -663,7 +663,9 @@ class _PlanCache:
     """Launch plans (component table, tile sizes, tile counts) keyed on everything they are built from.
 
     Building a plan walks every component in Python (tens of µs); a layer's calls all share a few keys,
-    so a call pays one dictionary lookup instead. Oldest plans are dropped beyond ``maxsize``."""
+    so a call pays one dictionary lookup instead. The least recently used plans are dropped beyond
+    ``maxsize`` (a layer called every step keeps its plan, and its factor copies, however many others come
+    and go)."""
 
     def __init__(self, maxsize: int = 4096):
         self.maxsize = maxsize
@@ -677,6 +679,8 @@ class _PlanCache:
             plan = self._plans[key] = build()
             if len(self._plans) > self.maxsize:
                 self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
         return plan
 
 

@@ -601,10 +601,16 @@ def nf4_matmul_accumulate(
 ) -> None:
     """acc += x · dequant(w)ᵀ (+ bias) (+ the adapter), by split-K fp32 atomics: the decode path. With
     ``adapter`` (from ``kron_mixture.adapter_launch`` on acc), the adapter's atomic programs run as extra
-    programs of the same launch. acc: fp32 (M, N), zeroed or holding partial sums."""
+    programs of the same launch. acc: fp32 (M, N), zeroed or holding partial sums. Not under
+    ``torch.use_deterministic_algorithms(True)`` (the atomics' order varies): use :func:`nf4_matmul` there."""
     m, k = x.shape
     n = w.shape[0]
     assert acc.dtype == torch.float32 and acc.shape == (m, n)
+    if torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            "nf4_matmul_accumulate adds by fp32 atomics, whose order varies, but "
+            "torch.use_deterministic_algorithms(True) is set: use nf4_matmul"
+        )
     if m > 0:
         _launch_forward(x, w, acc, None, bias, max(2, split_k_for(m, n, k)), adapter)
 
