@@ -7,6 +7,8 @@ with an explicit target) and ``ptxas -v`` reports its registers per thread and i
 * the three Kronecker kernels (both sandwich schedules, the token reduction) in bf16 at every tile set the
   fp32-tile limits allow (``tile_sets(register_budget=False)``), marked by whether the register budget
   (``TILE_ELEMENTS``) lets the chooser pick it;
+* the same kernels with fp32 inputs (the IEEE-precision dot an fp32 model's layers run) at every tile set the
+  chooser can pick;
 * the NF4 GEMMs' autotune configs in bf16 (forward without the adapter, and the transposed GEMM).
 
 Writes ``<out>/registers.json`` (with the conditions) and ``.md``. Run it without ``TRITON_INTERPRET``.
@@ -42,6 +44,9 @@ def chosen_variants(smoke: bool) -> list[aot.Variant]:
     if smoke:
         sets = [(16, 16, 16, 16), (128, 64, 64, 32)]
     out = [v for blocks in sets for v in aot.kron_variants(blocks)]
+    out += [
+        v for blocks in sets if blocks in km.tile_sets(True) for v in aot.kron_variants(blocks, "fp32", ("1-fp32",))
+    ]
     nf4 = [
         v
         for v in aot.variants()
@@ -72,6 +77,8 @@ def render(path: Path) -> Path:
     over = f"over {km.SPILL_TOLERANCE_BYTES} B"
     lines.append(f"| kernel | target | sets | spilling | {over} | largest spill | in budget | {over} in budget |")
     lines.append("|---|---|---|---|---|---|---|---|")
+    ieee = [r for r in rows if r["constexprs"].get("DOT_FP32")]
+    rows = [r for r in rows if not r["constexprs"].get("DOT_FP32")]
     for kernel in KRON_KERNELS:
         for cc in (80, 90):
             mine = [r for r in rows if r["kernel"] == kernel and r["capability"] == cc]
@@ -92,6 +99,26 @@ def render(path: Path) -> Path:
                 f"{sum(s > km.SPILL_TOLERANCE_BYTES for s in inside)} (largest {max(inside, default=0)} B)",
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if ieee:
+        lines += ["", "**Kronecker kernels, fp32 inputs (the IEEE-precision dot), the tile sets the chooser can pick**"]
+        lines += ["", f"| kernel | target | sets | spilling | {over} | largest spill | largest registers |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for kernel in KRON_KERNELS:
+            for cc in (80, 90):
+                spills = [r["spill_bytes"] for r in ieee if r["kernel"] == kernel and r["capability"] == cc]
+                if not spills:
+                    continue
+                regs = max(r["registers"] for r in ieee if r["kernel"] == kernel and r["capability"] == cc)
+                cells = [kernel.strip("_"), f"sm_{cc}", len(spills), sum(s > 0 for s in spills)]
+                cells += [sum(s > km.SPILL_TOLERANCE_BYTES for s in spills), f"{max(spills)} B", regs]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
+        sets = {tuple(r["tile_set"]) for r in ieee}
+        spilling = {tuple(r["tile_set"]) for r in ieee if r["spill_bytes"] > km.SPILL_TOLERANCE_BYTES}
+        lines += [
+            "",
+            f"{len(sets) - len(spilling)} of {len(sets)} tile sets spill at most {km.SPILL_TOLERANCE_BYTES} B ",
+        ]
+        lines[-1] += "in every kernel and target with fp32 inputs (the register budget is set for bf16)."
     lines += ["", "**NF4 GEMM autotune configs, bf16** (registers / spill bytes)", ""]
     lines.append("| kernel | BLOCK_M × N × K | warps | stages | sm_80 | sm_90 |")
     lines.append("|---|---|---|---|---|---|")

@@ -497,12 +497,17 @@ def test_register_counts_smoke(tmp_path):
     command = [sys.executable, "-W", "ignore", "-m", "benchmarks.registers", "--smoke", "--out", str(tmp_path)]
     subprocess.run(command, cwd=root, env=env, check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "registers-smoke.json").read_text())["rows"]
+    ieee = [r for r in rows if r["constexprs"].get("DOT_FP32")]  # fp32 inputs: the in-budget set only
     sandwich = {
-        (tuple(r["tile_set"]), r["capability"]): r for r in rows if r["kernel"] == "_kron_sandwich_grouped_kernel"
+        (tuple(r["tile_set"]), r["capability"]): r
+        for r in rows
+        if r["kernel"] == "_kron_sandwich_grouped_kernel" and r not in ieee
     }
     assert sandwich[((16, 16, 16, 16), 90)]["spill_bytes"] == 0 < sandwich[((128, 64, 64, 32), 90)]["spill_bytes"]
     assert all(r["registers"] > 0 and r["error"] is None for r in rows)
-    assert "| kron_sandwich_grouped_kernel | sm_90 | 2 | 1 |" in (tmp_path / "registers-smoke.md").read_text()
+    assert {tuple(r["tile_set"]) for r in ieee} == {(16, 16, 16, 16)} and len(ieee) == 6  # 3 kernels, 2 targets
+    md = (tmp_path / "registers-smoke.md").read_text()
+    assert "| kron_sandwich_grouped_kernel | sm_90 | 2 | 1 |" in md and "fp32 inputs (the IEEE-precision dot)" in md
 
 
 def test_e2e_without_bitsandbytes_fails_nf4_methods_in_the_parent(tmp_path, monkeypatch):

@@ -281,6 +281,7 @@ def kron_variants(
     from . import kron_mixture
 
     checked = blocks in kron_mixture._candidate_blocks()
+    ieee = dtype == "fp32"  # fp32 inputs take the IEEE-precision dot branch, as a launch does (dot_in_fp32)
     bp, bj, bl, bq = blocks
     out = []
     for gate_key, gate_mode, gate_type in (
@@ -299,7 +300,7 @@ def kron_variants(
             "factor_ptr": f"*{dtype}",
             "scale": "fp32",
         }
-        flags = dict(GATE=gate_mode, R_PAD=r_pad, DOT_FP32=False, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
+        flags = dict(GATE=gate_mode, R_PAD=r_pad, DOT_FP32=ieee, BLOCK_P=bp, BLOCK_J=bj, BLOCK_L=bl, BLOCK_Q=bq)
         out.append(Variant("_kron_sandwich_grouped_kernel", ptrs, flags, 4, 3, checked))
         out.append(Variant("_kron_sandwich_rowwise_kernel", ptrs, dict(flags, ACCUMULATE=True), 4, 3, checked))
         if dtype == "bf16" and gate_key in (1, "1-fp32"):  # bf16 rows for cuBLAS to add (cuBLAS routes)
@@ -312,7 +313,7 @@ def kron_variants(
         "ws_ptr": "*fp32",
         "like_ptr": f"*{dtype}",
     }
-    flags = dict(DOT_FP32=False, **kron_mixture.reduce_block_constexprs(blocks))
+    flags = dict(DOT_FP32=ieee, **kron_mixture.reduce_block_constexprs(blocks))
     out.append(Variant("_kron_token_reduce_grouped_kernel", ptrs, flags, 4, 3, checked))
     return out
 
