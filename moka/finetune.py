@@ -546,6 +546,14 @@ def _normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).strip().strip(".!").split()).lower()
 
 
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, records: list[dict], **kwargs):
+    """The instruction prompts of ``records`` tokenized as exact match generates from them (a chat template
+    adds its own special tokens)."""
+    prompts = [format_prompt(tokenizer, r["instruction"], r.get("input", "")) for r in records]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(prompts, add_special_tokens=not has_template, **kwargs)
+
+
 @torch.no_grad()
 def exact_match_accuracy(
     model: PreTrainedModel,
@@ -564,11 +572,13 @@ def exact_match_accuracy(
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            prompts = [format_prompt(tokenizer, r["instruction"], r.get("input", "")) for r in chunk]
-            has_template = bool(getattr(tokenizer, "chat_template", None))
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_template).to(device)
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            enc = _encode_prompts(tokenizer, chunk, return_tensors="pt", padding=True).to(device)
+            out = model.generate(  # the ids and mask only: a tokenizer may add fields the model does not take
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
             predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
@@ -812,6 +822,11 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         _check_resume_conditions(resume[0], conditions, None if args.adapter else config)
     model_path = resolve_model_path(args.model)
     model, tokenizer = load_model(model_path, args.load_in_4bit, dtype, args.nf4_backend)
+    if tokenizer.pad_token_id is None:  # load_model pads with the EOS token: this one has neither
+        raise CLIError(
+            f"--model: the tokenizer of {model_path!r} has neither a padding nor an end-of-sequence token, which "
+            "batches are padded with and answers end with; give it an eos_token (tokenizer_config.json)"
+        )
     if args.load_in_4bit:
         print(f"NF4 base quantized by {args.nf4_backend}", flush=True)
     try:
@@ -827,6 +842,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     except ValueError as err:
         raise CLIError(str(err)) from None
     can_score = eval_records is not None and record_form(eval_records[0]) == "instruction" and not args.no_accuracy
+    examples = train_ds + (eval_ds or [])
+    _refuse_sequences_past_the_context(args, model, tokenizer, examples, eval_records, eval_source, can_score)
     if can_score and int(os.environ.get("RANK", "0")) == 0:
         _note_answers_longer_than_generated(tokenizer, eval_records, args.eval_max_new_tokens)
 
@@ -925,7 +942,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
         # an earlier run's summary would otherwise sit beside this run's adapter if the accuracy pass is cut short
         (args.output_dir / "summary.json").unlink(missing_ok=True)
-        with _directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
+        with directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
             save_adapter(model, staging)
             tokenizer.save_pretrained(staging)
             (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
@@ -943,6 +960,46 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
         print_summary(result)
     return result
+
+
+def _model_context(model: torch.nn.Module) -> int | None:
+    """The positions the model was built for (``max_position_embeddings``), if its config says."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def _refuse_sequences_past_the_context(
+    args, model, tokenizer, examples: list[dict], eval_records, eval_source: str, can_score: bool
+) -> None:
+    """The tokenized examples (cut to --max-length), and each eval prompt with --eval-max-new-tokens
+    generated after it, must fit the model's positions: past them a model with learned positions fails
+    mid-run (an index error), and a rotary one runs where it was never trained."""
+    context = _model_context(model)
+    if context is None:
+        return
+    longest = max(len(example["input_ids"]) for example in examples)
+    if longest > context:
+        raise CLIError(
+            f"--max-length: examples of up to {longest} tokens (at --max-length {args.max_length}) do not fit the "
+            f"model's context of {context} positions (max_position_embeddings); pass --max-length {context} or less"
+        )
+    if not can_score:
+        return
+    longest = max(len(ids) for ids in _encode_prompts(tokenizer, eval_records)["input_ids"])
+    if longest >= context:
+        raise CLIError(
+            f"{eval_source}: a prompt of {longest} tokens leaves no room to generate in the model's context of "
+            f"{context} positions; shorten it or pass --no-accuracy"
+        )
+    if longest + args.eval_max_new_tokens > context:
+        raise CLIError(
+            f"--eval-max-new-tokens: the longest {eval_source} prompt is {longest} tokens, so "
+            f"{args.eval_max_new_tokens} more would run past the model's context of {context} positions; "
+            f"pass at most {context - longest} (or --no-accuracy)"
+        )
 
 
 def _note_answers_longer_than_generated(tokenizer, records: list[dict], max_new_tokens: int) -> None:
@@ -965,30 +1022,33 @@ def _final_eval_loss(trainer: Trainer, global_step: int) -> float:
 
 
 @contextlib.contextmanager
-def _directory_written_whole(directory: Path):
+def directory_written_whole(directory: Path):
     """Yields a fresh sibling directory to fill; on success it replaces ``directory`` (an earlier one is
-    removed only once the new one is complete), on any error or interrupt it is removed and ``directory``
-    stays as it was."""
+    moved aside first and removed only once the new one is in place; one that was a symlink is unlinked,
+    what it named is kept), on any error or interrupt it is removed and ``directory`` stays as it was (put
+    back if it had been moved aside)."""
     import shutil
     import tempfile
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old = None
     try:
         yield staging
         share_like_a_new_dir(staging)
-        old = None
         if directory.exists() or directory.is_symlink():
-            old = directory.with_name(f"{staging.name}.old")
+            old = directory.with_name(f"{staging.name}.old")  # a fresh name: the staging one is unique
             directory.rename(old)
         staging.rename(directory)
-        if old is not None and old.is_symlink():  # a link is replaced by the directory; what it named is kept
-            old.unlink()
-        elif old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not (directory.exists() or directory.is_symlink()):
+            old.rename(directory)
         raise
+    if old is not None and old.is_symlink():
+        old.unlink()
+    elif old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _or_na(value: float | None, spec: str = "") -> str:

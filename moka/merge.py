@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ from .finetune import (
     CLIError,
     _read_json,
     canonical_location,
+    directory_written_whole,
     load_model,
     one_line,
     refuse_unwritable,
@@ -48,7 +47,7 @@ from .finetune import (
     user_path,
 )
 from .layer import NF4Linear
-from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config, share_like_a_new_dir
+from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
 
@@ -242,10 +241,8 @@ def merge(args: argparse.Namespace) -> dict:
         diff = (_probe_logits(model, tokenizer) - adapted).abs().max().item()
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
     out = args.output_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = None
-    try:  # written whole into a temp dir, then renamed into place: never a half-written model
+    # written whole into a temp dir, then renamed into place (--overwrite: the old one removed only then)
+    with directory_written_whole(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "moka_merge.json").write_text(
@@ -254,18 +251,6 @@ def merge(args: argparse.Namespace) -> dict:
                 indent=1,
             )
         )
-        share_like_a_new_dir(tmp)
-        if out.exists():  # --overwrite: the old dir moved aside, the new one renamed in, then the old deleted
-            old = out.parent / f"{tmp.name}.old"  # a fresh name: tmp's is unique
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():  # put the old output back where it was
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     result["output_dir"] = str(out)
     return result
 

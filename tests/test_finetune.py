@@ -1056,3 +1056,63 @@ def test_trainer_loads_the_best_checkpoints_adapters_at_the_end(tmp_path):
     current = adapter_state_dict(model)
     assert current.keys() == best_adapters.keys()
     assert all(torch.equal(current[k], best_adapters[k]) for k in best_adapters)
+
+
+def _model_dir_with(
+    tmp_path: Path, name: str, context: int = 128, tokenizer_change=None, tokenizer_config: dict | None = None
+) -> Path:
+    """A copy of the tiny model with a given context (max_position_embeddings), tokenizer changes, and
+    entries written into its tokenizer_config.json (as a user's file may hold them)."""
+    directory = tmp_path / name
+    tokenizer, vocab_size = _tokenizer()
+    model = tiny_llama(vocab=vocab_size)
+    model.config.max_position_embeddings = context
+    model.save_pretrained(directory)
+    if tokenizer_change is not None:
+        tokenizer_change(tokenizer)
+    tokenizer.save_pretrained(directory)
+    if tokenizer_config:
+        config_file = directory / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **tokenizer_config}))
+    return directory
+
+
+def test_examples_and_generation_past_the_models_context_are_refused_up_front(data, tmp_path, capsys):
+    """A model with learned positions fails mid-run past them (an index error), so examples and eval prompts
+    plus the generated tokens are checked against max_position_embeddings before anything is written."""
+    from transformers import AutoTokenizer
+
+    from moka.finetune import _encode_prompts
+
+    probe = _model_dir_with(tmp_path, "probe")
+    eval_records = [json.loads(line) for line in data[1].read_text().splitlines()]
+    prompt = max(len(ids) for ids in _encode_prompts(AutoTokenizer.from_pretrained(probe), eval_records)["input_ids"])
+    out = tmp_path / "run"
+    small = _model_dir_with(tmp_path, "small", context=prompt + 1)
+    _fails(_args(small, data, out, "--max-steps", "1"), capsys, "--max-length: examples of up to", out)
+    # cut to the context the examples fit, but the prompt and 2 generated tokens do not
+    argv = _args(small, data, out, "--max-steps", "1", "--max-length", str(prompt + 1))
+    message = f"the longest --eval-data prompt is {prompt} tokens, so 2 more would run past the model's context of "
+    _fails(argv, capsys, f"--eval-max-new-tokens: {message}{prompt + 1} positions; pass at most 1", out)
+    assert not out.exists()
+    fits = _args(small, data, out, "--max-steps", "1", "--max-length", str(prompt + 1), "--eval-max-new-tokens", "1")
+    assert main(fits) == 0
+
+
+def test_tokenizer_quirks_a_user_may_bring(data, tmp_path, capsys):
+    """Extra tokenizer outputs (token_type_ids) are not passed to generate; a tokenizer with neither a pad
+    nor an EOS token is refused up front, naming --model."""
+
+    names = ["input_ids", "token_type_ids", "attention_mask"]
+    typed = _model_dir_with(tmp_path, "typed", tokenizer_config={"model_input_names": names})
+    assert main(_args(typed, data, tmp_path / "typed-run", "--max-steps", "1")) == 0
+    summary = json.loads((tmp_path / "typed-run" / "summary.json").read_text())
+    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+
+    def without_pad_or_eos(tokenizer):
+        tokenizer.pad_token = None
+        tokenizer.eos_token = None
+
+    bare = _model_dir_with(tmp_path, "bare", tokenizer_change=without_pad_or_eos)
+    out = tmp_path / "bare-run"
+    _fails(_args(bare, data, out, "--max-steps", "1"), capsys, "neither a padding nor an end-of-sequence token", out)

@@ -309,3 +309,19 @@ def test_merge_moka_on_a_4bit_loaded_model_saves_a_model_that_reloads(base_and_a
         assert "lm_head" in config["quantization_config"]["llm_int8_skip_modules"]  # transformers' own skip kept
         assert type(reloaded.model.layers[1].self_attn.k_proj).__name__ == "Linear4bit"
         assert type(reloaded.lm_head) is torch.nn.Linear
+
+
+def test_overwriting_a_symlinked_output_leaves_no_hidden_leftovers(base_and_adapter, tmp_path, capsys):
+    """--overwrite of an --output-dir that is a symlink: the link is replaced by the merged model, what it
+    named is kept, and no hidden .NAME.*.old entry stays beside it (rmtree refuses links, and said nothing)."""
+    base, adapter = base_and_adapter
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    out = tmp_path / "merged"
+    out.symlink_to(target, target_is_directory=True)
+    argv = ["--model", str(base), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite", "--no-check"]
+    assert main(argv) == 0
+    assert not out.is_symlink() and (out / "config.json").is_file()
+    assert (target / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "merged"]
