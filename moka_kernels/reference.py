@@ -271,6 +271,16 @@ def in_compute_dtype(factors: Sequence[torch.Tensor], dtype: torch.dtype) -> Seq
     return [f.to(dtype) for f in factors]
 
 
+def _times(factor: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """c_i · factor in the factor's dtype, c_i (a 0-dim fp32 tensor) not rounded first: in fp16 a c_i below its
+    normal range would lose its digits or become 0, though the product is representable (CPU kernels read a
+    0-dim operand in fp32, CUDA ones may cast it to the factor's dtype first: widened here on both). bf16 has
+    fp32's range."""
+    if factor.dtype == torch.float16:
+        return (factor.float() * coeff).to(torch.float16)
+    return factor * coeff
+
+
 def moka_forward_torch(
     x2d: torch.Tensor,
     adapter_x2d: torch.Tensor | None,
@@ -284,13 +294,11 @@ def moka_forward_torch(
     """Forward of the reshape form, (T, K) -> (T, N). No autograd inside."""
     xa = x2d if adapter_x2d is None else adapter_x2d
     alpha = gate_weights(gate_logits, len(a_factors), x2d.device, x2d.dtype)
-    # c_i stays fp32 (a 0-dim tensor: the product keeps the factor's dtype, rounded once), so in fp16 a
-    # c_i below fp16's normal range still scales the factor (rounded to fp16 first, it lost digits or was 0)
-    coeffs = alpha * scale
+    coeffs = alpha * scale  # fp32 at least; folded by _times
     out = F.linear(x2d, _dense_weight(weight, x2d.dtype), bias)
     a_factors, b_factors = in_compute_dtype(a_factors, x2d.dtype), in_compute_dtype(b_factors, x2d.dtype)
     for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
-        _accumulate_kron(out, xa, a * coeffs[i], b)  # c_i folded into the small factor
+        _accumulate_kron(out, xa, _times(a, coeffs[i]), b)  # c_i folded into the small factor
     return out
 
 
@@ -353,7 +361,7 @@ def moka_backward_torch(
             q = g3 @ b if (m_slot is not None or need_adapter_x) else None
             if need_adapter_x:
                 dx_target3 = (grad_xa if separate else grad_x).view(num_tokens, a2, b2)
-                torch.baddbmm(dx_target3, (a.T * coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
+                torch.baddbmm(dx_target3, _times(a.T, coeffs[i]).expand(num_tokens, a2, a1), q, out=dx_target3)
             if m_slot is not None:
                 _token_sum_outer(raw(q), x3_raw, out=m_slot.view(a1, a2))  # Σ_t Q_t X_tᵀ
             del q
@@ -366,7 +374,7 @@ def moka_backward_torch(
             p = _left(a.T, g3) if (r_slot is not None or need_adapter_x) else None
             if need_adapter_x:
                 dx_target = (grad_xa if separate else grad_x).view(num_tokens * a2, b2)
-                dx_target.addmm_(p.reshape(num_tokens * a2, b1), b * coeffs[i])
+                dx_target.addmm_(p.reshape(num_tokens * a2, b1), _times(b, coeffs[i]))
             if r_slot is not None:  # Σ_t P_tᵀ X_t, one GEMM over (t, a2)
                 torch.mm(raw(p).reshape(-1, b1).T, x3_raw.reshape(-1, b2), out=r_slot.view(b1, b2))
             del p
