@@ -96,6 +96,8 @@ def forget_4bit_loading(model: nn.Module) -> None:
     ``is_loaded_in_4bit`` and the 4-bit deserializer among its load-time conversions), for a model whose 4-bit
     layers are all gone: ``save_pretrained`` then writes a plain model, which ``from_pretrained`` reloads as one
     (with the config kept, it would rebuild ``Linear4bit`` layers around the dense weights)."""
+    if not _loaded_in_4bit(model):  # another quantizer's config (8-bit, fp8, ...) still describes its layers
+        return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -106,6 +108,13 @@ def forget_4bit_loading(model: nn.Module) -> None:
         # transformers 5.17 keeps the 4-bit checkpoint's deserializer among the load-time conversions, which
         # save_pretrained then tries to reverse (NotImplementedError); the layers are dense now.
         model._weight_conversions = [c for c in conversions if not _deserializes_4bit(c)]
+
+
+def _loaded_in_4bit(model: nn.Module) -> bool:
+    """Whether transformers loaded ``model`` with bitsandbytes 4-bit (not 8-bit or another quantizer)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    in_config = config.get("load_in_4bit") if isinstance(config, dict) else getattr(config, "load_in_4bit", False)
+    return bool(getattr(model, "is_loaded_in_4bit", False) or in_config)
 
 
 def _deserializes_4bit(conversion) -> bool:

@@ -575,7 +575,7 @@ def exact_match_accuracy(
             enc = _encode_prompts(tokenizer, chunk, return_tensors="pt", padding=True).to(device)
             out = model.generate(  # the ids and mask only: a tokenizer may add fields the model does not take
                 input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
+                attention_mask=enc.get("attention_mask"),  # a tokenizer may not return one
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -962,13 +962,15 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     return result
 
 
-def _model_context(model: torch.nn.Module) -> int | None:
-    """The positions the model was built for (``max_position_embeddings``), if its config says."""
+def _model_context(model: torch.nn.Module) -> tuple[int | None, bool]:
+    """The positions the model was built for (``max_position_embeddings``, if its config says) and whether
+    they are rotary (a rotary model runs past them, untrained there; one with learned positions cannot)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
     positions = getattr(config, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and positions > 0 else None
+    rotary = any(getattr(config, key, None) is not None for key in ("rope_parameters", "rope_theta", "rope_scaling"))
+    return (positions if isinstance(positions, int) and positions > 0 else None), rotary
 
 
 def _refuse_sequences_past_the_context(
@@ -976,30 +978,38 @@ def _refuse_sequences_past_the_context(
 ) -> None:
     """The tokenized examples (cut to --max-length), and each eval prompt with --eval-max-new-tokens
     generated after it, must fit the model's positions: past them a model with learned positions fails
-    mid-run (an index error), and a rotary one runs where it was never trained."""
-    context = _model_context(model)
+    mid-run (an index error). A rotary model gets a note instead (it runs there, untrained; scaled-RoPE
+    configs may mean more than max_position_embeddings says)."""
+    context, rotary = _model_context(model)
     if context is None:
         return
+    problems = []
     longest = max(len(example["input_ids"]) for example in examples)
     if longest > context:
-        raise CLIError(
+        problems.append(
             f"--max-length: examples of up to {longest} tokens (at --max-length {args.max_length}) do not fit the "
             f"model's context of {context} positions (max_position_embeddings); pass --max-length {context} or less"
         )
-    if not can_score:
-        return
-    longest = max(len(ids) for ids in _encode_prompts(tokenizer, eval_records)["input_ids"])
-    if longest >= context:
-        raise CLIError(
-            f"{eval_source}: a prompt of {longest} tokens leaves no room to generate in the model's context of "
-            f"{context} positions; shorten it or pass --no-accuracy"
-        )
-    if longest + args.eval_max_new_tokens > context:
-        raise CLIError(
-            f"--eval-max-new-tokens: the longest {eval_source} prompt is {longest} tokens, so "
-            f"{args.eval_max_new_tokens} more would run past the model's context of {context} positions; "
-            f"pass at most {context - longest} (or --no-accuracy)"
-        )
+    if can_score:
+        # N tokens generated after a prompt of L take positions up to L + N - 2: the last one is never fed back
+        prompt = max(len(ids) for ids in _encode_prompts(tokenizer, eval_records)["input_ids"])
+        if prompt > context:
+            problems.append(
+                f"{eval_source}: a prompt of {prompt} tokens does not fit the model's context of {context} "
+                "positions; shorten it or pass --no-accuracy"
+            )
+        elif prompt + args.eval_max_new_tokens - 1 > context:
+            problems.append(
+                f"--eval-max-new-tokens: the longest {eval_source} prompt is {prompt} tokens, so "
+                f"{args.eval_max_new_tokens} more would run past the model's context of {context} positions; "
+                f"pass at most {context - prompt + 1} (or --no-accuracy)"
+            )
+    if problems and not rotary:
+        raise CLIError(problems[0])
+    if problems and int(os.environ.get("RANK", "0")) == 0:
+        for problem in problems:
+            flag, _, text = problem.partition(": ")
+            print(f"note: {flag}: {text} (a rotary model runs there, untrained)", flush=True)
 
 
 def _note_answers_longer_than_generated(tokenizer, records: list[dict], max_new_tokens: int) -> None:

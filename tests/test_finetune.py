@@ -1059,14 +1059,36 @@ def test_trainer_loads_the_best_checkpoints_adapters_at_the_end(tmp_path):
 
 
 def _model_dir_with(
-    tmp_path: Path, name: str, context: int = 128, tokenizer_change=None, tokenizer_config: dict | None = None
+    tmp_path: Path,
+    name: str,
+    context: int = 128,
+    tokenizer_change=None,
+    tokenizer_config: dict | None = None,
+    learned_positions: bool = False,
 ) -> Path:
-    """A copy of the tiny model with a given context (max_position_embeddings), tokenizer changes, and
-    entries written into its tokenizer_config.json (as a user's file may hold them)."""
+    """A tiny model (LLaMA, rotary; or OPT, learned positions) with a given context (max_position_embeddings),
+    tokenizer changes, and entries written into its tokenizer_config.json (as a user's file may hold them)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
     directory = tmp_path / name
     tokenizer, vocab_size = _tokenizer()
-    model = tiny_llama(vocab=vocab_size)
-    model.config.max_position_embeddings = context
+    if learned_positions:
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=context,
+            word_embed_proj_dim=32,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = OPTForCausalLM(config)
+    else:
+        model = tiny_llama(vocab=vocab_size)
+        model.config.max_position_embeddings = context
     model.save_pretrained(directory)
     if tokenizer_change is not None:
         tokenizer_change(tokenizer)
@@ -1079,7 +1101,8 @@ def _model_dir_with(
 
 def test_examples_and_generation_past_the_models_context_are_refused_up_front(data, tmp_path, capsys):
     """A model with learned positions fails mid-run past them (an index error), so examples and eval prompts
-    plus the generated tokens are checked against max_position_embeddings before anything is written."""
+    plus the generated tokens are checked against max_position_embeddings before anything is written: N tokens
+    after a prompt of L take positions up to L + N - 2 (the last is never fed back). A rotary model gets a note."""
     from transformers import AutoTokenizer
 
     from moka.finetune import _encode_prompts
@@ -1088,15 +1111,20 @@ def test_examples_and_generation_past_the_models_context_are_refused_up_front(da
     eval_records = [json.loads(line) for line in data[1].read_text().splitlines()]
     prompt = max(len(ids) for ids in _encode_prompts(AutoTokenizer.from_pretrained(probe), eval_records)["input_ids"])
     out = tmp_path / "run"
-    small = _model_dir_with(tmp_path, "small", context=prompt + 1)
-    _fails(_args(small, data, out, "--max-steps", "1"), capsys, "--max-length: examples of up to", out)
-    # cut to the context the examples fit, but the prompt and 2 generated tokens do not
-    argv = _args(small, data, out, "--max-steps", "1", "--max-length", str(prompt + 1))
-    message = f"the longest --eval-data prompt is {prompt} tokens, so 2 more would run past the model's context of "
-    _fails(argv, capsys, f"--eval-max-new-tokens: {message}{prompt + 1} positions; pass at most 1", out)
+    context = prompt + 1
+    learned = _model_dir_with(tmp_path, "learned", context=context, learned_positions=True)
+    _fails(_args(learned, data, out, "--max-steps", "1"), capsys, "--max-length: examples of up to", out)
+    # cut to the context the examples fit, but the prompt and 3 generated tokens do not (2 would)
+    argv = _args(learned, data, out, "--max-steps", "1", "--max-length", str(context), "--eval-max-new-tokens", "3")
+    message = f"the longest --eval-data prompt is {prompt} tokens, so 3 more would run past the model's context of "
+    _fails(argv, capsys, f"--eval-max-new-tokens: {message}{context} positions; pass at most 2", out)
     assert not out.exists()
-    fits = _args(small, data, out, "--max-steps", "1", "--max-length", str(prompt + 1), "--eval-max-new-tokens", "1")
-    assert main(fits) == 0
+    fits = _args(learned, data, out, "--max-steps", "1", "--max-length", str(context))  # 2 new tokens: the tests'
+    assert main(fits) == 0  # the learned positions hold every example, and generation with the cache
+    rotary = _model_dir_with(tmp_path, "rotary", context=context)
+    assert main(_args(rotary, data, tmp_path / "rotary-run", "--max-steps", "1", "--eval-max-new-tokens", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "note: --max-length: examples of up to" in printed and "(a rotary model runs there, untrained)" in printed
 
 
 def test_tokenizer_quirks_a_user_may_bring(data, tmp_path, capsys):
@@ -1108,6 +1136,8 @@ def test_tokenizer_quirks_a_user_may_bring(data, tmp_path, capsys):
     assert main(_args(typed, data, tmp_path / "typed-run", "--max-steps", "1")) == 0
     summary = json.loads((tmp_path / "typed-run" / "summary.json").read_text())
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    unmasked = _model_dir_with(tmp_path, "unmasked", tokenizer_config={"model_input_names": ["input_ids"]})
+    assert main(_args(unmasked, data, tmp_path / "unmasked-run", "--max-steps", "1")) == 0  # no attention_mask
 
     def without_pad_or_eos(tokenizer):
         tokenizer.pad_token = None

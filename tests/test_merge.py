@@ -325,3 +325,26 @@ def test_overwriting_a_symlinked_output_leaves_no_hidden_leftovers(base_and_adap
     assert not out.is_symlink() and (out / "config.json").is_file()
     assert (target / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "merged"]
+
+
+def test_merge_moka_keeps_another_quantizers_config(base_and_adapter, tmp_path):
+    """On an 8-bit model (adapter on its dense lm_head) the merge leaves the 8-bit layers and the config that
+    describes them: dropped, the reload read the int8 bytes as plain weights."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from moka import merge_moka
+
+    base, _ = base_and_adapter
+    quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, device_map="cpu").eval()
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=["lm_head"]))
+    randomize_adapters(model, std=0.3)
+    merge_moka(model)
+    assert getattr(model.config, "quantization_config", None) is not None and model.is_loaded_in_8bit
+    model.save_pretrained(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)

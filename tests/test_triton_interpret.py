@@ -180,8 +180,7 @@ def _sandwich_dims(shapes):
 
 def test_plan_cache_drops_the_least_recently_used():
     """A plan (and the factor copies cached the same way) used every step stays however many others come and
-    go: a CUDA graph replaying a layer never refreshes the cache, so dropping the oldest-built entry instead
-    would free buffers a live layer still uses."""
+    go: dropping the oldest-built entry instead would free the buffers of a layer in use every step."""
     from moka_kernels.ops.kron_mixture import _PlanCache
 
     cache = _PlanCache(maxsize=2)
@@ -785,6 +784,9 @@ def test_autotuning_keeps_the_partial_sums_an_accumulating_call_adds_to(monkeypa
     refused = pytest.raises(RuntimeError, match=r"use_deterministic_algorithms\(True\) is set: use nf4_matmul")
     with deterministic, refused:
         nm.nf4_matmul_accumulate(x, q, acc)
+    warn_only = mock.patch.object(torch, "is_deterministic_algorithms_warn_only_enabled", return_value=True)
+    with deterministic, warn_only, pytest.warns(UserWarning, match=r"adds by fp32 atomics"):
+        nm.nf4_matmul_accumulate(x, q, acc)  # as PyTorch's own ops under warn_only=True: a warning, and the sum
 
 
 def test_autotuning_tunes_the_base_alone_and_the_fused_layer_apart(monkeypatch):

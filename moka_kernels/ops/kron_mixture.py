@@ -56,6 +56,7 @@ so a layer's backward needs no small torch ops. Launch plans (tables, tile sizes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import OrderedDict
@@ -664,8 +665,8 @@ class _PlanCache:
 
     Building a plan walks every component in Python (tens of µs); a layer's calls all share a few keys,
     so a call pays one dictionary lookup instead. The least recently used plans are dropped beyond
-    ``maxsize`` (a layer called every step keeps its plan, and its factor copies, however many others come
-    and go)."""
+    ``maxsize`` (a layer called eagerly every step keeps its plan, and its factor copies, however many others
+    come and go; a CUDA graph's replays do not refresh them, so there it only makes eviction less likely)."""
 
     def __init__(self, maxsize: int = 4096):
         self.maxsize = maxsize
@@ -680,7 +681,8 @@ class _PlanCache:
             if len(self._plans) > self.maxsize:
                 self._plans.popitem(last=False)
         else:
-            self._plans.move_to_end(key)
+            with contextlib.suppress(KeyError):  # another thread may have dropped it since the lookup
+                self._plans.move_to_end(key)
         return plan
 
 
