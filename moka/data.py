@@ -42,13 +42,19 @@ FORM_FIELDS = {"instruction": ("instruction", "input", "output"), "text": ("text
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file; raises ValueError naming the file and line for anything malformed.
+    """Records of a JSONL file, or of a JSON array of records (as Alpaca's ``alpaca_data.json`` is); raises
+    ValueError naming the file and line (the item, in an array) for anything malformed.
 
     UTF-8, with or without a byte-order mark. Each record keeps only the fields of its form.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
+    with path.open("rb") as f:
+        if f.read(64).decode("utf-8-sig", errors="replace").lstrip().startswith("["):
+            return _read_json_array(path)
     records: list[dict] = []
     form = None
     with path.open("rb") as f:
@@ -63,30 +69,56 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            this_form = record_form(record) if isinstance(record, dict) else "unknown"
-            if this_form == "unknown":
-                got = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{path}:{lineno}: expected an object with keys instruction/output (optional input) or text, "
-                    f"got {got}"
-                )
-            record = {k: record[k] for k in FORM_FIELDS[this_form] if k in record}
-            if not all(isinstance(v, str) for v in record.values()):
-                raise ValueError(f"{path}:{lineno}: expected string values for {sorted(record)}")
-            for key, value in record.items():
-                try:  # a lone surrogate escape ("\ud800") decodes from ASCII but is no text a tokenizer takes
-                    value.encode("utf-8")
-                except UnicodeEncodeError as err:
-                    raise ValueError(
-                        f"{path}:{lineno}: {key!r} holds an unpaired surrogate escape at character {err.start}"
-                    ) from None
-            if form is not None and this_form != form:
-                raise ValueError(f"{path}:{lineno}: mixes {this_form} records into a file of {form} records")
-            form = this_form
+            record, form = _checked_record(record, f"{path}:{lineno}", form)
             records.append(record)
     if not records:
         raise ValueError(f"{path}: no records (the file is empty)")
     return records
+
+
+def _read_json_array(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON array of records or JSON lines, got {type(items).__name__}")
+    records: list[dict] = []
+    form = None
+    for index, item in enumerate(items, start=1):
+        record, form = _checked_record(item, f"{path}: item {index}", form)
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records (an empty array)")
+    return records
+
+
+def _checked_record(record: object, where: str, form: str | None) -> tuple[dict, str]:
+    """One record with only its form's fields, and its form; ValueError naming ``where`` if malformed or of
+    another form than the file's ``form`` so far."""
+    this_form = record_form(record) if isinstance(record, dict) else "unknown"
+    if this_form == "unknown":
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(
+            f"{where}: expected an object with keys instruction/output (optional input) or text, got {got}"
+        )
+    record = {k: record[k] for k in FORM_FIELDS[this_form] if k in record}
+    if not all(isinstance(v, str) for v in record.values()):
+        raise ValueError(f"{where}: expected string values for {sorted(record)}")
+    for key, value in record.items():
+        try:  # a lone surrogate escape ("\ud800") decodes from ASCII but is no text a tokenizer takes
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{where}: {key!r} holds an unpaired surrogate escape at character {err.start}") from None
+    if form is not None and this_form != form:
+        raise ValueError(f"{where}: mixes {this_form} records into a file of {form} records")
+    return record, this_form
 
 
 def format_prompt(tokenizer, instruction: str, input_text: str = "") -> str:

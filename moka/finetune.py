@@ -139,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype; auto = bf16 on a GPU that supports it, else fp32",
     )
     g = p.add_argument_group("data (JSONL: {instruction, input, output} or {text})")
-    g.add_argument("--data", type=user_path, help="training JSONL (default: the generated secret-code task)")
-    g.add_argument("--eval-data", type=user_path, help="evaluation JSONL")
+    g.add_argument(
+        "--data", type=user_path, help="training JSONL or JSON array (default: the generated secret-code task)"
+    )
+    g.add_argument("--eval-data", type=user_path, help="evaluation JSONL or JSON array")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example")
     g = p.add_argument_group("MoKA")
     g.add_argument(

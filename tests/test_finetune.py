@@ -683,6 +683,31 @@ def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
         read_jsonl(surrogate)
 
 
+def test_a_json_array_of_records_reads_as_jsonl_does(tmp_path):
+    """Alpaca's alpaca_data.json is one pretty-printed JSON array: read whole, checked item by item with the
+    same rules (the item named in errors); a directory is named as one."""
+    from moka.data import read_jsonl
+
+    records = [{"instruction": "code for", "input": w, "output": "zorp", "id": i} for i, w in enumerate(WORDS[:3])]
+    array = tmp_path / "alpaca_data.json"
+    array.write_bytes(b"\xef\xbb\xbf\n " + json.dumps(records, indent=4).encode())
+    assert read_jsonl(array) == [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([records[0], {"text": "a b"}], indent=2))
+    with pytest.raises(ValueError, match=r"mixed\.json: item 2: mixes text records into a file of instruction"):
+        read_jsonl(mixed)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"text": "a"},\n {"text": oops}\n]')
+    with pytest.raises(ValueError, match=r"broken\.json:3: invalid JSON"):
+        read_jsonl(broken)
+    for text, message in (("[]", r"no records \(an empty array\)"), ('[1, {"text": "a"}]', r"item 1: expected an")):
+        (tmp_path / "odd.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_jsonl(tmp_path / "odd.json")
+    with pytest.raises(IsADirectoryError, match=r"a directory, not a data file"):
+        read_jsonl(tmp_path)
+
+
 def test_exact_match_compares_nfc_text():
     from moka.finetune import _normalize
 
