@@ -1070,12 +1070,13 @@ def _or_na(value: float | None, spec: str = "") -> str:
 def print_summary(result: dict) -> None:
     this_run = result.get("steps_this_run", result["steps"])
     steps_note = "" if this_run == result["steps"] else f" ({this_run} in this run, after --resume)"
+    loss_label = "train loss (mean over this run's steps)" if steps_note else "train loss"  # the Trainer's own
     lines = [
         "== MoKA fine-tune summary ==",
         result["summary"],
         f"steps: {result['steps']}{steps_note}  train time: {result['train_seconds']} s (with evals, saves)  "
         f"tokens/s: {_or_na(result['tokens_per_second'])}  peak memory: {result['peak_memory_mb']:.0f} MB",
-        f"train loss: {_or_na(result['train_loss'], '.4f')}"
+        f"{loss_label}: {_or_na(result['train_loss'], '.4f')}"
         + (f"  eval loss: {result['eval_loss']:.4f}" if "eval_loss" in result else ""),
     ]
     if "accuracy_after" in result:

@@ -150,7 +150,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_path, capsys):
     from transformers import TrainerCallback
 
     class StopAfterCheckpoint(TrainerCallback):
@@ -164,7 +164,12 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_pa
         run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[StopAfterCheckpoint()])
     assert (tmp_path / "broken" / "checkpoints" / "checkpoint-4").is_dir()
     assert not (tmp_path / "broken" / "adapter").exists()
+    capsys.readouterr()
     run(parse_args(_args(model_dir, data, tmp_path / "broken", *common, "--resume")))
+    printed = capsys.readouterr().out  # the Trainer's loss is over the steps this process ran: said so
+    assert (
+        "steps: 8 (4 in this run, after --resume)" in printed and "train loss (mean over this run's steps)" in printed
+    )
     straight = load_file(tmp_path / "straight" / "adapter" / "moka_adapter.safetensors")
     resumed = load_file(tmp_path / "broken" / "adapter" / "moka_adapter.safetensors")
     assert straight.keys() == resumed.keys()
