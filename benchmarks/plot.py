@@ -156,9 +156,11 @@ def _table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
                 if r.get("wall_ms") is not None:  # host-inclusive, back-to-back calls
                     text += f" [host-incl. {r['wall_ms']:.3f}]"
                 cells.append(text)
-            saved = first["saved_bytes"] / 1024
-            peak = "–" if first.get("peak_bytes") is None else f"{first['peak_bytes'] / 1024:,.0f}"
-            out.append(f"| {lab} | {first['trainable']:,} | {saved:,.0f} | {peak} | " + " | ".join(cells) + " |")
+            # a provider whose largest T is not the layer's (a failed or time-cut cell): its own T is named
+            at = "" if first["tokens"] == tokens[-1] else f" (T={first['tokens']})"
+            saved = f"{first['saved_bytes'] / 1024:,.0f}{at}"
+            peak = "–" if first.get("peak_bytes") is None else f"{first['peak_bytes'] / 1024:,.0f}{at}"
+            out.append(f"| {lab} | {first['trainable']:,} | {saved} | {peak} | " + " | ".join(cells) + " |")
     return out
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from moka.config import MoKAConfig, auto_component_shapes
 from moka_kernels import NF4Tensor, dequantize_nf4, moka_linear, quantize_nf4
-from moka_kernels.reference import contraction_order, materialized_delta_weight
+from moka_kernels.reference import contraction_order
 
 __all__ = ["PROVIDERS", "Case", "adapter_macs", "adapter_train_macs", "build_case", "moka_shapes"]
 
@@ -89,6 +89,15 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
+def gated_kron_sum(a_factors, b_factors, gate_logits) -> torch.Tensor:
+    """ΔW = Σ_i α_i kron(A_i, B_i) as the LoKr-style comparators form it every step, α folded into the small
+    factor (kron(α_i A_i, B_i)): gating the full products instead would add r full-size multiplies and make
+    autograd keep r full-size products for the gate's gradient, a cost of the comparator, not of LoKr."""
+    alpha = torch.softmax(gate_logits.float(), 0)
+    terms = (torch.kron(alpha[i].to(a.dtype) * a, b) for i, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)))
+    return functools.reduce(torch.add, terms)
+
+
 def _peft_lora(base: nn.Module, rank: int) -> tuple[nn.Module, list[torch.Tensor]]:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -101,6 +110,9 @@ def _peft_lora(base: nn.Module, rank: int) -> tuple[nn.Module, list[torch.Tensor
     with torch.no_grad():  # PEFT zero-initializes lora_B; give it values so no kernel can shortcut zeros
         for p in params:
             p.normal_(0, 0.02)
+            # fp32 adapter weights, as get_peft_model leaves them (autocast_adapter_dtype) and MoKA keeps its
+            # factors; inject_adapter_in_model keeps a half-precision base's dtype
+            p.data = p.data.float()
     return model, params
 
 
@@ -252,7 +264,7 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
         n_k = n_out * k_in
         if provider == "lokr_materialized":  # PEFT LoKr's forward: base_layer(x) + F.linear(x, ΔW)
             return Case(
-                lambda x: F.linear(x, w_dense) + F.linear(x, materialized_delta_weight(a, b, g).to(dtype)),
+                lambda x: F.linear(x, w_dense) + F.linear(x, gated_kron_sum(a, b, g).to(dtype)),
                 params,
                 n_k,  # per token: the ΔW GEMM (forming ΔW, r·N·K per step, not counted)
                 3 * n_k,  # its forward, its dX and dΔW = Gᵀ X
@@ -261,7 +273,7 @@ def _build_case(provider: str, n_out: int, k_in: int, device, dtype, r: int, bas
                 frozen=persistent,
             )
         return Case(  # a stricter comparator than PEFT's: W0 + ΔW in one GEMM forward and one for dX
-            lambda x: F.linear(x, w_dense + materialized_delta_weight(a, b, g).to(dtype)),
+            lambda x: F.linear(x, w_dense + gated_kron_sum(a, b, g).to(dtype)),
             params,
             0,
             n_k,  # dΔW = Gᵀ X

@@ -808,3 +808,25 @@ def test_registers_table_shows_the_default_layout_of_each_nf4_config(tmp_path):
     path = tmp_path / "registers.json"
     path.write_text(json.dumps({"conditions": {}, "rows": rows}))
     assert "| nf4_matmul_t_kernel | 16×64×128 | 4 | 4 | 186 / 0 B | 158 / 0 B |" in registers.render(path).read_text()
+
+
+def test_the_adapter_providers_compute_one_function_with_the_same_gradients():
+    """MoKA's PyTorch path and the two LoKr-style comparators (ΔW = Σ α_i kron(A_i, B_i) formed every step, α
+    folded into the small factor) are one function of the same values: outputs and every gradient agree, so
+    their times compare the same work done differently."""
+    from benchmarks.providers import build_case
+
+    x = torch.randn(5, 36, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for provider in ("moka_torch", "lokr_materialized", "lokr_fused"):
+        case = build_case(provider, 24, 36, "cpu", torch.float32, r=3, base="dense")
+        with torch.no_grad():
+            case.params[-1].copy_(torch.tensor([0.3, -0.2, 0.5]))  # a gate away from uniform
+        out = case.forward(x)
+        grads = torch.autograd.grad(out, case.params, torch.ones_like(out))
+        results[provider] = (out, grads)
+    out, grads = results["moka_torch"]
+    for provider in ("lokr_materialized", "lokr_fused"):
+        torch.testing.assert_close(results[provider][0], out, rtol=1e-5, atol=1e-6)
+        for got, want in zip(results[provider][1], grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
