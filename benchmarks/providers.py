@@ -16,7 +16,7 @@ Providers (all on the same W0, x and dy):
 * adapters: ``moka_torch`` / ``moka_triton`` (ours, NF4 or dense base), ``lokr_materialized`` (PEFT LoKr's
   way: ΔW = Σ α_i kron(A_i, B_i) every step, then ``base(x) + F.linear(x, ΔW)`` on a dense base, as PEFT's
   LoKr layer computes it), ``lokr_fused`` (the same ΔW added to W0, one GEMM: stricter than PEFT), ``lora_r16``,
-  ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at MoKA's trainable-parameter count).
+  ``lora_r32`` and ``lora_equal`` (PEFT's LoRA layer, the last at the rank nearest MoKA's parameter count).
 """
 
 from __future__ import annotations
