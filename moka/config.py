@@ -161,6 +161,8 @@ class MoKAConfig:
             )
         elif isinstance(self.target_modules, (set, frozenset)):
             self.target_modules = sorted(self.target_modules)  # a set would not serialize to JSON
+        elif isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)  # as JSON gives it back: equal after a round trip
         if self.components is not None:
             if not isinstance(self.components, (list, tuple)) or any(
                 not isinstance(c, (list, tuple)) for c in self.components

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -61,7 +62,8 @@ class NF4Linear(nn.Module):
         self.nf4_dtype = weight.dtype
         self.blocksize = weight.blocksize
         self.compute_dtype = compute_dtype
-        self.shardable = bool(shardable)
+        require_bool(shardable, "shardable")  # "False" would otherwise mean True
+        self.shardable = shardable
         for name in _NF4_FIELDS:
             t = getattr(weight, name)
             if self.shardable and t is not None and not t.is_floating_point():
@@ -244,6 +246,9 @@ class MoKALinear(nn.Module):
         config = config if config is not None else MoKAConfig()
         if not isinstance(config, MoKAConfig):
             raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
+        # A validated copy: fields set on the caller's object after it was built are checked here, and a
+        # later change to it (reused for another model) cannot change this layer's recorded settings.
+        config = dataclasses.replace(config)
         at = "" if name == "layer" else f" (at {name})"  # where a base error happened, inside apply_moka
         if getattr(getattr(base_layer, "_hf_hook", None), "offload", False):
             # accelerate's offload hook loads the weights in the layer's own forward, which MoKA never calls

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
     config = config if config is not None else MoKAConfig()
     if not isinstance(config, MoKAConfig):
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)  # validated again, and the caller's object stays theirs to change
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
     _refuse_patching_inside_a_distributed_wrapper(model)
@@ -572,6 +574,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                 f"model: layer {name} has {differ}, but save_adapter writes one config for every layer and "
                 "load_adapter would apply it to all; give every layer the same scale, gate and variant"
             )
+        rebuilt = _shapes_from(config, layer, name)
+        if rebuilt != [tuple(shape) for shape in layer.component_shapes]:
+            raise ValueError(
+                f"model: layer {name} has components {layer.component_shapes}, but the config save_adapter would "
+                f"write (model.moka_config, changed after patching?) gives it {rebuilt}: load_adapter could not "
+                "rebuild it; restore the config the model was patched with"
+            )
     state = adapter_state_dict(model)  # under FSDP2 a collective: every rank gathers before any writes
     directory = Path(directory)
     if not (_fsdp_modules(model) or _is_sharded(_adapter_parameters(model))):  # (resharded by adapter_state_dict)
@@ -599,6 +608,16 @@ def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig
     first = next(iter(layers.values()))
     config = getattr(model, "moka_config", None) or first.config
     return config if float(config.scale) == first.scale else dataclasses.replace(config, scale=first.scale)
+
+
+def _shapes_from(config: MoKAConfig, layer: MoKALinear, name: str) -> list[tuple[int, ...]] | None:
+    """The component shapes ``config`` gives ``layer`` (as load_adapter would build it); None if none."""
+    with warnings.catch_warnings():  # a too-few-shapes warning was given once, when the layer was built
+        warnings.simplefilter("ignore")
+        try:
+            return [tuple(s) for s in config.component_shapes(layer.out_features, layer.in_features, name)]
+        except ValueError:
+            return None
 
 
 def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> str:

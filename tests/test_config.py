@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -102,6 +103,8 @@ def test_target_module_matching():
 def test_dict_round_trip():
     config = MoKAConfig(components=[(4, 6, 6, 6)], scale=2.0, adapter_dtype=torch.bfloat16, gate=False)
     assert MoKAConfig.from_dict(config.to_dict()) == config
+    as_tuple = MoKAConfig(target_modules=("q_proj", "v_proj"))  # e.g. LLAMA_TARGET_MODULES, a tuple
+    assert MoKAConfig.from_dict(json.loads(json.dumps(as_tuple.to_dict()))) == as_tuple
     with pytest.raises(ValueError, match="unknown MoKAConfig fields"):
         MoKAConfig.from_dict({"rank": 4})
     for bad in ("bogus", "Tensor", 3):  # a hand-edited moka_adapter_config.json: a ValueError naming the field

@@ -881,3 +881,33 @@ def test_boolean_flags_must_be_booleans():
     with pytest.raises(TypeError, match=r"requantize: expected True or False, got 'False'"):
         merge_moka(model, requantize="False")
     assert moka_layers(model)
+
+
+def test_the_config_is_copied_and_checked_when_a_model_is_patched(tmp_path):
+    """apply_moka and MoKALinear keep a validated copy: the caller's config, changed afterwards (reused for
+    another model), neither changes what a patched model saves nor skips validation; a changed
+    model.moka_config that would rebuild other shapes is refused by save_adapter, not written."""
+    config = MoKAConfig(num_components=5)
+    first = tiny_llama()
+    apply_moka(first, config)
+    randomize_adapters(first)
+    config.num_components = 3
+    apply_moka(tiny_llama(), config)
+    save_adapter(first, tmp_path / "first")  # recorded 3 components before: unloadable
+    again = tiny_llama()
+    load_adapter(again, tmp_path / "first")
+    assert torch.equal(again(IDS).logits, first(IDS).logits)
+    late = MoKAConfig()
+    late.gate = "False"  # set after construction: checked when a layer is built from it
+    with pytest.raises(ValueError, match=r"gate: expected True or False, got 'False'"):
+        MoKALinear(nn.Linear(16, 12), late)
+    late = MoKAConfig()
+    late.init = "zero-a"
+    with pytest.raises(ValueError, match=r"init: expected one of"):
+        apply_moka(tiny_llama(), late)
+    first.moka_config.num_components = 2
+    with pytest.raises(ValueError, match=r"model: layer .* has components .* gives it"):
+        save_adapter(first, tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()
+    with pytest.raises(TypeError, match=r"shardable: expected True or False"):
+        NF4Linear(quantize_nf4(torch.randn(8, 64)), shardable="False")
