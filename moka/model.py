@@ -264,15 +264,34 @@ def _refuse_targets_a_swap_would_miss(model: nn.Module, targets: dict[str, nn.Mo
 def _refuse_patching_inside_a_distributed_wrapper(model: nn.Module) -> None:
     """New factors under DDP or FSDP2 would be parameters their gradient reduction never sees (DDP's reducer and
     FSDP's shards are built at wrapping): each rank would train its own adapter."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    _refuse_fsdp1(model, "apply_moka (or load_adapter)")
+    inner = model
+    while type(inner).__name__ == "OptimizedModule" and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+        inner = inner._orig_mod  # torch.compile(DDP(model)): the check is for what compile wraps
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
         raise ValueError(
             "model: is wrapped in DistributedDataParallel; call apply_moka (or load_adapter) on the model before "
             "wrapping it, so DDP reduces the adapters' gradients"
         )
-    if _fsdp_modules(model):
+    if _fsdp_modules(inner) or _is_sharded(dict(inner.named_parameters())):  # fully_shard on it or on a parent
         raise ValueError(
             "model: is already sharded by FSDP2 (fully_shard); call apply_moka (or load_adapter) before "
             "fully_shard, so the adapters are sharded and their gradients reduced with the rest"
+        )
+
+
+def _refuse_fsdp1(model: nn.Module, what: str) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) hands modules flat shards of their parameters under prefixed names:
+    an adapter read, written or made through it would be this rank's flat shard (or be trained per rank)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            f"model: is wrapped in FSDP1 (FullyShardedDataParallel), which {what} does not support (it holds "
+            "parameters as flat shards); use FSDP2 (torch.distributed.fsdp.fully_shard) after apply_moka, or "
+            "gather FSDP1's full state dict and read the adapter keys yourself"
         )
 
 
@@ -544,6 +563,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Adapters sharded by FSDP2 (DTensors) are gathered whole: a collective, so every rank must call it. Names
     are the unwrapped model's (no ``torch.compile`` or DDP prefix)."""
     model = _unwrapped(model)
+    _refuse_fsdp1(model, "adapter_state_dict (and save_adapter)")
     _resharded(model)
     params = _adapter_parameters(model)
     if not _is_sharded(params):
@@ -563,6 +583,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     could not write them).
     """
     model = _unwrapped(model)
+    _refuse_fsdp1(model, "save_adapter")
     layers = moka_layers(model)
     if not layers:
         raise ValueError("model: has no MoKA layers to save")
@@ -787,6 +808,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
 
     if not moka_layers(model):  # patched below: refused inside DDP/FSDP2 (checked before unwrapping DDP)
         _refuse_patching_inside_a_distributed_wrapper(model)
+    _refuse_fsdp1(model, "load_adapter")
     model = _unwrapped(model)
     meta = read_adapter_config(directory)
     config_path, weights_path = adapter_files(directory)

@@ -737,11 +737,42 @@ def test_apply_and_load_refuse_a_model_inside_ddp(tmp_path):
             apply_moka(wrapped, MoKAConfig(num_components=2))
         with pytest.raises(ValueError, match=r"model: is wrapped in DistributedDataParallel"):
             load_adapter(wrapped, tmp_path / "adapter")
+        compiled = torch.compile(wrapped)  # torch.compile(DDP(model)): the wrapper inside is still DDP
+        with pytest.raises(ValueError, match=r"model: is wrapped in DistributedDataParallel"):
+            apply_moka(compiled, MoKAConfig(num_components=2))
+        with pytest.raises(ValueError, match=r"model: is wrapped in DistributedDataParallel"):
+            load_adapter(compiled, tmp_path / "adapter")
         assert not moka_layers(wrapped.module)
         patched = tiny_llama()
         apply_moka(patched, MoKAConfig(num_components=2))
         load_adapter(nn.parallel.DistributedDataParallel(patched), tmp_path / "adapter")
         assert all(torch.equal(adapter_state_dict(patched)[k], v) for k, v in adapter_state_dict(model).items())
+        # FSDP1 hands modules flat shards under prefixed names: every adapter entry point refuses it
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        quantized = tiny_llama()
+        quantize_model(quantized, progress=False)
+        apply_moka(quantized, MoKAConfig(num_components=2))
+        sharded = FullyShardedDataParallel(quantized, device_id=torch.device("cpu"), use_orig_params=True)
+        for call in (
+            lambda: save_adapter(sharded, tmp_path / "fsdp1"),
+            lambda: adapter_state_dict(sharded),
+            lambda: load_adapter(sharded, tmp_path / "adapter"),
+        ):
+            with pytest.raises(ValueError, match=r"model: is wrapped in FSDP1 \(FullyShardedDataParallel\)"):
+                call()
+        assert not (tmp_path / "fsdp1").exists()
+        unpatched = tiny_llama()
+        quantize_model(unpatched, progress=False)
+        with pytest.raises(ValueError, match=r"model: is wrapped in FSDP1"):
+            apply_moka(FullyShardedDataParallel(unpatched, device_id=torch.device("cpu")), MoKAConfig())
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        parent = tiny_llama()
+        fully_shard(parent, mesh=init_device_mesh("cpu", (1,)))  # FSDP2 on the parent, MoKA asked on a child
+        with pytest.raises(ValueError, match=r"model: is already sharded by FSDP2"):
+            apply_moka(parent.model, MoKAConfig(num_components=2))
     finally:
         dist.destroy_process_group()
 
