@@ -52,9 +52,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         raise IsADirectoryError(f"{path}: a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    with path.open("rb") as f:
-        if f.read(64).decode("utf-8-sig", errors="replace").lstrip().startswith("["):
-            return _read_json_array(path)
+    if _first_character(path) == "[":
+        return _read_json_array(path)
     records: list[dict] = []
     form = None
     with path.open("rb") as f:
@@ -76,13 +75,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _first_character(path: Path) -> str:
+    """The file's first character that is not whitespace (after a byte-order mark); "" if none."""
+    with path.open("rb") as f:
+        start = f.read(3)
+        if start != b"\xef\xbb\xbf":
+            f.seek(0)
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return chr(stripped[0])
+    return ""
+
+
 def _read_json_array(path: Path) -> list[dict]:
     data = path.read_bytes()
+    bom = len(b"\xef\xbb\xbf") if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = data.decode("utf-8-sig")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        lineno = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start})") from None
+        offset = bom + err.start
+        lineno = data.count(b"\n", 0, offset) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {offset})") from None
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -248,7 +249,7 @@ class MoKALinear(nn.Module):
             raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
         # A validated copy: fields set on the caller's object after it was built are checked here, and a
         # later change to it (reused for another model) cannot change this layer's recorded settings.
-        config = dataclasses.replace(config)
+        config = dataclasses.replace(copy.deepcopy(config))
         at = "" if name == "layer" else f" (at {name})"  # where a base error happened, inside apply_moka
         if getattr(getattr(base_layer, "_hf_hook", None), "offload", False):
             # accelerate's offload hook loads the weights in the layer's own forward, which MoKA never calls

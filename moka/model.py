@@ -7,13 +7,13 @@ the model as it was, and never a partial file in an adapter directory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from moka_kernels import NF4Tensor, quantize_nf4
 from moka_kernels.nf4 import VALID_BLOCKSIZES
 
 from .bnb_compat import forget_4bit_loading, is_linear4bit, keep_dense_when_reloaded, nf4_from_linear4bit
-from .config import LLAMA_TARGET_MODULES, MoKAConfig, require_bool
+from .config import LLAMA_TARGET_MODULES, MoKAConfig, auto_component_shapes, require_bool
 from .layer import MoKALinear, NF4Linear, refuse_a_forward_that_would_be_skipped
 
 __all__ = [
@@ -185,7 +185,7 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
     config = config if config is not None else MoKAConfig()
     if not isinstance(config, MoKAConfig):
         raise TypeError(f"config: expected a MoKAConfig, got {type(config).__name__}")
-    config = dataclasses.replace(config)  # validated again, and the caller's object stays theirs to change
+    config = dataclasses.replace(copy.deepcopy(config))  # validated again; the caller's object stays theirs
     if moka_layers(model):
         raise ValueError("model: already has MoKA layers; call remove_moka(model) or merge_moka(model) first")
     _refuse_patching_inside_a_distributed_wrapper(model)
@@ -287,7 +287,10 @@ def _refuse_fsdp1(model: nn.Module, what: str) -> None:
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    # a module FSDP1 wrapped at the root only (what accelerate's unwrap_model returns) keeps no wrapper inside,
+    # but its parameters are FSDP1's flat-shard views, which it marks
+    flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    if flattened or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ValueError(
             f"model: is wrapped in FSDP1 (FullyShardedDataParallel), which {what} does not support (it holds "
             "parameters as flat shards); use FSDP2 (torch.distributed.fsdp.fully_shard) after apply_moka, or "
@@ -595,7 +598,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                 f"model: layer {name} has {differ}, but save_adapter writes one config for every layer and "
                 "load_adapter would apply it to all; give every layer the same scale, gate and variant"
             )
-        rebuilt = _shapes_from(config, layer, name)
+        rebuilt = _shapes_from(config, layer)
         if rebuilt != [tuple(shape) for shape in layer.component_shapes]:
             raise ValueError(
                 f"model: layer {name} has components {layer.component_shapes}, but the config save_adapter would "
@@ -631,14 +634,13 @@ def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig
     return config if float(config.scale) == first.scale else dataclasses.replace(config, scale=first.scale)
 
 
-def _shapes_from(config: MoKAConfig, layer: MoKALinear, name: str) -> list[tuple[int, ...]] | None:
-    """The component shapes ``config`` gives ``layer`` (as load_adapter would build it); None if none."""
-    with warnings.catch_warnings():  # a too-few-shapes warning was given once, when the layer was built
-        warnings.simplefilter("ignore")
-        try:
-            return [tuple(s) for s in config.component_shapes(layer.out_features, layer.in_features, name)]
-        except ValueError:
-            return None
+def _shapes_from(config: MoKAConfig, layer: MoKALinear) -> list[tuple[int, ...]] | None:
+    """The component shapes ``config`` gives ``layer`` (as load_adapter would build it; without the
+    too-few-shapes warning, given once when the layer was built); None if it gives none."""
+    if config.components is not None:
+        return [tuple(shape) for shape in config.components]
+    shapes = auto_component_shapes(layer.out_features, layer.in_features, config.num_components, config.variant)
+    return [tuple(shape) for shape in shapes] or None
 
 
 def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> str:

@@ -711,6 +711,11 @@ def test_a_json_array_of_records_reads_as_jsonl_does(tmp_path):
             read_jsonl(tmp_path / "odd.json")
     with pytest.raises(IsADirectoryError, match=r"a directory, not a data file"):
         read_jsonl(tmp_path)
+    (tmp_path / "spaced.json").write_text("\n" * 5000 + json.dumps([{"text": "a"}]))  # past any first block
+    assert read_jsonl(tmp_path / "spaced.json") == [{"text": "a"}]
+    (tmp_path / "latin1.json").write_bytes(b'\xef\xbb\xbf[\n{"text": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"latin1\.json:2: not UTF-8 \(invalid continuation byte at byte 18\)"):
+        read_jsonl(tmp_path / "latin1.json")
 
 
 def test_exact_match_compares_nfc_text():

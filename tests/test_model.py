@@ -766,6 +766,14 @@ def test_apply_and_load_refuse_a_model_inside_ddp(tmp_path):
         quantize_model(unpatched, progress=False)
         with pytest.raises(ValueError, match=r"model: is wrapped in FSDP1"):
             apply_moka(FullyShardedDataParallel(unpatched, device_id=torch.device("cpu")), MoKAConfig())
+        # wrapped at the root only, the module inside (what accelerate's unwrap_model gives the Trainer's save)
+        # holds no wrapper, but its parameters are FSDP1's flat-shard views
+        root_only = tiny_llama()
+        quantize_model(root_only, progress=False)
+        apply_moka(root_only, MoKAConfig(num_components=2))
+        inner = FullyShardedDataParallel(root_only, device_id=torch.device("cpu"), use_orig_params=True).module
+        with pytest.raises(ValueError, match=r"model: is wrapped in FSDP1"):
+            save_adapter(inner, tmp_path / "fsdp1-root")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -918,11 +926,12 @@ def test_the_config_is_copied_and_checked_when_a_model_is_patched(tmp_path):
     """apply_moka and MoKALinear keep a validated copy: the caller's config, changed afterwards (reused for
     another model), neither changes what a patched model saves nor skips validation; a changed
     model.moka_config that would rebuild other shapes is refused by save_adapter, not written."""
-    config = MoKAConfig(num_components=5)
+    config = MoKAConfig(num_components=5, target_modules=["q_proj", "v_proj"])
     first = tiny_llama()
     apply_moka(first, config)
     randomize_adapters(first)
     config.num_components = 3
+    config.target_modules.append("k_proj")  # changed in place: the copy is deep
     apply_moka(tiny_llama(), config)
     save_adapter(first, tmp_path / "first")  # recorded 3 components before: unloadable
     again = tiny_llama()
