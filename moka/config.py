@@ -185,8 +185,11 @@ class MoKAConfig:
             raise ValueError(f"components[{index}]: moka_s needs a square identity A (a1 == a2), got {comp!r}")
         return (a1, a2, b1, b2)
 
-    def component_shapes(self, out_features: int, in_features: int, layer_name: str = "layer") -> list[ComponentShape]:
-        """The (a1, a2, b1, b2) of each component for a layer of shape (out_features, in_features)."""
+    def component_shapes(
+        self, out_features: int, in_features: int, layer_name: str = "layer", warn: bool = True
+    ) -> list[ComponentShape]:
+        """The (a1, a2, b1, b2) of each component for a layer of shape (out_features, in_features).
+        ``warn=False``: no too-few-shapes warning (a check of a layer that was warned about when built)."""
         if self.components is not None:
             for i, (a1, a2, b1, b2) in enumerate(self.components):
                 if a1 * b1 != out_features or a2 * b2 != in_features:
@@ -208,7 +211,8 @@ class MoKAConfig:
             )
             if self.on_too_few_shapes == "error":
                 raise ValueError(message)
-            warnings.warn(message + f"; using {len(shapes)} components", stacklevel=3)
+            if warn:
+                warnings.warn(message + f"; using {len(shapes)} components", stacklevel=3)
         return shapes
 
     def matches(self, module_name: str) -> bool:

@@ -25,7 +25,7 @@ from moka_kernels import NF4Tensor, quantize_nf4
 from moka_kernels.nf4 import VALID_BLOCKSIZES
 
 from .bnb_compat import forget_4bit_loading, is_linear4bit, keep_dense_when_reloaded, nf4_from_linear4bit
-from .config import LLAMA_TARGET_MODULES, MoKAConfig, auto_component_shapes, require_bool
+from .config import LLAMA_TARGET_MODULES, MoKAConfig, require_bool
 from .layer import MoKALinear, NF4Linear, refuse_a_forward_that_would_be_skipped
 
 __all__ = [
@@ -265,9 +265,7 @@ def _refuse_patching_inside_a_distributed_wrapper(model: nn.Module) -> None:
     """New factors under DDP or FSDP2 would be parameters their gradient reduction never sees (DDP's reducer and
     FSDP's shards are built at wrapping): each rank would train its own adapter."""
     _refuse_fsdp1(model, "apply_moka (or load_adapter)")
-    inner = model
-    while type(inner).__name__ == "OptimizedModule" and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
-        inner = inner._orig_mod  # torch.compile(DDP(model)): the check is for what compile wraps
+    inner = _inside_compile(model)  # torch.compile(DDP(model)): the check is for what compile wraps
     if isinstance(inner, nn.parallel.DistributedDataParallel):
         raise ValueError(
             "model: is wrapped in DistributedDataParallel; call apply_moka (or load_adapter) on the model before "
@@ -548,16 +546,21 @@ def _resharded(model: nn.Module) -> bool:
     return bool(modules)
 
 
+def _inside_compile(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wraps (``model`` itself if it is not a compiled wrapper)."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s and DDP/DataParallel's wrappers (adapter names never carry their
     ``_orig_mod.`` / ``module.`` prefixes, so a file saved through a wrapper loads without one, and back)."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
+        model = _inside_compile(model)
+        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             return model
+        model = model.module
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -598,7 +601,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                 f"model: layer {name} has {differ}, but save_adapter writes one config for every layer and "
                 "load_adapter would apply it to all; give every layer the same scale, gate and variant"
             )
-        rebuilt = _shapes_from(config, layer)
+        rebuilt = _shapes_from(config, layer, name)
         if rebuilt != [tuple(shape) for shape in layer.component_shapes]:
             raise ValueError(
                 f"model: layer {name} has components {layer.component_shapes}, but the config save_adapter would "
@@ -634,13 +637,12 @@ def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig
     return config if float(config.scale) == first.scale else dataclasses.replace(config, scale=first.scale)
 
 
-def _shapes_from(config: MoKAConfig, layer: MoKALinear) -> list[tuple[int, ...]] | None:
-    """The component shapes ``config`` gives ``layer`` (as load_adapter would build it; without the
-    too-few-shapes warning, given once when the layer was built); None if it gives none."""
-    if config.components is not None:
-        return [tuple(shape) for shape in config.components]
-    shapes = auto_component_shapes(layer.out_features, layer.in_features, config.num_components, config.variant)
-    return [tuple(shape) for shape in shapes] or None
+def _shapes_from(config: MoKAConfig, layer: MoKALinear, name: str) -> list[tuple[int, ...]] | None:
+    """The component shapes ``config`` gives ``layer`` (as load_adapter would build it); None if it gives none."""
+    try:
+        return [tuple(s) for s in config.component_shapes(layer.out_features, layer.in_features, name, warn=False)]
+    except ValueError:
+        return None
 
 
 def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> str:
