@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import resource
 import sys
@@ -451,6 +452,20 @@ def load_model(
 
 
 # -- trainer ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _checkpoint_part(checkpoint: str | None, what: str):
+    """Turns a failure to read part of a checkpoint (a truncated or corrupt file: torch.load raises
+    RuntimeError, EOFError or an unpickling error; a state of another optimizer: ValueError or KeyError)
+    into one ValueError naming the checkpoint, before the Trainer takes a step."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, OSError) as err:
+        raise ValueError(
+            f"resume_from_checkpoint: cannot read the {what} of {str(checkpoint)!r} ({type(err).__name__}: "
+            f"{one_line(err, 120)}); remove that checkpoint directory to continue from an earlier one"
+        ) from err
+
+
 class MoKATrainer(Trainer):
     """``Trainer`` whose checkpoints hold only the adapters (safetensors + JSON, via save_adapter).
 
@@ -483,8 +498,34 @@ class MoKATrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            # The Trainer leaves its progress bars open on an error: the message printed next would continue
+            # the bar's line. Closing them ends that line.
+            for callback in self.callback_handler.callbacks:
+                for name in ("prediction_bar", "training_bar"):
+                    bar = getattr(callback, name, None)
+                    if bar is not None and hasattr(bar, "close"):
+                        bar.close()
+                        setattr(callback, name, None)
+            raise
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _checkpoint_part(checkpoint, "optimizer and scheduler states (optimizer.pt, scheduler.pt)"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        with _checkpoint_part(checkpoint, "gradient scaler state (scaler.pt)"):
+            super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with _checkpoint_part(checkpoint, "random number generator states (rng_state*.pth)"):
+            super()._load_rng_state(checkpoint)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's adapters (Trainer's own looks for whole-model

@@ -533,6 +533,24 @@ def test_a_checkpoint_cut_short_while_saving_is_skipped_by_resume(model_dir, dat
     _fails(_args(model_dir, data, out, *common, "--resume"), capsys, "no complete checkpoint", tmp_path / "none")
 
 
+def test_resume_from_a_corrupt_checkpoint_file_is_one_line_naming_it(model_dir, data, tmp_path, capsys):
+    """A truncated optimizer.pt or rng_state.pth (a disk filled while saving) was a torch.load traceback."""
+    common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy"]
+    out = tmp_path / "run"
+    run(parse_args(_args(model_dir, data, out, *common)))
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    for name, pattern in (("rng_state.pth", "random number generator"), ("optimizer.pt", "optimizer and scheduler")):
+        intact = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(intact[:100])
+        capsys.readouterr()
+        argv = _args(model_dir, data, out, "--max-steps", "6", "--save-steps", "2", "--no-accuracy", "--resume")
+        _fails(argv, capsys, f"{pattern} states", out)
+        (checkpoint / name).write_bytes(intact)
+    assert "checkpoint-6" not in os.listdir(out / "checkpoints")
+
+
 def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
     common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
     out = tmp_path / "run"
