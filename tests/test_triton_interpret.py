@@ -961,6 +961,35 @@ def test_split_k_follows_the_device_multiprocessor_count(monkeypatch):
     assert nm.split_k_for(1, 4096, 4096, num_sms=108) == 6
 
 
+def test_token_splits_follow_the_device_multiprocessor_count(monkeypatch):
+    """The token reduction's partial sums fill the device it runs on (they assumed an H100's 132 SMs)."""
+    import types
+
+    import moka_kernels.ops as ops
+    import moka_kernels.ops.kron_mixture as km
+
+    monkeypatch.setattr(km, "INTERPRET", False)
+    counts = {0: 132, 1: 108, 2: 16}
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(multi_processor_count=counts[index])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    ops._multiprocessors.cache_clear()
+    try:
+        assert km._num_splits(4096, 8, torch.device("cuda", 0)) == 4 * 132 // 8
+        assert km._num_splits(4096, 8, torch.device("cuda", 1)) == 4 * 108 // 8
+        assert km._num_splits(4096, 8, torch.device("cuda")) == 4 * 16 // 8  # the current device
+        assert km._num_splits(5, 8, torch.device("cuda", 0)) == 5  # at most one share per token
+        assert km._num_splits(4096, 1000, torch.device("cuda", 1)) == 1
+        assert km._num_splits(4096, 8, torch.device("cuda", 0)) == 66 and asked == [0, 1, 2]  # cached per device
+    finally:
+        ops._multiprocessors.cache_clear()
+
+
 def test_nf4_kernels_take_power_of_two_blocksizes_only():
     import moka_kernels.ops.nf4_matmul as nm
     from moka_kernels import NF4_CODE, NF4Tensor

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this: kernel outputs then start as NaN instead of uninitialized, so an unwritten tile fails.
 POISON_OUTPUTS = False
 
-__all__ = ["INTERPRET", "POISON_OUTPUTS", "TRITON_AVAILABLE", "dot_in_fp32", "new_output"]
+__all__ = ["INTERPRET", "POISON_OUTPUTS", "TRITON_AVAILABLE", "dot_in_fp32", "multiprocessors", "new_output"]
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -36,3 +37,15 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (of the current one when ``device`` has no index):
+    the split-K and token-split launchers size their grids to fill them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from ..reference import contraction_order
-from . import INTERPRET, dot_in_fp32, new_output
+from . import INTERPRET, dot_in_fp32, multiprocessors, new_output
 
 __all__ = [
     "AdapterLaunch",
@@ -717,10 +717,12 @@ def _per_token(rows2d: torch.Tensor, n_rows: int, n_cols: int) -> _View:
     return _View(rows2d, n_rows, n_cols, n_cols * rows2d.stride(1), rows2d.stride(1), rows2d.stride(0))
 
 
-def _num_splits(num_tokens: int, tiles: int) -> int:
+def _num_splits(num_tokens: int, tiles: int, device: torch.device) -> int:
+    """How many shares of the tokens a reduction's partial sums split into: about four programs per
+    multiprocessor in all, at most one share per token."""
     if INTERPRET:
         return max(1, min(num_tokens, 3))  # exercise several partial sums in CPU tests
-    return max(1, min(num_tokens, (4 * 132) // max(tiles, 1)))
+    return max(1, min(num_tokens, (4 * multiprocessors(device)) // max(tiles, 1)))
 
 
 ReduceJob = tuple[_View, _View, _View, bool]  # (L_t, S, R_t, store the result transposed)
@@ -806,7 +808,7 @@ def _reduce_partials(
     every factor as its dtype).
     """
     first, last = sources[plan.per_token[0]], sources[plan.per_token[-1]]
-    splits = _num_splits(num_tokens, plan.total_tiles)
+    splits = _num_splits(num_tokens, plan.total_tiles, first.device)
     per_split = _cdiv(max(num_tokens, 1), splits)
     splits = _cdiv(max(num_tokens, 1), per_split)
     workspace = new_output((splits, plan.size), torch.float32, first.device)

@@ -33,7 +33,6 @@ the GEMM's summation order and, with double quantization, FMA contraction of the
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -42,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, cached_table
-from . import INTERPRET, dot_in_fp32, new_output
+from . import INTERPRET, dot_in_fp32, multiprocessors, new_output
 from .kron_mixture import AdapterLaunch, grouped_sandwich_program
 
 __all__ = [
@@ -499,14 +498,9 @@ def split_k_for(m: int, n: int, k: int, block_n: int = 128, num_sms: int | None 
         return 1
     if INTERPRET:
         return 2  # exercise the split-K path in CPU tests
-    num_sms = num_sms or _multiprocessors(torch.cuda.current_device())
+    num_sms = num_sms or multiprocessors(torch.device("cuda"))
     tiles = triton.cdiv(n, block_n)
     return max(1, min(16, (2 * num_sms) // max(tiles, 1), k // 256))
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _spans_2g(*tensors: torch.Tensor) -> bool:
