@@ -35,6 +35,8 @@ import torch
 from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
 from .model import (
+    ADAPTER_CONFIG_NAME,
+    LEGACY_ADAPTER_CONFIG_NAME,
     MoKASummary,
     apply_moka,
     load_adapter,
@@ -71,6 +73,19 @@ def refuse_unwritable(where: Path, path: Path, flag: str) -> None:
     existing = next((p for p in (where, *where.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise CLIError(f"{flag}: {str(path)!r} cannot be written ({str(existing)!r} is not writable)")
+
+
+def refuse_replacing_unrelated(directory: Path, markers: tuple[str, ...], what: str, flag: str) -> None:
+    """A CLIError naming ``flag`` if ``directory`` is a non-empty directory with none of ``markers``: what the
+    CLIs replace whole (an earlier run's output) must be theirs, never a directory of other files named by
+    mistake (``~``, a project folder). A symlink is replaced by the new directory, what it names kept: allowed."""
+    if directory.is_symlink() or not directory.is_dir() or any((directory / m).is_file() for m in markers):
+        return
+    if any(directory.iterdir()):
+        raise CLIError(
+            f"{flag}: {str(directory)!r} is not empty and holds no {markers[0]} ({what} is replaced whole, and "
+            "only an earlier one); delete it yourself or choose another directory"
+        )
 
 
 # -- arguments ----------------------------------------------------------------------------------------
@@ -247,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if above is not None:
         raise CLIError(f"--output-dir: {str(args.output_dir)!r} lies under the file {str(above)!r}")
     refuse_unwritable(args.output_dir, args.output_dir, "--output-dir")
+    adapter_markers = (ADAPTER_CONFIG_NAME, LEGACY_ADAPTER_CONFIG_NAME)
+    refuse_replacing_unrelated(args.output_dir / "adapter", adapter_markers, "its adapter directory", "--output-dir")
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
@@ -891,7 +908,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         _note_answers_longer_than_generated(tokenizer, eval_records, args.eval_max_new_tokens)
 
     _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
-    if (args.output_dir / "adapter").is_dir() and int(os.environ.get("RANK", "0")) == 0:
+    earlier = [args.output_dir / "adapter" / name for name in (ADAPTER_CONFIG_NAME, LEGACY_ADAPTER_CONFIG_NAME)]
+    if any(path.is_file() for path in earlier) and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: this run's adapter will replace the one in {str(args.output_dir / 'adapter')!r}", flush=True)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "checkpoints"),

@@ -41,6 +41,7 @@ from .finetune import (
     directory_written_whole,
     load_model,
     one_line,
+    refuse_replacing_unrelated,
     refuse_unwritable,
     resolve_model_path,
     resolve_nf4_backend,
@@ -51,6 +52,7 @@ from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_conf
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
 
+MERGE_RECORD_NAME = "moka_merge.json"  # what this CLI wrote: --overwrite replaces only such a directory
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -162,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for what, path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")
+    refuse_replacing_unrelated(out, (MERGE_RECORD_NAME,), "with --overwrite, a merged model", "--output-dir")
     return args
 
 
@@ -245,7 +248,7 @@ def merge(args: argparse.Namespace) -> dict:
     with directory_written_whole(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "moka_merge.json").write_text(
+        (tmp / MERGE_RECORD_NAME).write_text(
             json.dumps(
                 {**result, "base_model": canonical_location(args.model), "adapter": str(args.adapter.absolute())},
                 indent=1,

@@ -551,6 +551,15 @@ def test_resume_from_a_corrupt_checkpoint_file_is_one_line_naming_it(model_dir, 
     assert "checkpoint-6" not in os.listdir(out / "checkpoints")
 
 
+def test_an_adapter_directory_of_other_files_is_refused_not_replaced(model_dir, data, tmp_path, capsys):
+    """OUTPUT_DIR/adapter is replaced whole at the end of a run: only an earlier run's adapter may be."""
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "notes.txt").write_text("mine")
+    _fails(_args(model_dir, data, out, "--max-steps", "1"), capsys, "holds no moka_adapter_config.json", tmp_path)
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+
+
 def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
     common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
     out = tmp_path / "run"

@@ -95,6 +95,9 @@ def test_auto_dtype_is_the_checkpoints_and_overwrite_replaces_the_output(base_an
     out.mkdir()
     (out / "old.txt").write_text("x")
     argv = ["--model", str(tmp_path / "bf16"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"]
+    assert main(argv) == 2  # not an earlier merge: --overwrite deleted whatever directory it named (even ~)
+    assert "holds no moka_merge.json" in capsys.readouterr().err and (out / "old.txt").read_text() == "x"
+    (out / "moka_merge.json").write_text("{}")  # an earlier merge's output is replaced whole
     assert main(argv) == 0
     assert "(bfloat16)" in capsys.readouterr().out and not (out / "old.txt").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -127,6 +130,9 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     (out / "keep.txt").write_text("x")
     fails([*common, "--adapter", str(adapter)], "--output-dir: ")
     assert (out / "keep.txt").read_text() == "x"
+    # --overwrite replaces only an earlier merge's output: it deleted any directory named (~, a project)
+    fails([*common, "--adapter", str(adapter), "--overwrite"], "holds no moka_merge.json")
+    assert (out / "keep.txt").read_text() == "x"
     # --overwrite never deletes an input: an output dir that is, or holds, the adapter or the base
     for target in (adapter, adapter.parent, base):
         fails([*common, "--adapter", str(adapter), "--output-dir", str(target), "--overwrite"], "holds the --")
@@ -156,7 +162,7 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     fails(
-        ["--model", str(tmp_path / "broken"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"],
+        ["--model", str(tmp_path / "broken"), "--adapter", str(adapter), "--output-dir", str(tmp_path / "new")],
         "--model: ",
     )
 
@@ -261,6 +267,7 @@ def test_a_failed_overwrite_puts_the_old_output_back(base_and_adapter, tmp_path,
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "moka_merge.json").write_text("{}")
     real_rename = Path.rename
 
     def rename(self, target):  # the new dir's rename into place fails, after the old one moved aside
