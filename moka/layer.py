@@ -367,6 +367,13 @@ class MoKALinear(nn.Module):
         if self.gate_logits is not None:
             self.gate_logits.zero_()
 
+    def reset_parameters(self) -> None:
+        """:meth:`reset_adapter` under the name generic initialization code calls: a model built on the meta
+        device and materialized by ``to_empty`` holds uninitialized memory until each module's
+        ``reset_parameters`` runs. Only the adapter: the base layer is a module of its own (loaded or reset
+        itself)."""
+        self.reset_adapter()
+
     def reset_requires_grad(self) -> None:
         """Make the adapter trainable again (MoKA_s identities stay frozen)."""
         for a in self.a_factors:

@@ -71,8 +71,9 @@ class MoKASummary:
         return 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
 
     def __str__(self) -> str:
+        layers = f"{self.layers_patched} layer{'s' if self.layers_patched != 1 else ''}"
         return (
-            f"MoKA: {self.layers_patched} layers patched, {self.trainable_parameters:,} trainable / "
+            f"MoKA: {layers} patched, {self.trainable_parameters:,} trainable / "
             f"{self.total_parameters:,} total parameters ({self.trainable_percent:.3f}%)"
         )
 
@@ -631,10 +632,28 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def _saved_config(model: nn.Module, layers: dict[str, MoKALinear]) -> MoKAConfig:
     """The config an adapter file records: the model's, with the scale its layers run with (the first
-    layer's: a scale set on every layer after patching is saved; save_adapter refuses layers that differ)."""
+    layer's: a scale set on every layer after patching is saved; save_adapter refuses layers that differ),
+    and, where its ``target_modules`` would not patch exactly these layers in a model like this one (apply_moka
+    called on a submodule with a regex of names relative to it, layers wrapped by hand), their names."""
     first = next(iter(layers.values()))
     config = getattr(model, "moka_config", None) or first.config
-    return config if float(config.scale) == first.scale else dataclasses.replace(config, scale=first.scale)
+    if float(config.scale) != first.scale:
+        config = dataclasses.replace(config, scale=first.scale)
+    if _reload_targets(model, config, layers) != set(layers):
+        config = dataclasses.replace(config, target_modules=sorted(layers))
+    return config
+
+
+def _reload_targets(model: nn.Module, config: MoKAConfig, layers: dict[str, MoKALinear]) -> set[str]:
+    """The layers apply_moka(config) would patch in this model unpatched: the MoKA layers it matches and the
+    matched base layers outside them (a MoKA layer's own base layer sits one level below its name)."""
+    inside = tuple(name + "." for name in layers)
+    matched = {name for name in layers if config.matches(name)}
+    return matched | {
+        name
+        for name, module in model.named_modules()
+        if name and isinstance(module, _BASE_LAYERS) and not name.startswith(inside) and config.matches(name)
+    }
 
 
 def _shapes_from(config: MoKAConfig, layer: MoKALinear, name: str) -> list[tuple[int, ...]] | None:

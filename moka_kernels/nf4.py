@@ -257,8 +257,9 @@ class NF4Tensor:
             raise ValueError(
                 "weight: expected bitsandbytes' standard 4-bit layout, but its CPU inference path has "
                 "repacked it in place (quant_state.packing_format_for_cpu=True; this happens in eval/no-grad "
-                "forwards on AVX512-BF16 CPUs). Wrap the layer before running inference, or set "
-                "`layer.support_avx512bf16_for_cpu = False` on Linear4bit layers before their first forward."
+                "forwards on AVX512-BF16 CPUs, and a model from_pretrained returns is in eval mode), and these "
+                "bytes cannot be read back: reload the model, then patch it before any such forward or set "
+                "`support_avx512bf16_for_cpu = False` on its Linear4bit layers right after loading."
             )
         if quant_state.quant_type != "nf4":
             raise ValueError(f"quant_state.quant_type: expected 'nf4', got {quant_state.quant_type!r}")

@@ -449,7 +449,7 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
         (["--resume"], "--resume: no checkpoint in"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to 2**32 - 1, got -1"),
         (["--dropout", "2"], "--dropout: expected a probability in [0, 1), got 2.0"),
-        (["--scale", "nan"], "--scale: expected a finite real number"),
+        (["--scale", "nan"], "--scale: expected a finite nonzero real number"),
         (["--components", "3,3,3,3"], "--components: components[0]: expected a1*b1 == out_features=64"),
         (["--max-steps", "5", "--epochs", "2"], "--epochs: conflicts with --max-steps 5"),
         (["--nf4-backend", "moka"], "--nf4-backend: only used with --load-in-4bit"),

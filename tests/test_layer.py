@@ -520,3 +520,22 @@ def test_nf4_state_dict_of_another_layout_is_refused_even_when_not_strict():
     same = NF4Linear(quantize_nf4(torch.randn(32, 64), double_quant=True))
     same.load_state_dict(double.state_dict())  # the same layout loads as before
     assert torch.equal(dequantize_nf4(same.nf4_weight, torch.float32), dequantize_nf4(double.nf4_weight, torch.float32))
+
+
+def test_a_layer_built_on_the_meta_device_starts_as_its_base_after_reset_parameters():
+    """The meta-device pattern (FSDP2, big models): to_empty leaves uninitialized memory (NaN logits were seen);
+    the loop generic init code runs, reset_parameters on every module that has it, then the base's weights."""
+    base = nn.Linear(24, 36)
+    with torch.device("meta"):
+        layer = MoKALinear(nn.Linear(24, 36), MoKAConfig(num_components=2, gate=True))
+    layer.to_empty(device="cpu")
+    for p in layer.parameters():
+        p.data.fill_(float("nan"))  # what to_empty may hand out
+    for module in layer.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    layer.base_layer.load_state_dict(base.state_dict())
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert any(f.abs().sum() > 0 for f in [*layer.a_factors, *layer.b_factors])  # one factor of each is not zero

@@ -40,6 +40,8 @@ def test_patch_is_exact_at_init_and_freezes_the_rest():
     assert trainable and all(".a_factors." in n or ".b_factors." in n or n.endswith("gate_logits") for n in trainable)
     assert summary.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert "14 layers patched" in str(summary)
+    one = tiny_llama()
+    assert "MoKA: 1 layer patched" in str(apply_moka(one, MoKAConfig(target_modules=["lm_head"])))
 
 
 def test_regex_and_names_select_layers():
@@ -94,6 +96,26 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     assert torch.equal(fresh(IDS).logits, logits)
+
+
+def test_an_adapter_patched_on_a_submodule_by_regex_reloads_into_the_whole_model(tmp_path):
+    """The saved config's regex was relative to the submodule apply_moka ran on, the saved names to the model:
+    load_adapter matched nothing. Such a config is saved with the layers' names; one that fits keeps its own."""
+    model = tiny_llama()
+    apply_moka(model.model, MoKAConfig(num_components=2, target_modules=r"layers\.0\.self_attn\.[qv]_proj"))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "sub")
+    meta = json.loads((tmp_path / "sub" / "moka_adapter_config.json").read_text())
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert meta["config"]["target_modules"] == names and sorted(meta["layers"]) == names
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "sub")
+    assert sorted(moka_layers(fresh)) == names and torch.equal(fresh(IDS).logits, model(IDS).logits)
+    whole = tiny_llama()
+    apply_moka(whole, MoKAConfig(num_components=2, target_modules=r".*\.self_attn\.[qv]_proj"))
+    save_adapter(whole, tmp_path / "whole")
+    meta = json.loads((tmp_path / "whole" / "moka_adapter_config.json").read_text())
+    assert meta["config"]["target_modules"] == r".*\.self_attn\.[qv]_proj"
 
 
 def test_load_adapter_refuses_a_meta_model_and_leaves_it_unpatched(tmp_path):
