@@ -952,6 +952,43 @@ def test_the_dequantize_route_is_one_decode_launch_and_one_gemm(monkeypatch):
         assert decodes.call_count == 2 * route_decodes, tokens
 
 
+def test_fp32_layers_take_tiles_from_their_own_spill_free_list(monkeypatch):
+    """fp32 operands (the IEEE dot) take twice the registers: the chooser picks from FP32_TILE_SETS for them,
+    the sets that spill at most SPILL_TOLERANCE_BYTES in the committed ptxas census (the AOT check compiles
+    each in fp32), and every launch plan of an fp32 layer asks for them."""
+    import json
+    from pathlib import Path
+
+    import moka_kernels.ops.kron_mixture as km
+
+    fp32_sets = km._candidate_blocks(fp32_operands=True)
+    assert set(fp32_sets) == km.FP32_TILE_SETS and set(fp32_sets) < set(km._candidate_blocks())
+    census = json.loads((Path(__file__).parents[1] / "benchmarks/results/registers.json").read_text())["rows"]
+    worst: dict[tuple, int] = {}
+    for row in census:
+        if row["constexprs"].get("DOT_FP32"):
+            key = tuple(row["tile_set"])
+            worst[key] = max(worst.get(key, 0), row["spill_bytes"])
+    assert set(worst) == set(km._candidate_blocks())  # the census covers every bf16-budget set in fp32
+    assert {b for b, spill in worst.items() if spill <= km.SPILL_TOLERANCE_BYTES} == km.FP32_TILE_SETS
+    dims = _sandwich_dims(auto_component_shapes(4096, 4096, 5))
+    half, single = km.choose_blocks(dims), km.choose_blocks(dims, fp32_operands=True)
+    assert half == (128, 16, 32, 32) and worst[half] > 200  # bf16's pick spills 240 B in fp32
+    assert single in km.FP32_TILE_SETS and sum(_executed_macs(d, single) for d in dims) <= 1.65 * sum(
+        j * l_ * q + p * j * q for p, j, l_, q in dims
+    )
+    # every plan of a layer asks for its operands' list: forward and backward, fp32 and bf16
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    asked = []
+    choose = km.choose_blocks
+    monkeypatch.setattr(km, "choose_blocks", lambda d, fp32_operands=False: asked.append(fp32_operands) or choose(d))
+    for dtype, fp32 in ((torch.float32, True), (torch.bfloat16, False)):
+        asked.clear()
+        x, weight, a_f, b_f, g, bias = make_problem(48, 64, auto_component_shapes(48, 64, 3), dtype, gate=True)
+        moka_linear(x, weight, a_f, b_f, g, bias).sum().backward()
+        assert len(asked) >= 3 and set(asked) == {fp32}, (dtype, asked)
+
+
 def test_split_k_follows_the_device_multiprocessor_count(monkeypatch):
     import moka_kernels.ops.nf4_matmul as nm
 

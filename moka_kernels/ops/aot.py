@@ -262,6 +262,10 @@ def variants() -> list[Variant]:
     single_quant = dict(first_t.pointer_types, absmax_ptr="*fp32")  # fp32 scales without double quantization
     single_quant_flags = dict(first_t.constexprs, BLOCKSIZE=256, DOUBLE_QUANT=False)
     out.append(dataclasses.replace(first_t, pointer_types=single_quant, constexprs=single_quant_flags))
+    # fp32 layers: every set of their own list (FP32_TILE_SETS: its spills do not shrink with the tiles,
+    # so the maximal sets would not bound the others), with fp32 logits as MoKALinear passes them.
+    for tile_set in kron_mixture._candidate_blocks(fp32_operands=True):
+        out += kron_variants(tile_set, "fp32", ("1-fp32",))
     # fp32 inputs take the IEEE-precision dot branch: the first config of each kernel again, in fp32.
     for kernel in _kernels():
         first = next(v for v in out if v.kernel == kernel)
@@ -280,8 +284,8 @@ def kron_variants(
     Spill-checked when the chooser can pick the set."""
     from . import kron_mixture
 
-    checked = blocks in kron_mixture._candidate_blocks()
     ieee = dtype == "fp32"  # fp32 inputs take the IEEE-precision dot branch, as a launch does (dot_in_fp32)
+    checked = blocks in kron_mixture._candidate_blocks(fp32_operands=ieee)
     bp, bj, bl, bq = blocks
     out = []
     for gate_key, gate_mode, gate_type in (

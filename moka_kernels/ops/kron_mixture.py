@@ -562,6 +562,43 @@ ACC_ELEMENTS = 4096  # BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q: fp32 tiles of 
 # from 8704 up, 27 of the 47 sets spill more than 32 B in some kernel or target (68 B and up, e.g.
 # 128×16×64×32: 108 B, 64⁴: 236 B; benchmarks/results/registers.json).
 TILE_ELEMENTS = 8192
+# fp32 operands (an fp32 layer's IEEE-precision dot) take a register per element, where two 16-bit ones
+# share one: of the 64 sets within TILE_ELEMENTS, 36 spill more than 32 B in some kernel and target, up to
+# 1.6 KB (ptxas on sm_80 and sm_90, benchmarks/results/registers.json). These 28 spill at most 32 B in each;
+# no size rule picks them out (16×16×32×32 spills 44 B where 16×32×32×32 spills none), so they are listed,
+# and the AOT check (tests/test_aot_compile.py) compiles every one of them in fp32 on each run.
+FP32_TILE_SETS = frozenset(
+    {
+        (16, 16, 16, 16),
+        (16, 16, 16, 32),
+        (16, 16, 16, 64),
+        (16, 16, 32, 16),
+        (16, 16, 64, 16),
+        (16, 32, 16, 16),
+        (16, 32, 16, 32),
+        (16, 32, 32, 16),
+        (16, 32, 32, 32),
+        (16, 64, 16, 16),
+        (16, 64, 16, 32),
+        (32, 16, 16, 16),
+        (32, 16, 16, 32),
+        (32, 16, 32, 16),
+        (32, 16, 64, 16),
+        (32, 32, 16, 16),
+        (32, 32, 16, 32),
+        (32, 32, 32, 16),
+        (32, 64, 16, 16),
+        (64, 16, 16, 16),
+        (64, 16, 16, 32),
+        (64, 16, 32, 16),
+        (64, 16, 32, 32),
+        (64, 32, 16, 16),
+        (64, 32, 32, 16),
+        (128, 16, 16, 16),
+        (128, 16, 32, 16),
+        (128, 32, 16, 16),
+    }
+)
 SPILL_TOLERANCE_BYTES = 32  # ptxas spills 8-24 B of a few in-budget tile sets (80-168 registers): not a cost
 DOT_OVERHEAD_MACS = 16 * 16 * 16  # a guess until a GPU sweep: a tl.dot call costs at least a 16³ product
 MIN_DOT_OUTPUTS = 4 * 16 * 8  # 4 warps × one 16×8 MMA tile each: a smaller dot output leaves warps idle
@@ -576,10 +613,11 @@ def tile_policy() -> str:
     return policy
 
 
-@functools.lru_cache(maxsize=2)
-def tile_sets(register_budget: bool = True) -> tuple[tuple[int, int, int, int], ...]:
+@functools.lru_cache(maxsize=4)
+def tile_sets(register_budget: bool = True, fp32_operands: bool = False) -> tuple[tuple[int, int, int, int], ...]:
     """Power-of-two tile sets (BLOCK_P, BLOCK_Q ≤ 128; BLOCK_J, BLOCK_L ≤ 64) whose two fp32 tiles hold at
-    most ACC_ELEMENTS each, and, with ``register_budget``, whose five tiles hold at most TILE_ELEMENTS."""
+    most ACC_ELEMENTS each, and, with ``register_budget``, whose five tiles hold at most TILE_ELEMENTS (and,
+    with ``fp32_operands``, are among FP32_TILE_SETS)."""
     sizes = (16, 32, 64, 128)
     out = []
     for bp in sizes:
@@ -589,14 +627,16 @@ def tile_sets(register_budget: bool = True) -> tuple[tuple[int, int, int, int], 
                     blocks = (bp, bj, bl, bq)
                     if bp * bq > ACC_ELEMENTS or bj * bq > ACC_ELEMENTS:  # accumulator, inner product
                         continue
-                    if not register_budget or tile_elements(blocks) <= TILE_ELEMENTS:
+                    if not register_budget or (
+                        tile_elements(blocks) <= TILE_ELEMENTS and (not fp32_operands or blocks in FP32_TILE_SETS)
+                    ):
                         out.append(blocks)
     return tuple(out)
 
 
-def _candidate_blocks() -> tuple[tuple[int, int, int, int], ...]:
-    """The tile sets :func:`choose_blocks` picks from."""
-    return tile_sets(True)
+def _candidate_blocks(fp32_operands: bool = False) -> tuple[tuple[int, int, int, int], ...]:
+    """The tile sets :func:`choose_blocks` picks from, for 16-bit or fp32 operands."""
+    return tile_sets(True, fp32_operands)
 
 
 def tile_elements(blocks: tuple[int, int, int, int]) -> int:
@@ -646,18 +686,20 @@ def padded_work(
     return _cdiv(p, bp) * _cdiv(q, bq) * _cdiv(j, bj) * per_j_block
 
 
-def choose_blocks(dims: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+def choose_blocks(dims: Sequence[tuple[int, int, int, int]], fp32_operands: bool = False) -> tuple[int, int, int, int]:
     """One launch's tile sizes for jobs of these (P, J, L, Q): with the ``min-work`` policy the candidate
     (each a power of two from 16; BLOCK_P · BLOCK_Q and BLOCK_J · BLOCK_Q, the two fp32 tiles, at most
-    ACC_ELEMENTS; all five tiles at most TILE_ELEMENTS, so no kernel spills registers) of least total
-    :func:`padded_work`. The ``max`` policy (kept for the GPU sweep) is not held to the register budget.
+    ACC_ELEMENTS; all five tiles at most TILE_ELEMENTS and, for ``fp32_operands``, one of FP32_TILE_SETS, so
+    no kernel spills registers) of least total :func:`padded_work`. The ``max`` policy (kept for the GPU
+    sweep) is not held to the register budget.
 
     Components of one layer differ in shape (a 16×256 factor beside a 64×64 one), and tiles sized for the
     largest pad the others: at 4096², r = 5 the previous policy (``max``) executed 10.8× the adapter's
     multiply-adds, this one 1.6× (docs/design.md §5.2)."""
     if tile_policy() == "max":
         return tuple(max(block_for(d[i]) for d in dims) for i in range(4))  # type: ignore[return-value]
-    return min(_candidate_blocks(), key=lambda blocks: (sum(padded_work(d, blocks) for d in dims), blocks))
+    candidates = _candidate_blocks(fp32_operands)
+    return min(candidates, key=lambda blocks: (sum(padded_work(d, blocks) for d in dims), blocks))
 
 
 class _PlanCache:
@@ -755,7 +797,10 @@ def _reduce_plan(jobs: Sequence[ReduceJob], sources: Sequence[torch.Tensor]) -> 
     assert len(per_token) <= 2, "reductions read at most two per-token tensors (dy and x)"
     which = {id(sources[index]): slot for slot, index in enumerate(per_token)}
     # out (M×N) = (L (M×K) · S (K×J)) · R (J×N) is the sandwich's shape transposed: P, J, L, Q = N, J, K, M
-    blocks = choose_blocks([(right.cols, shared.cols, left.cols, left.rows) for left, shared, right, _ in jobs])
+    blocks = choose_blocks(
+        [(right.cols, shared.cols, left.cols, left.rows) for left, shared, right, _ in jobs],
+        fp32_operands=operands[0].dtype == torch.float32,
+    )
     bn, bm = blocks[0], blocks[3]
     rows, views, offset = [], [], 0
     for left, shared, right, transposed in jobs:
@@ -912,7 +957,8 @@ def _sandwich_plan(jobs: Sequence[Job]) -> _SandwichPlan:
     assert all(j[0].tensor is m_rows and j[3].tensor is out for j in jobs)
     assert out.dtype in (torch.float32, m_rows.dtype), "out: fp32, or the rows' dtype for the rowwise schedule"
     assert all(f.dtype == factors[0].dtype for f in factors), "the kernel casts every address to one type"
-    bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs])
+    fp32_operands = factors[0].dtype == torch.float32
+    bp, bj, bl, bq = choose_blocks([(s1.rows, s1.cols, m.cols, s2.cols) for m, s1, s2, _ in jobs], fp32_operands)
     rows = []
     for m, s1, s2, o in jobs:
         tiles_q = _cdiv(s2.cols, bq)
