@@ -961,6 +961,13 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         "layers_patched": summary.layers_patched,
         "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
     }
+    # --max-steps only: counting an --epochs run's steps builds a data loader (not done before training)
+    if is_main and args.warmup_steps > 0 and 0 < args.max_steps <= args.warmup_steps:
+        print(
+            f"note: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning "
+            "rate never leaves its linear warm-up (the first step takes lr 0); lower --warmup-steps",
+            flush=True,
+        )
     if can_score and is_main and not args.resume:
         result["accuracy_before"], _ = exact_match_accuracy(model, tokenizer, eval_records, args.eval_max_new_tokens)
         print(f"exact-match accuracy before fine-tuning: {result['accuracy_before']:.1%} on {len(eval_records)}")

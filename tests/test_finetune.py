@@ -93,6 +93,7 @@ def test_trainer_run_end_to_end(model_dir, data, tmp_path, capsys, monkeypatch):
     assert recorded["model"] == str(model_dir.resolve()) and recorded["load_in_4bit"] is False
     printed = capsys.readouterr().out
     assert "MoKA fine-tune summary" in printed and "exact-match accuracy before" in printed
+    assert "--warmup-steps" not in printed  # 6 steps leave the default 5 of warm-up
 
 
 def test_4bit_run_is_the_same_with_either_nf4_backend(model_dir, data, tmp_path, capsys):
@@ -549,6 +550,12 @@ def test_resume_from_a_corrupt_checkpoint_file_is_one_line_naming_it(model_dir, 
         _fails(argv, capsys, f"{pattern} states", out)
         (checkpoint / name).write_bytes(intact)
     assert "checkpoint-6" not in os.listdir(out / "checkpoints")
+
+
+def test_a_run_no_longer_than_its_warmup_is_noted(model_dir, data, tmp_path, capsys):
+    """--max-steps 1 with the default 5 warm-up steps trained nothing (lr 0 at the only step), silently."""
+    run(parse_args(_args(model_dir, data, tmp_path / "run", "--max-steps", "1", "--no-accuracy")))
+    assert "note: --warmup-steps 5 >= --max-steps 1: the learning rate never leaves" in capsys.readouterr().out
 
 
 def test_an_adapter_directory_of_other_files_is_refused_not_replaced(model_dir, data, tmp_path, capsys):
