@@ -195,8 +195,15 @@ def _gguf_dir() -> Path:
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the finished model dir ``tmp`` to ``target``, unless another process (a torchrun rank converting
     at the same time) got there first with a finished copy, which is then kept."""
-    if target.exists() and not (target / "config.json").is_file():  # a leftover without a model in it
-        shutil.rmtree(target, ignore_errors=True)
+    if target.is_dir() and not target.is_symlink() and not (target / "config.json").is_file():
+        # never a conversion's leftover (each converts in a temp dir renamed into place): an empty one is
+        # removed, anything else is someone's, and kept
+        if any(target.iterdir()):
+            raise OSError(
+                f"{str(target)!r} exists and holds no converted model (no config.json); move it away or set "
+                "MOKA_CACHE to another directory"
+            )
+        target.rmdir()
     try:
         tmp.rename(target)
     except OSError:

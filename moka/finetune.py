@@ -28,6 +28,7 @@ import resource
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,8 +37,8 @@ from .config import INITS, LLAMA_TARGET_MODULES, VARIANTS, MoKAConfig
 from .data import DataCollator, format_prompt, read_jsonl, record_form, tokenize_records
 from .model import (
     ADAPTER_CONFIG_NAME,
-    LEGACY_ADAPTER_CONFIG_NAME,
     MoKASummary,
+    _is_legacy_moka_adapter,
     apply_moka,
     load_adapter,
     moka_layers,
@@ -75,17 +76,63 @@ def refuse_unwritable(where: Path, path: Path, flag: str) -> None:
         raise CLIError(f"{flag}: {str(path)!r} cannot be written ({str(existing)!r} is not writable)")
 
 
-def refuse_replacing_unrelated(directory: Path, markers: tuple[str, ...], what: str, flag: str) -> None:
-    """A CLIError naming ``flag`` if ``directory`` is a non-empty directory with none of ``markers``: what the
-    CLIs replace whole (an earlier run's output) must be theirs, never a directory of other files named by
-    mistake (``~``, a project folder). A symlink is replaced by the new directory, what it names kept: allowed."""
-    if directory.is_symlink() or not directory.is_dir() or any((directory / m).is_file() for m in markers):
+def refuse_replacing_unrelated(directory: Path, is_ours: Callable[[Path], bool], ours: str, flag: str) -> None:
+    """A CLIError naming ``flag`` if ``directory`` is a file, or a non-empty directory ``is_ours`` does not
+    recognize: what the CLIs replace whole (an earlier run's output) must be theirs, never a directory of
+    other files named by mistake (``~``, a project folder). A symlink is replaced by the new directory, what
+    it names kept: allowed. ``ours`` says what is replaced ("an earlier moka-merge output (moka_merge.json)")."""
+    if directory.is_symlink() or not directory.exists():
         return
-    if any(directory.iterdir()):
+    if not directory.is_dir():
+        raise CLIError(f"{flag}: {str(directory)!r} is a file, where this writes a directory; move it away")
+    if any(directory.iterdir()) and not is_ours(directory):
         raise CLIError(
-            f"{flag}: {str(directory)!r} is not empty and holds no {markers[0]} ({what} is replaced whole, and "
-            "only an earlier one); delete it yourself or choose another directory"
+            f"{flag}: {str(directory)!r} is not empty and is not {ours}, the only directory this replaces; "
+            "delete it yourself or choose another directory"
         )
+
+
+def _is_moka_adapter_dir(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG_NAME).is_file() or _is_legacy_moka_adapter(directory)
+
+
+def _is_moka_checkpoint(path: Path) -> bool:
+    """A checkpoint directory of a moka fine-tune (its run conditions or adapter, or nothing yet: cut short)."""
+    if path.is_symlink() or not path.is_dir() or not re.fullmatch(r"(tmp-)?checkpoint-\d+", path.name):
+        return False
+    return not any(path.iterdir()) or any((path / n).is_file() for n in (RUN_CONDITIONS_NAME, ADAPTER_CONFIG_NAME))
+
+
+def _is_moka_summary(path: Path) -> bool:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"layers_patched", "trainable_parameters"} <= summary.keys()
+
+
+def refuse_replacing_unrelated_outputs(output_dir: Path) -> None:
+    """What a fine-tune replaces or deletes in ``--output-dir`` must be an earlier moka run's: ``adapter/``
+    (replaced whole), ``summary.json`` (rewritten), and the entries of ``checkpoints/`` and
+    ``checkpoints.previous/`` (a new run moves the first to the second, deleting what that held; the
+    Trainer's rotation deletes old checkpoints). Anything else there is refused before any work."""
+    refuse_replacing_unrelated(output_dir / "adapter", _is_moka_adapter_dir, "a moka adapter", "--output-dir")
+    summary = output_dir / "summary.json"
+    if (summary.exists() or summary.is_symlink()) and not _is_moka_summary(summary):
+        raise CLIError(
+            f"--output-dir: {str(summary)!r} is not a moka fine-tune's summary, which a run rewrites; move it away "
+            "or choose another directory"
+        )
+    for name in ("checkpoints", "checkpoints.previous"):
+        directory = output_dir / name
+        if directory.is_dir() and not directory.is_symlink():
+            foreign = sorted(p.name for p in directory.iterdir() if not _is_moka_checkpoint(p))
+            if foreign:
+                raise CLIError(
+                    f"--output-dir: {str(directory)!r} holds {', '.join(foreign[:3])}"
+                    f"{' …' if len(foreign) > 3 else ''}, not moka checkpoints (a new run moves that folder "
+                    "aside and deletes an older one); move them away or choose another directory"
+                )
 
 
 # -- arguments ----------------------------------------------------------------------------------------
@@ -262,8 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if above is not None:
         raise CLIError(f"--output-dir: {str(args.output_dir)!r} lies under the file {str(above)!r}")
     refuse_unwritable(args.output_dir, args.output_dir, "--output-dir")
-    adapter_markers = (ADAPTER_CONFIG_NAME, LEGACY_ADAPTER_CONFIG_NAME)
-    refuse_replacing_unrelated(args.output_dir / "adapter", adapter_markers, "its adapter directory", "--output-dir")
+    refuse_replacing_unrelated_outputs(args.output_dir)
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
@@ -908,8 +954,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         _note_answers_longer_than_generated(tokenizer, eval_records, args.eval_max_new_tokens)
 
     _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
-    earlier = [args.output_dir / "adapter" / name for name in (ADAPTER_CONFIG_NAME, LEGACY_ADAPTER_CONFIG_NAME)]
-    if any(path.is_file() for path in earlier) and int(os.environ.get("RANK", "0")) == 0:
+    earlier_adapter = args.output_dir / "adapter"
+    if earlier_adapter.is_dir() and _is_moka_adapter_dir(earlier_adapter) and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: this run's adapter will replace the one in {str(args.output_dir / 'adapter')!r}", flush=True)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "checkpoints"),

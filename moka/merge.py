@@ -164,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for what, path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")
-    refuse_replacing_unrelated(out, (MERGE_RECORD_NAME,), "with --overwrite, a merged model", "--output-dir")
+    earlier_merge = f"an earlier moka-merge output (it holds {MERGE_RECORD_NAME})"
+    refuse_replacing_unrelated(out, lambda d: (d / MERGE_RECORD_NAME).is_file(), earlier_merge, "--output-dir")
     return args
 
 

@@ -558,13 +558,42 @@ def test_a_run_no_longer_than_its_warmup_is_noted(model_dir, data, tmp_path, cap
     assert "note: --warmup-steps 5 >= --max-steps 1: the learning rate never leaves" in capsys.readouterr().out
 
 
-def test_an_adapter_directory_of_other_files_is_refused_not_replaced(model_dir, data, tmp_path, capsys):
-    """OUTPUT_DIR/adapter is replaced whole at the end of a run: only an earlier run's adapter may be."""
+@pytest.mark.parametrize(
+    "entry, content, pattern",
+    [
+        ("adapter/notes.txt", "mine", "is not a moka adapter"),
+        ("adapter/adapter_config.json", '{"peft_type": "LORA"}', "is not a moka adapter"),  # PEFT's file name
+        ("adapter", "a file", "is a file, where this writes a directory"),
+        ("summary.json", '{"accuracy": 0.9}', "is not a moka fine-tune's summary"),
+        ("checkpoints/checkpoint-epoch10.pth", "weights", "not moka checkpoints"),
+        ("checkpoints/checkpoint-1000/model.safetensors", "weights", "not moka checkpoints"),
+        ("checkpoints.previous/important.txt", "mine", "not moka checkpoints"),
+    ],
+)
+def test_output_dir_files_a_run_would_replace_must_be_an_earlier_runs(
+    model_dir, data, tmp_path, capsys, entry, content, pattern
+):
+    """--output-dir ~/project: the adapter folder is replaced whole, summary.json rewritten, checkpoints/
+    moved to checkpoints.previous/ (whose entries are deleted) and rotated. Other files there are refused up
+    front, not lost (a PEFT adapter, a project's own checkpoints or summary were)."""
+    out = tmp_path / "project"
+    (out / entry).parent.mkdir(parents=True, exist_ok=True)
+    (out / entry).write_text(content)
+    assert main(_args(model_dir, data, out, "--max-steps", "1")) == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moka-finetune:")]
+    assert len(err_lines) == 1 and pattern in err_lines[0], err_lines
+    assert (out / entry).read_text() == content and sorted(p.name for p in out.iterdir()) == [entry.split("/")[0]]
+
+
+def test_a_new_run_moves_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_path, capsys):
+    """What the checks above let through: an earlier moka run's outputs are replaced as before."""
     out = tmp_path / "run"
-    (out / "adapter").mkdir(parents=True)
-    (out / "adapter" / "notes.txt").write_text("mine")
-    _fails(_args(model_dir, data, out, "--max-steps", "1"), capsys, "holds no moka_adapter_config.json", tmp_path)
-    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+    common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
+    run(parse_args(_args(model_dir, data, out, *common)))
+    run(parse_args(_args(model_dir, data, out, *common)))
+    printed = capsys.readouterr().out
+    assert "will replace the one in" in printed and "moved 1 checkpoint(s) of an earlier run" in printed
+    assert (out / "checkpoints.previous" / "checkpoint-2" / "moka_run.json").is_file()
 
 
 def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
@@ -682,9 +711,14 @@ def test_embedded_conversion_keeps_a_copy_another_rank_finished_first(tmp_path):
     target = model_dir("target", "first")
     _publish(model_dir("mine", "second"), target)  # the rename fails: target is a non-empty directory
     assert (target / "config.json").read_text() == "first"
-    (target / "config.json").unlink()  # a leftover without a model: replaced
+    (target / "config.json").unlink()  # an empty directory in its place: replaced
     _publish(model_dir("again", "third"), target)
     assert (target / "config.json").read_text() == "third"
+    (target / "config.json").unlink()  # someone's files under that name (MOKA_CACHE=~/models): kept, refused
+    (target / "model.gguf").write_text("theirs")
+    with pytest.raises(OSError, match="holds no converted model"):
+        _publish(model_dir("fourth", "fourth"), target)
+    assert (target / "model.gguf").read_text() == "theirs"
 
 
 def test_each_process_takes_its_own_gpu_or_the_one_it_sees(monkeypatch):

@@ -96,7 +96,7 @@ def test_auto_dtype_is_the_checkpoints_and_overwrite_replaces_the_output(base_an
     (out / "old.txt").write_text("x")
     argv = ["--model", str(tmp_path / "bf16"), "--adapter", str(adapter), "--output-dir", str(out), "--overwrite"]
     assert main(argv) == 2  # not an earlier merge: --overwrite deleted whatever directory it named (even ~)
-    assert "holds no moka_merge.json" in capsys.readouterr().err and (out / "old.txt").read_text() == "x"
+    assert "is not an earlier moka-merge output" in capsys.readouterr().err and (out / "old.txt").read_text() == "x"
     (out / "moka_merge.json").write_text("{}")  # an earlier merge's output is replaced whole
     assert main(argv) == 0
     assert "(bfloat16)" in capsys.readouterr().out and not (out / "old.txt").exists()
@@ -131,7 +131,7 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
     fails([*common, "--adapter", str(adapter)], "--output-dir: ")
     assert (out / "keep.txt").read_text() == "x"
     # --overwrite replaces only an earlier merge's output: it deleted any directory named (~, a project)
-    fails([*common, "--adapter", str(adapter), "--overwrite"], "holds no moka_merge.json")
+    fails([*common, "--adapter", str(adapter), "--overwrite"], "is not an earlier moka-merge output")
     assert (out / "keep.txt").read_text() == "x"
     # --overwrite never deletes an input: an output dir that is, or holds, the adapter or the base
     for target in (adapter, adapter.parent, base):
