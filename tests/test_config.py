@@ -209,3 +209,22 @@ def test_warning_free_default_on_llama_shapes():
         warnings.simplefilter("error")
         for n_out, k_in in [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 14336)]:
             assert len(MoKAConfig().component_shapes(n_out, k_in)) == 5
+
+
+def test_moka_s_never_gives_a_scalar_b_and_takes_k_near_the_fourth_root():
+    for n in (4, 8, 64):
+        assert all(b1 * b2 > 1 for _, _, b1, b2 in auto_component_shapes(n, n, 5, "moka_s"))
+    assert auto_component_shapes(4096, 4096, 1, "moka_s") == [(64, 64, 64, 64)]
+
+
+def test_a_target_name_matches_only_whole_name_parts():
+    config = MoKAConfig(target_modules=["up_proj"])
+    assert config.matches("model.mlp.up_proj") and config.matches("up_proj")
+    assert not config.matches("model.mlp.gate_up_proj")  # Phi-3's fused projection
+
+
+def test_dropout_one_and_components_of_another_input_width_are_refused():
+    with pytest.raises(ValueError, match="dropout"):
+        MoKAConfig(dropout=1.0)  # the adapter's input would always be zero
+    with pytest.raises(ValueError, match=r"components\[0\].*in_features=32"):
+        MoKALinear(nn.Linear(32, 16), MoKAConfig(components=[(4, 4, 4, 4)]))  # a2·b2 = 16

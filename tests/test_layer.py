@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -539,3 +540,47 @@ def test_a_layer_built_on_the_meta_device_starts_as_its_base_after_reset_paramet
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
     assert all(torch.isfinite(p).all() for p in layer.parameters())
     assert any(f.abs().sum() > 0 for f in [*layer.a_factors, *layer.b_factors])  # one factor of each is not zero
+
+
+def _randomized(layer: MoKALinear) -> MoKALinear:
+    with torch.no_grad():
+        for p in [*layer.a_factors, *layer.b_factors]:
+            p.normal_(0, 0.3)
+        if layer.gate_logits is not None:
+            layer.gate_logits.normal_()
+    return layer
+
+
+def test_the_nonzero_factor_starts_as_nn_linear_s_kaiming_uniform():
+    """kaiming_uniform_(a=√5): bound 1/√fan_in, PEFT's and nn.Linear's default."""
+    torch.manual_seed(0)
+    layer = MoKALinear(nn.Linear(64, 64), MoKAConfig(num_components=3))
+    for a in layer.a_factors:
+        assert 0.5 / math.sqrt(a.shape[1]) < a.abs().max() <= 1 / math.sqrt(a.shape[1])
+
+
+def test_disabled_adapters_keep_the_base_bias():
+    base = nn.Linear(16, 8)
+    layer = _randomized(MoKALinear(base, MoKAConfig(num_components=2)))
+    x = torch.randn(3, 16)
+    layer.adapters_enabled = False
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def test_an_nf4_merge_with_bf16_adapters_sums_in_fp32():
+    """Neither the factors (bf16) nor the base (NF4) is fp32: W0 + ΔW is still formed in fp32 for an fp32
+    merge (it was decoded to bf16 and ΔW rounded: 2.5e-3 rel. error)."""
+    torch.manual_seed(0)
+    w = quantize_nf4(torch.randn(16, 32))
+    layer = _randomized(MoKALinear(w, MoKAConfig(num_components=2, adapter_dtype=torch.bfloat16)))
+    merged = layer.merge(dtype=torch.float32)
+    assert_close_rel(merged.weight, dequantize_nf4(w, torch.float64) + layer.delta_weight(torch.float64), 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_a_merge_keeps_the_layer_s_scale(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16) if kind == "linear" else quantize_nf4(torch.randn(16, 32))
+    layer = _randomized(MoKALinear(base, MoKAConfig(num_components=2, scale=2.5)))
+    x = torch.randn(4, 32)
+    assert_close_rel(layer.merge()(x), layer(x), 1e-5)

@@ -355,3 +355,18 @@ def test_merge_moka_keeps_another_quantizers_config(base_and_adapter, tmp_path):
     assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_4bit_layers_keeps_their_bias():
+    """moka-merge --load-in-4bit decodes every 4-bit layer: a biased one kept nn.Linear's random bias."""
+    from torch import nn
+
+    from moka import NF4Linear, quantize_nf4
+    from moka.merge import decode_4bit_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(NF4Linear(quantize_nf4(torch.randn(8, 64)), torch.randn(8)))
+    x = torch.randn(2, 64)
+    before = model(x)
+    assert decode_4bit_layers(model, torch.float32) == 1 and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), before)

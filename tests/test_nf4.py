@@ -167,3 +167,15 @@ def test_decode_tables_ignore_a_default_device_context(monkeypatch):
         assert nf4_module.dynamic_code().device.type == "cpu"
     assert all(t.device.type == "cpu" for t in nf4_module._TABLES.values())
     assert torch.equal(dequantize_nf4(q), expected)
+
+
+def test_values_exactly_between_two_codes_round_as_bitsandbytes_does():
+    """Ties at the code midpoints go the way bitsandbytes sends them, byte for byte."""
+    code = torch.tensor(NF4_CODE)
+    midpoints = (code[:-1] + code[1:]) / 2
+    w = torch.zeros(1, 64)
+    w[0, 0] = 1.0  # the block's absmax: the midpoints stay exact after scaling
+    w[0, 1:16], w[0, 16:31] = midpoints, -midpoints
+    q = quantize_nf4(w, 64, False)
+    packed, _ = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(q.packed.reshape(-1), packed.reshape(-1).view(torch.uint8))

@@ -362,3 +362,35 @@ def test_first_order_grads_with_create_graph_under_activation_checkpointing():
     expected = torch.autograd.grad(moka_linear(x, weight, a_f, b_f, g, b).pow(2).sum(), [x, *a_f])
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_fp32_factor_gradients_of_a_bf16_layer_are_fp32_sums():
+    """bf16 activations with fp32 master factors (MoKALinear's default on a bf16 model): the factors' raw
+    gradient sums run in fp32, as the Triton backend's do (rounded to bf16 they were off by ~0.4%)."""
+    shape = (8, 2, 4, 32)
+    assert contraction_order(shape[:2], shape[2:]) == "b_first"
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    a, b = torch.randn(8, 2, requires_grad=True), torch.randn(4, 32, requires_grad=True)
+    g = torch.randn(1, requires_grad=True)
+    out = moka_linear(x, w, [a], [b], g, None, 0.7)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    a64, b64 = (f.detach().bfloat16().double().requires_grad_() for f in (a, b))
+    reference = moka_linear_materialized(x.double(), w.double(), [a64], [b64], g.detach().double(), None, 0.7)
+    reference.backward(grad_out.double())
+    # dA sums G_t (X_t Bᵀ)ᵀ over bf16 inputs only; dB's intermediate Aᵀ G is rounded to bf16 first, as the
+    # Triton reduction rounds its intermediate (docs/design.md §5), so only dA is exact to fp32 here
+    assert_close_rel(a.grad, a64.grad, 1e-5, "dA")
+
+
+def test_the_adapter_input_gets_its_gradient_when_x_needs_none():
+    """moka_linear(x, ..., adapter_input=xa) with only xa requiring grad (the base input frozen upstream)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    xa = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 12, dtype=torch.float64)
+    a, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    moka_linear(x, w, [a], [b], None, None, 0.5, xa).sum().backward()
+    assert xa.grad is not None
+    torch.testing.assert_close(xa.grad, 0.5 * torch.kron(a, b).sum(0).expand(5, 12))

@@ -1195,3 +1195,13 @@ def test_factors_in_another_dtype_than_the_rows_are_refused_before_a_launch():
         kernel(rows, a_f, b_f)
         with pytest.raises(TypeError, match=r"the dtype of the rows they multiply \(torch\.float32\)"):
             kernel(rows.float(), a_f, b_f)
+
+
+def test_the_adapter_input_gets_its_gradient_when_x_needs_none_on_the_kernels(monkeypatch):
+    monkeypatch.setenv("MOKA_BACKEND", "triton")
+    torch.manual_seed(0)
+    x, xa = torch.randn(5, 12), torch.randn(5, 12, requires_grad=True)
+    w, a, b = torch.randn(6, 12), torch.randn(2, 3), torch.randn(3, 4)
+    moka_linear(x, w, [a], [b], None, None, 0.5, xa).sum().backward()
+    assert xa.grad is not None
+    torch.testing.assert_close(xa.grad, 0.5 * torch.kron(a, b).sum(0).expand(5, 12))
