@@ -136,8 +136,8 @@ class MoKAConfig:
         if not (is_finite_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
-        if not is_finite_real(self.scale) or self.scale == 0:  # at 0 every adapter gradient is 0: it never trains
-            raise ValueError(f"scale: expected a finite nonzero real number, got {self.scale!r}")
+        if not is_finite_real(self.scale):
+            raise ValueError(f"scale: expected a finite real number, got {self.scale!r}")
         self.scale = float(self.scale)  # a NumPy scalar would not serialize to JSON
         if not isinstance(self.gate, bool):
             raise ValueError(f"gate: expected True or False, got {self.gate!r}")

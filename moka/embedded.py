@@ -224,6 +224,11 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):  # see _publish
+        raise OSError(
+            f"{str(target)!r} exists and holds no converted model (no config.json); move it away or set "
+            "MOKA_CACHE to another directory"
+        )
     source = _gguf_dir()
     try:  # before the conversion's half minute, not after it
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -96,14 +96,39 @@ def _is_moka_adapter_dir(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG_NAME).is_file() or _is_legacy_moka_adapter(directory)
 
 
+# What a moka fine-tune's checkpoint holds: its adapter and run conditions, the Trainer's states (each rank's
+# RNG state, possibly before rank 0's adapter lands), the tokenizer's files.
+_CHECKPOINT_FILES = re.compile(
+    r"moka_.*|trainer_state\.json|training_args\.bin|(optimizer|scheduler|scaler)\.pt|rng_state(_\d+)?\.pth"
+    r"|tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\..*|merges\.txt"
+    r"|spiece\.model|sentencepiece\.bpe\.model"
+)
+
+
 def _is_moka_checkpoint(path: Path) -> bool:
-    """A checkpoint directory of a moka fine-tune (its run conditions or adapter, or nothing yet: cut short)."""
-    if path.is_symlink() or not path.is_dir() or not re.fullmatch(r"(tmp-)?checkpoint-\d+", path.name):
+    """An entry of a fine-tune's ``checkpoints/`` that moka wrote (or may delete without loss): a symlink (only
+    the link moves or goes), save_adapter's hidden staging dir of a save cut short, or a ``checkpoint-N``
+    directory of only the files a moka checkpoint holds (a legacy adapter's too). Model weights, a config.json
+    or a PEFT adapter make it someone else's."""
+    if path.is_symlink() or (path.is_dir() and re.fullmatch(r"\.(tmp-)?checkpoint-\d+\..+", path.name)):
+        return True
+    if not path.is_dir() or not re.fullmatch(r"(tmp-)?checkpoint-\d+", path.name):
         return False
-    return not any(path.iterdir()) or any((path / n).is_file() for n in (RUN_CONDITIONS_NAME, ADAPTER_CONFIG_NAME))
+    legacy = _is_legacy_moka_adapter(path)
+    return all(
+        f.is_file()
+        and (
+            _CHECKPOINT_FILES.fullmatch(f.name)
+            or (legacy and f.name in ("adapter_config.json", "adapter_model.safetensors"))
+        )
+        for f in path.iterdir()
+    )
 
 
 def _is_moka_summary(path: Path) -> bool:
+    """A moka fine-tune's summary.json, or what replacing loses nothing of: a symlink, an empty file."""
+    if path.is_symlink() or (path.is_file() and path.stat().st_size == 0):
+        return True
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -111,11 +136,11 @@ def _is_moka_summary(path: Path) -> bool:
     return isinstance(summary, dict) and {"layers_patched", "trainable_parameters"} <= summary.keys()
 
 
-def refuse_replacing_unrelated_outputs(output_dir: Path) -> None:
+def refuse_replacing_unrelated_outputs(output_dir: Path, resume: bool = False) -> None:
     """What a fine-tune replaces or deletes in ``--output-dir`` must be an earlier moka run's: ``adapter/``
-    (replaced whole), ``summary.json`` (rewritten), and the entries of ``checkpoints/`` and
-    ``checkpoints.previous/`` (a new run moves the first to the second, deleting what that held; the
-    Trainer's rotation deletes old checkpoints). Anything else there is refused before any work."""
+    (replaced whole), ``summary.json`` (rewritten), and the entries of ``checkpoints/`` (the Trainer's
+    rotation deletes old ones; a new run moves the folder to ``checkpoints.previous/``, deleting what that
+    held, so its entries too unless ``resume``). Anything else there is refused before any work."""
     refuse_replacing_unrelated(output_dir / "adapter", _is_moka_adapter_dir, "a moka adapter", "--output-dir")
     summary = output_dir / "summary.json"
     if (summary.exists() or summary.is_symlink()) and not _is_moka_summary(summary):
@@ -123,15 +148,20 @@ def refuse_replacing_unrelated_outputs(output_dir: Path) -> None:
             f"--output-dir: {str(summary)!r} is not a moka fine-tune's summary, which a run rewrites; move it away "
             "or choose another directory"
         )
-    for name in ("checkpoints", "checkpoints.previous"):
+    why = {
+        "checkpoints": "old checkpoints are deleted as new ones are saved"
+        + ("" if resume else ", and a new run moves this folder aside"),
+        "checkpoints.previous": "a new run deletes this folder's entries",
+    }
+    for name in ("checkpoints",) if resume else ("checkpoints", "checkpoints.previous"):
         directory = output_dir / name
         if directory.is_dir() and not directory.is_symlink():
             foreign = sorted(p.name for p in directory.iterdir() if not _is_moka_checkpoint(p))
             if foreign:
                 raise CLIError(
                     f"--output-dir: {str(directory)!r} holds {', '.join(foreign[:3])}"
-                    f"{' …' if len(foreign) > 3 else ''}, not moka checkpoints (a new run moves that folder "
-                    "aside and deletes an older one); move them away or choose another directory"
+                    f"{' …' if len(foreign) > 3 else ''}, not moka checkpoints ({why[name]}); move them away or "
+                    "choose another directory"
                 )
 
 
@@ -309,7 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if above is not None:
         raise CLIError(f"--output-dir: {str(args.output_dir)!r} lies under the file {str(above)!r}")
     refuse_unwritable(args.output_dir, args.output_dir, "--output-dir")
-    refuse_replacing_unrelated_outputs(args.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone moves and deletes (the others might see it halfway)
+        refuse_replacing_unrelated_outputs(args.output_dir, args.resume)
     if args.load_in_4bit:  # else no one quantizes: the flag is not checked against what is installed
         args.nf4_backend = resolve_nf4_backend(args.nf4_backend)
     return args
@@ -382,6 +413,8 @@ def target_names(args: argparse.Namespace) -> list[str] | str:
 
 
 def moka_config_from_args(args: argparse.Namespace) -> MoKAConfig:
+    if args.scale == 0:  # a config may hold 0 (a layer switched off by hand); a fine-tune at 0 never trains
+        raise CLIError("--scale: expected a finite nonzero real number (at 0 every adapter gradient is 0), got 0.0")
     try:
         return MoKAConfig(
             num_components=args.num_components,
@@ -515,17 +548,27 @@ def load_model(
 
 
 # -- trainer ------------------------------------------------------------------------------------------
+class CheckpointReadError(ValueError):
+    """A part of a checkpoint could not be read (a truncated or corrupt file)."""
+
+
 @contextlib.contextmanager
 def _checkpoint_part(checkpoint: str | None, what: str):
-    """Turns a failure to read part of a checkpoint (a truncated or corrupt file: torch.load raises
-    RuntimeError, EOFError or an unpickling error; a state of another optimizer: ValueError or KeyError)
-    into one ValueError naming the checkpoint, before the Trainer takes a step."""
+    """Turns a failure to read a file of a checkpoint (truncated or corrupt: torch.load raises an unpickling
+    error, EOFError, or a RuntimeError from its zip reader) into a CheckpointReadError naming the checkpoint,
+    before the Trainer takes a step. Other errors (out of memory, a collective, a mismatched state) pass:
+    an earlier checkpoint would meet them too."""
     try:
         yield
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, OSError) as err:
-        raise ValueError(
-            f"resume_from_checkpoint: cannot read the {what} of {str(checkpoint)!r} ({type(err).__name__}: "
-            f"{one_line(err, 120)}); remove that checkpoint directory to continue from an earlier one"
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        unreadable = not isinstance(err, RuntimeError) or any(
+            sign in str(err) for sign in ("PytorchStreamReader", "zip archive", "central directory")
+        )
+        if not unreadable or isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise CheckpointReadError(
+            f"resume_from_checkpoint: cannot read the {what} of {str(checkpoint)!r}; if that file is damaged, "
+            f"remove the checkpoint directory to continue from an earlier one ({type(err).__name__}: {one_line(err)})"
         ) from err
 
 
@@ -1036,7 +1079,10 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         trainer.state.global_step = resumed_step  # the final evaluation is logged at the last step, not at 0
         global_step, train_loss = resumed_step, None
     else:
-        output = trainer.train(resume_from_checkpoint=None if resume is None else resume[0])
+        try:
+            output = trainer.train(resume_from_checkpoint=None if resume is None else resume[0])
+        except CheckpointReadError as err:
+            raise CLIError("--resume: " + str(err).removeprefix("resume_from_checkpoint: ")) from None
         global_step, train_loss = output.global_step, output.training_loss
     seconds = time.perf_counter() - start
     steps_run = global_step - resumed_step  # a resumed run's earlier steps took no time here
@@ -1071,7 +1117,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
                 for r, p in list(zip(eval_records, preds, strict=True))[::stride][:6]
             ]
         result["adapter_dir"] = str(adapter_dir.absolute())  # summary.json is read from anywhere
-        (args.output_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        _write_whole(args.output_dir / "summary.json", json.dumps(result, indent=1))
         print_summary(result)
     return result
 
@@ -1173,6 +1219,13 @@ def directory_written_whole(directory: Path):
         old.unlink()
     elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part (a disk filling up, a kill)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _or_na(value: float | None, spec: str = "") -> str:

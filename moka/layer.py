@@ -357,7 +357,7 @@ class MoKALinear(nn.Module):
         zero_a = self.config.init == "zero_a" and self.variant == "moka"
         for a, b in zip(self.a_factors, self.b_factors, strict=True):
             if self.variant == "moka_s":
-                a.copy_(torch.eye(a.shape[0], dtype=a.dtype))
+                nn.init.eye_(a)  # not copy_(torch.eye(...)): that fails on FSDP2's DTensor shards
                 a.requires_grad_(False)
                 b.zero_()
                 continue

@@ -180,9 +180,8 @@ def test_config_errors_name_the_parameter():
         (dict(variant="lokr"), "variant: expected one of"),
         (dict(init="normal"), "init: expected one of"),
         (dict(dropout=1.5), r"dropout: expected a probability in \[0, 1\)"),
-        (dict(scale=float("nan")), "scale: expected a finite nonzero real number"),
-        (dict(scale=10**400), "scale: expected a finite nonzero real number"),
-        (dict(scale=0.0), "scale: expected a finite nonzero real number"),  # the adapter would never train
+        (dict(scale=float("nan")), "scale: expected a finite real number"),
+        (dict(scale=10**400), "scale: expected a finite real number"),
         (dict(gate="no"), "gate: expected True or False"),
         (dict(target_modules=[]), "target_modules: expected a non-empty list"),
         (dict(target_modules="(["), "target_modules: invalid regular expression"),

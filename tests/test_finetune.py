@@ -450,7 +450,8 @@ def test_empty_and_malformed_jsonl(model_dir, tmp_path, capsys):
         (["--resume"], "--resume: no checkpoint in"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to 2**32 - 1, got -1"),
         (["--dropout", "2"], "--dropout: expected a probability in [0, 1), got 2.0"),
-        (["--scale", "nan"], "--scale: expected a finite nonzero real number"),
+        (["--scale", "nan"], "--scale: expected a finite real number"),
+        (["--scale", "0"], "--scale: expected a finite nonzero real number"),  # the adapter would never train
         (["--components", "3,3,3,3"], "--components: components[0]: expected a1*b1 == out_features=64"),
         (["--max-steps", "5", "--epochs", "2"], "--epochs: conflicts with --max-steps 5"),
         (["--nf4-backend", "moka"], "--nf4-backend: only used with --load-in-4bit"),
@@ -586,14 +587,57 @@ def test_output_dir_files_a_run_would_replace_must_be_an_earlier_runs(
 
 
 def test_a_new_run_moves_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_path, capsys):
-    """What the checks above let through: an earlier moka run's outputs are replaced as before."""
+    """What the checks above let through: an earlier moka run's outputs, also as a run cut short leaves them
+    (save_adapter's hidden staging dir, another rank's RNG state alone in a checkpoint, an empty summary),
+    a legacy adapter's checkpoint and a symlinked one, are replaced as before; --resume looks only at what
+    it may delete."""
     out = tmp_path / "run"
     common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
     run(parse_args(_args(model_dir, data, out, *common)))
+    checkpoints = out / "checkpoints"
+    (checkpoints / ".checkpoint-4.x1y2").mkdir()  # a save killed by SIGTERM
+    (checkpoints / ".checkpoint-4.x1y2" / "moka_adapter.safetensors").write_text("")
+    (checkpoints / "checkpoint-6").mkdir()  # rank 1's RNG state, before rank 0's adapter landed
+    (checkpoints / "checkpoint-6" / "rng_state_1.pth").write_text("")
+    legacy = checkpoints / "checkpoint-8"  # before moka's own file names
+    legacy.mkdir()
+    (legacy / "adapter_model.safetensors").write_text("")
+    (legacy / "adapter_config.json").write_text(json.dumps({"config": {}, "layers": {}}))
+    elsewhere = tmp_path / "kept"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_text("theirs")
+    (checkpoints / "checkpoint-10").symlink_to(elsewhere, target_is_directory=True)
+    (out / "summary.json").write_text("")  # a disk that filled up while it was written
+    (out / "checkpoints.previous").mkdir()
+    (out / "checkpoints.previous" / "notes.txt").write_text("mine")
+    parse_args(_args(model_dir, data, out, *common, "--resume"))  # --resume never touches checkpoints.previous
+    (out / "checkpoints.previous" / "notes.txt").unlink()
     run(parse_args(_args(model_dir, data, out, *common)))
     printed = capsys.readouterr().out
-    assert "will replace the one in" in printed and "moved 1 checkpoint(s) of an earlier run" in printed
+    assert "will replace the one in" in printed and "moved 4 checkpoint(s) of an earlier run" in printed
     assert (out / "checkpoints.previous" / "checkpoint-2" / "moka_run.json").is_file()
+    assert (elsewhere / "model.safetensors").read_text() == "theirs"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_an_error_that_is_not_a_damaged_file_passes_through_resume(model_dir, data, tmp_path, monkeypatch):
+    """Out of memory (or a collective) while loading a checkpoint is not a damaged file: no advice to delete it."""
+    from transformers import Trainer
+
+    common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
+    out = tmp_path / "run"
+    run(parse_args(_args(model_dir, data, out, *common)))
+
+    def out_of_memory(self, checkpoint):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(
+            parse_args(
+                _args(model_dir, data, out, "--max-steps", "4", "--save-steps", "2", "--no-accuracy", "--resume")
+            )
+        )
 
 
 def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
@@ -719,6 +763,13 @@ def test_embedded_conversion_keeps_a_copy_another_rank_finished_first(tmp_path):
     with pytest.raises(OSError, match="holds no converted model"):
         _publish(model_dir("fourth", "fourth"), target)
     assert (target / "model.gguf").read_text() == "theirs"
+    from moka.embedded import embedded_model_dir, embedded_model_path
+
+    theirs = embedded_model_path(tmp_path / "cache")
+    theirs.mkdir(parents=True)
+    (theirs / "model.gguf").write_text("theirs")
+    with pytest.raises(OSError, match="holds no converted model"):  # before the conversion's half minute
+        embedded_model_dir(tmp_path / "cache")
 
 
 def test_each_process_takes_its_own_gpu_or_the_one_it_sees(monkeypatch):
