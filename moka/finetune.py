@@ -1102,7 +1102,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
         # an earlier run's summary would otherwise sit beside this run's adapter if the accuracy pass is cut short
         (args.output_dir / "summary.json").unlink(missing_ok=True)
-        with directory_written_whole(adapter_dir) as staging:  # a run cut short here leaves no half adapter
+        with directory_written_whole(
+            adapter_dir, _is_moka_adapter_dir, "--output-dir"
+        ) as staging:  # a run cut short here leaves no half adapter
             save_adapter(model, staging)
             tokenizer.save_pretrained(staging)
             (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it
@@ -1192,11 +1194,13 @@ def _final_eval_loss(trainer: Trainer, global_step: int) -> float:
 
 
 @contextlib.contextmanager
-def directory_written_whole(directory: Path):
+def directory_written_whole(directory: Path, replaceable: Callable[[Path], bool] | None = None, flag: str = ""):
     """Yields a fresh sibling directory to fill; on success it replaces ``directory`` (an earlier one is
     moved aside first and removed only once the new one is in place; one that was a symlink is unlinked,
     what it named is kept), on any error or interrupt it is removed and ``directory`` stays as it was (put
-    back if it had been moved aside)."""
+    back if it had been moved aside). With ``replaceable``, a non-empty ``directory`` it does not recognize
+    (one that appeared while the new one was being filled: the CLIs check theirs up front) is refused then,
+    naming ``flag``."""
     import shutil
     import tempfile
 
@@ -1206,6 +1210,8 @@ def directory_written_whole(directory: Path):
     try:
         yield staging
         share_like_a_new_dir(staging)
+        if replaceable is not None:
+            refuse_replacing_unrelated(directory, replaceable, "what this replaces", flag)
         if directory.exists() or directory.is_symlink():
             old = directory.with_name(f"{staging.name}.old")  # a fresh name: the staging one is unique
             directory.rename(old)

@@ -246,7 +246,7 @@ def merge(args: argparse.Namespace) -> dict:
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
     out = args.output_dir
     # written whole into a temp dir, then renamed into place (--overwrite: the old one removed only then)
-    with directory_written_whole(out) as tmp:
+    with directory_written_whole(out, lambda d: (d / MERGE_RECORD_NAME).is_file(), "--output-dir") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MERGE_RECORD_NAME).write_text(

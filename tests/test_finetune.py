@@ -620,6 +620,23 @@ def test_a_new_run_moves_an_earlier_runs_checkpoints_aside(model_dir, data, tmp_
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
+def test_a_directory_that_appeared_during_the_run_is_not_replaced(tmp_path):
+    """The CLIs check what they replace before the minutes of work, and again just before replacing it."""
+    from moka.finetune import CLIError, directory_written_whole
+
+    target = tmp_path / "adapter"
+    with pytest.raises(CLIError, match="--output-dir: .* is not what this replaces"):
+        with directory_written_whole(target, lambda d: (d / "mark").is_file(), "--output-dir") as staging:
+            (staging / "new.txt").write_text("new")
+            target.mkdir()  # someone else's, meanwhile
+            (target / "theirs.txt").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["adapter"]
+    (target / "mark").write_text("")
+    with directory_written_whole(target, lambda d: (d / "mark").is_file(), "--output-dir") as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
 def test_an_error_that_is_not_a_damaged_file_passes_through_resume(model_dir, data, tmp_path, monkeypatch):
     """Out of memory (or a collective) while loading a checkpoint is not a damaged file: no advice to delete it."""
     from transformers import Trainer
