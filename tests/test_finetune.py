@@ -625,14 +625,17 @@ def test_a_directory_that_appeared_during_the_run_is_not_replaced(tmp_path):
     from moka.finetune import CLIError, directory_written_whole
 
     target = tmp_path / "adapter"
-    with pytest.raises(CLIError, match="--output-dir: .* is not what this replaces"):
-        with directory_written_whole(target, lambda d: (d / "mark").is_file(), "--output-dir") as staging:
-            (staging / "new.txt").write_text("new")
-            target.mkdir()  # someone else's, meanwhile
-            (target / "theirs.txt").write_text("theirs")
+    ours = lambda d: (d / "mark").is_file()  # noqa: E731
+    with (
+        pytest.raises(CLIError, match=r"--output-dir: .* is not what this replaces"),
+        directory_written_whole(target, ours, "--output-dir") as staging,
+    ):
+        (staging / "new.txt").write_text("new")
+        target.mkdir()  # someone else's, meanwhile
+        (target / "theirs.txt").write_text("theirs")
     assert [p.name for p in target.iterdir()] == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["adapter"]
     (target / "mark").write_text("")
-    with directory_written_whole(target, lambda d: (d / "mark").is_file(), "--output-dir") as staging:
+    with directory_written_whole(target, ours, "--output-dir") as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["adapter"]
 
