@@ -555,8 +555,8 @@ def test_resume_from_a_corrupt_checkpoint_file_is_one_line_naming_it(model_dir, 
 
 def test_a_run_no_longer_than_its_warmup_is_noted(model_dir, data, tmp_path, capsys):
     """--max-steps 1 with the default 5 warm-up steps trained nothing (lr 0 at the only step), silently."""
-    run(parse_args(_args(model_dir, data, tmp_path / "run", "--max-steps", "1", "--no-accuracy")))
-    assert "note: --warmup-steps 5 >= --max-steps 1: the learning rate never leaves" in capsys.readouterr().out
+    run(parse_args(_args(model_dir, data, tmp_path / "run", "--max-steps", "5", "--no-accuracy")))  # the boundary
+    assert "note: --warmup-steps 5 >= --max-steps 5: the learning rate never leaves" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

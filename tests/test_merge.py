@@ -104,6 +104,9 @@ def test_auto_dtype_is_the_checkpoints_and_overwrite_replaces_the_output(base_an
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".merged.*"))  # neither the temp dir nor the old one is left
+    assert main([*argv, "--dtype", "fp32"]) == 0  # an explicit --dtype wins over the checkpoint's
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert json.loads((out / "moka_merge.json").read_text())["dtype"] == "float32"
 
 
 def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_path, capsys):
