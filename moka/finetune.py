@@ -1211,7 +1211,7 @@ def directory_written_whole(directory: Path, replaceable: Callable[[Path], bool]
         yield staging
         share_like_a_new_dir(staging)
         if replaceable is not None:
-            refuse_replacing_unrelated(directory, replaceable, "what this replaces", flag)
+            refuse_replacing_unrelated(directory, replaceable, "an earlier output (it appeared during the run)", flag)
         if directory.exists() or directory.is_symlink():
             old = directory.with_name(f"{staging.name}.old")  # a fresh name: the staging one is unique
             directory.rename(old)

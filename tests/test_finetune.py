@@ -627,7 +627,7 @@ def test_a_directory_that_appeared_during_the_run_is_not_replaced(tmp_path):
     target = tmp_path / "adapter"
     ours = lambda d: (d / "mark").is_file()  # noqa: E731
     with (
-        pytest.raises(CLIError, match=r"--output-dir: .* is not what this replaces"),
+        pytest.raises(CLIError, match=r"--output-dir: .* is not an earlier output \(it appeared during the run\)"),
         directory_written_whole(target, ours, "--output-dir") as staging,
     ):
         (staging / "new.txt").write_text("new")
