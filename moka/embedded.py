@@ -192,18 +192,22 @@ def _gguf_dir() -> Path:
     return directory
 
 
+def _refuse_someone_elses(target: Path) -> None:
+    """An OSError if ``target``, which holds no converted model, holds anything: never a conversion's leftover
+    (each converts in a temp dir renamed into place), so someone else's, and kept."""
+    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+        raise OSError(
+            f"{str(target)!r} exists and holds no converted model (no config.json); move it away or set "
+            "MOKA_CACHE to another directory"
+        )
+
+
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the finished model dir ``tmp`` to ``target``, unless another process (a torchrun rank converting
     at the same time) got there first with a finished copy, which is then kept."""
     if target.is_dir() and not target.is_symlink() and not (target / "config.json").is_file():
-        # never a conversion's leftover (each converts in a temp dir renamed into place): an empty one is
-        # removed, anything else is someone's, and kept
-        if any(target.iterdir()):
-            raise OSError(
-                f"{str(target)!r} exists and holds no converted model (no config.json); move it away or set "
-                "MOKA_CACHE to another directory"
-            )
-        target.rmdir()
+        _refuse_someone_elses(target)
+        target.rmdir()  # empty: nothing of anyone's is lost
     try:
         tmp.rename(target)
     except OSError:
@@ -224,11 +228,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):  # see _publish
-        raise OSError(
-            f"{str(target)!r} exists and holds no converted model (no config.json); move it away or set "
-            "MOKA_CACHE to another directory"
-        )
+    _refuse_someone_elses(target)  # before the conversion's half minute
     source = _gguf_dir()
     try:  # before the conversion's half minute, not after it
         target.parent.mkdir(parents=True, exist_ok=True)

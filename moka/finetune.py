@@ -999,7 +999,7 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
     _set_aside_earlier_checkpoints(args)  # after every check that can refuse the run
     earlier_adapter = args.output_dir / "adapter"
     if earlier_adapter.is_dir() and _is_moka_adapter_dir(earlier_adapter) and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: this run's adapter will replace the one in {str(args.output_dir / 'adapter')!r}", flush=True)
+        print(f"note: this run's adapter will replace the one in {str(earlier_adapter)!r}", flush=True)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "checkpoints"),
         per_device_train_batch_size=args.batch_size,
@@ -1102,9 +1102,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         loss_of = "response tokens" if record_form(train_records[0]) == "instruction" else "every token"
         # an earlier run's summary would otherwise sit beside this run's adapter if the accuracy pass is cut short
         (args.output_dir / "summary.json").unlink(missing_ok=True)
-        with directory_written_whole(
-            adapter_dir, _is_moka_adapter_dir, "--output-dir"
-        ) as staging:  # a run cut short here leaves no half adapter
+        # a run cut short here leaves no half adapter
+        with directory_written_whole(adapter_dir, _is_moka_adapter_dir, "--output-dir") as staging:
             save_adapter(model, staging)
             tokenizer.save_pretrained(staging)
             (staging / RUN_CONDITIONS_NAME).write_text(json.dumps(conditions, indent=1))  # moka-merge reads it

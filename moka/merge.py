@@ -53,6 +53,12 @@ from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_conf
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
 
 MERGE_RECORD_NAME = "moka_merge.json"  # what this CLI wrote: --overwrite replaces only such a directory
+
+
+def _is_merge_output(directory: Path) -> bool:
+    return (directory / MERGE_RECORD_NAME).is_file()
+
+
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -165,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")
     earlier_merge = f"an earlier moka-merge output (it holds {MERGE_RECORD_NAME})"
-    refuse_replacing_unrelated(out, lambda d: (d / MERGE_RECORD_NAME).is_file(), earlier_merge, "--output-dir")
+    refuse_replacing_unrelated(out, _is_merge_output, earlier_merge, "--output-dir")
     return args
 
 
@@ -246,7 +252,7 @@ def merge(args: argparse.Namespace) -> dict:
         result.update(probe_max_abs_diff=diff, probe_logit_scale=adapted.abs().max().item())
     out = args.output_dir
     # written whole into a temp dir, then renamed into place (--overwrite: the old one removed only then)
-    with directory_written_whole(out, lambda d: (d / MERGE_RECORD_NAME).is_file(), "--output-dir") as tmp:
+    with directory_written_whole(out, _is_merge_output, "--output-dir") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MERGE_RECORD_NAME).write_text(

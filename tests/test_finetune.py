@@ -380,6 +380,13 @@ def test_two_process_ddp_matches_one_process(model_dir, tmp_path):
 
 
 # -- bad input: one clear line on stderr, exit code 2, nothing written -------------------------------
+def _cut_short_after_its_checkpoints(model_dir, data, out: Path, common: list[str]) -> None:
+    """A run whose checkpoints were saved but not its adapter or summary (what --resume continues from)."""
+    run(parse_args(_args(model_dir, data, out, *common)))
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+
+
 def _fails(argv, capsys, pattern: str, out: Path):
     assert main(argv) == 2
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moka-finetune:")]
@@ -539,9 +546,7 @@ def test_resume_from_a_corrupt_checkpoint_file_is_one_line_naming_it(model_dir, 
     """A truncated optimizer.pt or rng_state.pth (a disk filled while saving) was a torch.load traceback."""
     common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy"]
     out = tmp_path / "run"
-    run(parse_args(_args(model_dir, data, out, *common)))
-    shutil.rmtree(out / "adapter")
-    (out / "summary.json").unlink()
+    _cut_short_after_its_checkpoints(model_dir, data, out, common)
     checkpoint = out / "checkpoints" / "checkpoint-4"
     for name, pattern in (("rng_state.pth", "random number generator"), ("optimizer.pt", "optimizer and scheduler")):
         intact = (checkpoint / name).read_bytes()
@@ -663,9 +668,7 @@ def test_an_error_that_is_not_a_damaged_file_passes_through_resume(model_dir, da
 def test_resume_names_a_moka_flag_that_differs(model_dir, data, tmp_path, capsys):
     common = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy"]
     out = tmp_path / "run"
-    run(parse_args(_args(model_dir, data, out, *common)))
-    shutil.rmtree(out / "adapter")
-    (out / "summary.json").unlink()
+    _cut_short_after_its_checkpoints(model_dir, data, out, common)
     _fails(_args(model_dir, data, out, *common, "--resume", "--scale", "2"), capsys, "--scale 1.0 (this run: 2.0)", out)
     _fails(_args(model_dir, data, out, *common, "--resume", "--no-gate"), capsys, "--no-gate not given", out)
 
