@@ -9,8 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 import moka_kernels.ops as ops
 from moka_kernels.ops.kron_mixture import kron_factor_backward, kron_factor_grads, kron_mixture_forward
+from moka_kernels.ops.nf4_matmul import _decode_nf4_rows, _nf4_args
 from moka_kernels.reference import kron_component
 
 SHAPES = [(2, 9, 12, 4), (8, 2, 3, 18), (24, 3, 1, 12)]  # 24x36, r = 3
@@ -192,3 +196,27 @@ def test_half_dot_branch_gets_operands_of_one_dtype(monkeypatch):
     x = torch.randn(3, 36).to(torch.float16)
     got = kron_mixture_forward(x, a_f, b_f, torch.ones(3))
     torch.testing.assert_close(got.double(), _mix64(x, a_f, b_f, [1, 1, 1]), rtol=2e-2, atol=2e-2)
+
+
+@triton.jit
+def _whole_decode_tile(
+    out_ptr, p0, p1, p2, p3, p4, p5, N, K, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DQ: tl.constexpr
+):
+    """Stores ``_decode_nf4_rows``' whole BN × BK tile at column 64, masks and all, unmasked."""
+    offs_n = tl.arange(0, BN)
+    tile = _decode_nf4_rows(p0, p1, p2, p3, p4, p5, offs_n, 64, N, K, BS, BN, BK, DQ)
+    tl.store(out_ptr + offs_n[:, None] * BK + tl.arange(0, BK)[None, :], tile)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
+def test_nf4_decode_tile_is_zero_outside_w(double_quant):
+    """``_decode_nf4_rows`` promises zeros past W's rows and columns; with double quantization a masked scale
+    read code[0]·0 + offset ≠ 0 before ``tl.where`` (harmless only while every caller masks the other operand)."""
+    from moka_kernels import dequantize_nf4, quantize_nf4
+
+    w = quantize_nf4(torch.randn(5, 96) + 3.0, blocksize=32, double_quant=double_quant)  # offset ≠ 0
+    out = torch.full((8, 64), float("nan"))
+    _whole_decode_tile[(1,)](out, *_nf4_args(w), 5, 96, BS=32, BN=8, BK=64, DQ=double_quant)
+    want = torch.zeros(8, 64)
+    want[:5, :32] = dequantize_nf4(w, torch.float32)[:, 64:]
+    torch.testing.assert_close(out, want)

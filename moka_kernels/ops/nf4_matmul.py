@@ -127,7 +127,8 @@ def _load_block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_pt
     if DOUBLE_QUANT:
         scale_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + scale_code) * nested + tl.load(offset_ptr)
+        # masked blocks would read code[0]·0 + offset, not 0: zero them so tiles past W decode to 0
+        return tl.where(mask, tl.load(nested_code_ptr + scale_code) * nested + tl.load(offset_ptr), 0.0)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
