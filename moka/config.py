@@ -88,14 +88,18 @@ def auto_component_shapes(
     return [shape for _, shape in candidates[:num_components]]
 
 
+_DEFAULT_NUM_COMPONENTS = 5
+
+
 @dataclass
 class MoKAConfig:
     """How to attach MoKA adapters to linear layers.
 
     Args:
         num_components: r, the number of Kronecker components per layer (the paper uses 5).
-        components: explicit (a1, a2, b1, b2) per component; overrides the automatic choice. Every
-            patched layer must then have out = a1·b1 and in = a2·b2 for every component.
+        components: explicit (a1, a2, b1, b2) per component; overrides the automatic choice and sets
+            ``num_components`` to its length (a ``num_components`` other than the default 5 must agree).
+            Every patched layer must then have out = a1·b1 and in = a2·b2 for every component.
         scale: the fixed scale s on the adapter's output.
         dropout: dropout probability on the adapter's input (training only).
         gate: learn the softmax gate g; ``False`` is the ablation with fixed α_i = 1/r.
@@ -112,7 +116,7 @@ class MoKAConfig:
             ``num_components`` gets as many components as it has, with a warning; ``"error"`` raises.
     """
 
-    num_components: int = 5
+    num_components: int = _DEFAULT_NUM_COMPONENTS
     components: list[ComponentShape] | None = None
     scale: float = 1.0
     dropout: float = 0.0
@@ -174,6 +178,12 @@ class MoKAConfig:
             self.components = [self._check_component(i, c) for i, c in enumerate(self.components)]
             if not self.components:
                 raise ValueError("components: expected at least one (a1, a2, b1, b2) shape (r >= 1), got []")
+            # The default 5 yields to the shapes given; any other value must agree with them.
+            if self.num_components not in (_DEFAULT_NUM_COMPONENTS, len(self.components)):
+                raise ValueError(
+                    f"num_components: {self.num_components} disagrees with the {len(self.components)} shapes of "
+                    f"components; leave it out or set it to {len(self.components)}"
+                )
             self.num_components = len(self.components)
 
     def _check_component(self, index: int, comp: Sequence[int]) -> ComponentShape:

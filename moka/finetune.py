@@ -282,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    g.add_argument("--eval-max-new-tokens", type=int, default=8, help="generation length for exact match")
+    g.add_argument(
+        "--eval-max-new-tokens",
+        type=int,
+        default=8,
+        help="generation length for exact match (unused with --no-accuracy)",
+    )
     g.add_argument("--no-accuracy", action="store_true", help="skip the generation-based exact-match accuracy")
     return p
 

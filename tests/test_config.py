@@ -86,6 +86,9 @@ def test_no_factorization_raises():
 def test_explicit_components_are_used_and_checked():
     config = MoKAConfig(components=[(4, 6, 6, 6), (2, 3, 12, 12)])
     assert config.num_components == 2
+    assert MoKAConfig(num_components=2, components=[(4, 6, 6, 6), (2, 3, 12, 12)]).num_components == 2
+    with pytest.raises(ValueError, match="num_components: 3 disagrees with the 2 shapes"):
+        MoKAConfig(num_components=3, components=[(4, 6, 6, 6), (2, 3, 12, 12)])
     layer = MoKALinear(nn.Linear(36, 24), config)
     assert layer.component_shapes == [(4, 6, 6, 6), (2, 3, 12, 12)]
     with pytest.raises(ValueError, match=r"components\[0\].*out_features=48"):
