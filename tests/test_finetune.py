@@ -1011,6 +1011,33 @@ def test_adapter_flag_starts_from_the_saved_adapter(model_dir, data, tmp_path):
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
+def test_resume_of_a_run_started_from_an_adapter_matches_uninterrupted(model_dir, data, tmp_path):
+    """--adapter X --resume: the checkpoint's weights and optimizer state win over X's, as in one straight run;
+    dropped --adapter on resume, the flags' config (the same as X's) patches and the checkpoint fills it."""
+    from transformers import TrainerCallback
+
+    class StopAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise _Interrupt
+
+    first = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy", "--num-components", "2"]
+    run(parse_args(_args(model_dir, data, tmp_path / "first", *first)))
+    start = ["--adapter", str(tmp_path / "first" / "adapter")]
+    common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy", "--num-components", "2"]
+    run(parse_args(_args(model_dir, data, tmp_path / "straight", *common, *start)))
+    straight = load_file(tmp_path / "straight" / "adapter" / "moka_adapter.safetensors")
+    for resumed_with in (start, []):
+        out = tmp_path / f"broken-{len(resumed_with)}"
+        with pytest.raises(_Interrupt):
+            run(parse_args(_args(model_dir, data, out, *common, *start)), callbacks=[StopAfterCheckpoint()])
+        run(parse_args(_args(model_dir, data, out, *common, *resumed_with, "--resume")))
+        resumed = load_file(out / "adapter" / "moka_adapter.safetensors")
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (resumed_with, key)
+
+
 def test_target_regex_patches_only_what_it_matches(model_dir, data, tmp_path):
     out = tmp_path / "regex"
     regex = r"model\.layers\.0\.self_attn\.(q|v)_proj"
