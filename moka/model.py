@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -242,7 +243,19 @@ def apply_moka(model: nn.Module, config: MoKAConfig | None = None) -> MoKASummar
         # (the Trainer's checkpoints) instead of raising on the shared tensor
         layers[name]._tied_weights_keys = {"base_layer.weight": source}
     model.moka_config = config
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(output_layer, MoKALinear) and callable(getattr(model, "resize_token_embeddings", None)):
+        # transformers would resize the input embeddings, then fail on (or tie into) the wrapped lm_head:
+        # a model half resized. Refused before anything changes; remove_moka/merge_moka drop the guard.
+        model.resize_token_embeddings = functools.partial(_refuse_resize, output_layer._moka_patched_as)
     return _summary(model)
+
+
+def _refuse_resize(lm_head_name: str, *args, **kwargs) -> None:
+    raise ValueError(
+        f"resize_token_embeddings: {lm_head_name} carries a MoKA adapter sized for the current vocabulary; "
+        "resize the vocabulary before apply_moka, or remove_moka (or merge_moka) first"
+    )
 
 
 def _refuse_targets_a_swap_would_miss(model: nn.Module, targets: dict[str, nn.Module], effect: str, left: str) -> None:
@@ -448,6 +461,9 @@ def _forget_moka(model: nn.Module) -> None:
         for attr in ("_moka_requires_grad", "moka_config"):
             if attr in module.__dict__:
                 delattr(module, attr)
+        guard = module.__dict__.get("resize_token_embeddings")
+        if isinstance(guard, functools.partial) and guard.func is _refuse_resize:
+            del module.resize_token_embeddings
 
 
 @torch.no_grad()

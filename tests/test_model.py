@@ -359,17 +359,43 @@ def test_a_tied_output_embedding_can_be_patched_and_tied_again():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
     assert model(IDS).logits.shape == (*IDS.shape, 128)
-    # A resize after patching would tie a larger embedding to factors sized for 128 rows: refused when it sets
-    # lm_head.out_features, not at the next forward with a kernel's shape error; so is a direct tie.
-    with pytest.raises(ValueError, match=r"out_features: expected 128 .*got 136; resize the vocabulary before"):
+    # A resize after patching would tie a larger embedding to factors sized for 128 rows: refused before it
+    # touches the embeddings (transformers resizes them first).
+    with pytest.raises(ValueError, match=r"resize_token_embeddings: lm_head carries a MoKA adapter .*resize the"):
         model.resize_token_embeddings(136)
-    assert model.lm_head.out_features == 128
-    # The resize had already swapped the shared weight's data in place (how transformers keeps a tie): a
-    # forward now names the mismatch instead of failing in a kernel's factor check.
+    assert model.model.embed_tokens.weight.shape == (128, 64) and model.lm_head.out_features == 128
+    # What transformers' resize does to a tie, done by hand: setting lm_head.out_features is refused, not
+    # left to the next forward's shape error; the shared weight's data swapped in place is named at a forward.
+    with pytest.raises(ValueError, match=r"out_features: expected 128 .*got 136; resize the vocabulary before"):
+        model.lm_head.out_features = 136
+    model.model.embed_tokens.weight.data = torch.zeros(136, 64)
     with pytest.raises(ValueError, match=r"base_layer: its weight is \(136, 64\) but the adapter was built for "):
         model(IDS)
     with pytest.raises(ValueError, match=r"weight: expected shape \(128, 64\) .*got \(136, 64\); resize the voc"):
         model.lm_head.weight = nn.Parameter(torch.zeros(136, 64), requires_grad=False)
+
+
+def test_resizing_the_vocabulary_of_a_patched_lm_head_is_refused_before_anything_changes():
+    """Untied, transformers would resize the input embeddings, then raise on the wrapped lm_head: half resized."""
+    model = tiny_llama()
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"resize_token_embeddings: lm_head carries a MoKA adapter"):
+        model.resize_token_embeddings(136)
+    assert model.model.embed_tokens.weight.shape == (128, 64) and model.config.vocab_size == 128
+    copied = copy.deepcopy(model)  # the guard travels with a copy and goes with the adapters
+    for patched in (model, copied):
+        remove_moka(patched)
+        patched.resize_token_embeddings(136)
+        assert patched.lm_head.weight.shape == (136, 64) and patched.model.embed_tokens.weight.shape == (136, 64)
+    other = tiny_llama()
+    apply_moka(other, MoKAConfig(num_components=2, target_modules=["lm_head"]))
+    merge_moka(other)
+    other.resize_token_embeddings(136)
+    assert other.lm_head.weight.shape == (136, 64)
+    only_attention = tiny_llama()
+    apply_moka(only_attention, MoKAConfig(num_components=2, target_modules=["q_proj"]))
+    only_attention.resize_token_embeddings(136)  # lm_head not patched: nothing to refuse
+    assert only_attention.lm_head.weight.shape == (136, 64)
 
 
 def test_a_tied_patched_lm_head_saves_and_merges_untied(tmp_path):
