@@ -62,12 +62,13 @@ __all__ = [
 def gate_weights(
     gate_logits: torch.Tensor | None,
     num_components: int,
-    device: torch.device,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """α = softmax(g), or the fixed uniform 1/r when the gate is off (``gate_logits is None``).
 
-    Computed in ``dtype`` promoted to at least fp32 (and to the logits' dtype), never in half precision.
+    Computed in ``dtype`` promoted to at least fp32 (and to the logits' dtype), never in half precision;
+    on the logits' device (``device`` is used when the gate is off: default the CPU).
     """
     if num_components < 1:
         raise ValueError(f"num_components: expected an integer >= 1, got {num_components!r}")

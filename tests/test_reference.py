@@ -394,3 +394,14 @@ def test_the_adapter_input_gets_its_gradient_when_x_needs_none():
     moka_linear(x, w, [a], [b], None, None, 0.5, xa).sum().backward()
     assert xa.grad is not None
     torch.testing.assert_close(xa.grad, 0.5 * torch.kron(a, b).sum(0).expand(5, 12))
+
+
+def test_gate_weights_is_the_softmax_or_uniform_without_a_device_argument():
+    from moka_kernels import gate_weights
+
+    logits = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(gate_weights(logits, 3), torch.softmax(logits, 0))
+    uniform = gate_weights(None, 4)
+    assert uniform.device.type == "cpu" and uniform.dtype == torch.float32
+    torch.testing.assert_close(uniform, torch.full((4,), 0.25))
+    assert gate_weights(None, 2, dtype=torch.bfloat16).dtype == torch.float32  # never in half precision
