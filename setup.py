@@ -28,6 +28,7 @@ setup(
         "torch>=2.4",
         "numpy",  # the Triton interpreter needs it; neither triton nor CPU torch declares it
         "tqdm>=4",  # progress bars (quantize_model)
+        "safetensors>=0.4",  # save_adapter / load_adapter
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
     extras_require={

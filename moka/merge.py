@@ -3,7 +3,8 @@ or ``moka-merge``.
 
 Each adapted projection becomes an ``nn.Linear`` holding W0 + s·Σᵢ αᵢ (Aᵢ ⊗ Bᵢ), so the output loads with a
 plain ``from_pretrained`` anywhere (inference servers, GGUF converters), with no moka installed. The base
-model and 4-bit default to what the fine-tune recorded in the adapter dir's ``moka_run.json``. With
+model and 4-bit default to what the fine-tune recorded in the adapter dir's ``moka_run.json`` (for an adapter
+from ``save_adapter``: the model directory its ``moka_adapter_config.json`` names). With
 ``--load-in-4bit`` W0 is the NF4-decoded base the adapter was trained against, and every other 4-bit layer
 is decoded too; without it, W0 is the
 checkpoint's full-precision weight (as PEFT's ``merge_and_unload`` on a bf16 base). Before saving, the
@@ -48,7 +49,7 @@ from .finetune import (
     user_path,
 )
 from .layer import NF4Linear
-from .model import _parent_and_attr, load_adapter, merge_moka, read_adapter_config
+from .model import ADAPTER_CONFIG_NAME, _parent_and_attr, load_adapter, merge_moka, read_adapter_config
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         help="the base model: local dir, hub id, or the embedded SmolLM2 (default: the one the fine-tune recorded "
-        "in the adapter dir's moka_run.json; without one, the embedded SmolLM2)",
+        "in the adapter dir's moka_run.json; without one, the model dir moka_adapter_config.json names, else the "
+        "embedded SmolLM2)",
     )
     p.add_argument("--adapter", type=user_path, default=Path("moka-output/adapter"), help="a save_adapter directory")
     p.add_argument(
@@ -111,9 +113,20 @@ def read_run_record(adapter_dir: Path) -> dict:
     return record
 
 
-def _recorded_model(record: dict) -> str:
-    """The base the fine-tune recorded (an absolute path, a hub id or the embedded name); the embedded model
-    when nothing was recorded."""
+def _recorded_model(record: dict, adapter_config: dict) -> str:
+    """The base the fine-tune recorded (an absolute path, a hub id or the embedded name). Without a run record
+    (an adapter from ``save_adapter``): the model directory ``moka_adapter_config.json`` names as its base if
+    there is one here, else the embedded model when it names none."""
+    if not record:
+        base = adapter_config.get("base_model")
+        if not isinstance(base, str) or not base:  # a model built in code records ""
+            return EMBEDDED
+        if not (Path(base).expanduser() / "config.json").is_file():
+            raise CLIError(
+                f"--model: not given, and the base the adapter's {ADAPTER_CONFIG_NAME} records, {base!r}, is not a "
+                "model directory here; pass --model"
+            )
+        return str(Path(base).expanduser().absolute())
     model = record.get("model", EMBEDDED)
     if not isinstance(model, str) or not model:
         raise CLIError(f"--adapter: its {RUN_CONDITIONS_NAME} records the model as {model!r}; pass --model")
@@ -129,12 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The merge's flags (``argv``, default ``sys.argv[1:]``), checked; a bad one raises ``CLIError``."""
     args = build_parser().parse_args(argv)
     try:
-        read_adapter_config(args.adapter)
+        adapter_config = read_adapter_config(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
     args.record = read_run_record(args.adapter)
+    args.model_given = args.model is not None
     if args.model is None:
-        args.model = _recorded_model(args.record)
+        args.model = _recorded_model(args.record, adapter_config)
     given_4bit, given_backend = args.load_in_4bit, args.nf4_backend
     if args.load_in_4bit is None:
         args.load_in_4bit = bool(args.record.get("load_in_4bit", args.model == EMBEDDED))
@@ -231,7 +245,10 @@ def merge(args: argparse.Namespace) -> dict:
     try:
         summary = load_adapter(model, args.adapter)
     except (ValueError, SafetensorError) as err:
-        raise CLIError(f"--adapter: {str(err).removeprefix('directory: ')}") from None
+        # the base was a default: say which, since the usual cause is another base than the adapter's
+        # first: one_line cuts a long mismatch list
+        base = "" if getattr(args, "model_given", True) else f"on {args.model!r}, the default base (pass --model): "
+        raise CLIError(f"--adapter: {base}{str(err).removeprefix('directory: ')}") from None
     model.eval()
     adapted = None if args.no_check else _probe_logits(model, tokenizer)
     merge_moka(model, dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from helpers import randomize_adapters, tiny_llama, word_level_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moka import MoKAConfig, apply_moka, dequantize_nf4, load_adapter, save_adapter
-from moka.finetune import load_model
+from moka.finetune import EMBEDDED, load_model
 from moka.merge import PROBE_TEXT, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,10 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
         fails([*tilde, "--output-dir=~/base"], "holds the --model")
         cache = tmp_path / "cache"  # the embedded default's converted base (or the cache holding it)
         patch.setenv("MOKA_CACHE", str(cache))
-        embedded = ["--adapter", str(adapter), "--no-load-in-4bit", "--overwrite"]
+        unnamed = shutil.copytree(adapter, tmp_path / "unnamed")  # its base built in code: the embedded default
+        config = json.loads((unnamed / "moka_adapter_config.json").read_text())
+        (unnamed / "moka_adapter_config.json").write_text(json.dumps({**config, "base_model": ""}))
+        embedded = ["--adapter", str(unnamed), "--no-load-in-4bit", "--overwrite"]
         for target in (cache, cache / "SmolLM2-135M-Instruct-bf16"):
             fails([*embedded, "--output-dir", str(target)], "holds the --model")
         patch.chdir(out)  # the current directory, or one that holds it
@@ -173,7 +177,6 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(base_and_adapter, tmp_pa
 def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, capsys):
     """An adapter dir with the fine-tune's moka_run.json (4-bit by moka, computing in bf16): by default the merge
     quantizes W0 from the weights in bf16, as that fine-tune loaded them, whatever the output --dtype is."""
-    import shutil
 
     base, adapter = base_and_adapter
     recorded = tmp_path / "adapter"
@@ -219,6 +222,35 @@ def test_merge_takes_the_fine_tunes_recorded_base(base_and_adapter, tmp_path, ca
     (recorded / "moka_run.json").write_text(json.dumps(record))
     assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m6"), "--nf4-backend", "moka"]) == 2
     assert "--nf4-backend: only used with a 4-bit base" in capsys.readouterr().err
+
+
+def test_an_adapter_from_save_adapter_merges_onto_the_base_its_config_names(base_and_adapter, tmp_path, capsys):
+    """No moka_run.json (saved from Python): the base is the model dir moka_adapter_config.json records, not the
+    embedded model; a recorded base that is not here, or one the adapter does not fit, names --model."""
+
+    base, adapter = base_and_adapter
+    assert json.loads((adapter / "moka_adapter_config.json").read_text())["base_model"] == str(base)
+    assert parse_args(["--adapter", str(adapter), "--output-dir", str(tmp_path / "m")]).model == str(base)
+    assert main(["--adapter", str(adapter), "--output-dir", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    assert json.loads((tmp_path / "m" / "moka_merge.json").read_text())["base_model"] == str(base)
+
+    def with_base(directory: Path, recorded) -> Path:
+        config = json.loads((directory / "moka_adapter_config.json").read_text())
+        (directory / "moka_adapter_config.json").write_text(json.dumps({**config, "base_model": recorded}))
+        return directory
+
+    moved = with_base(shutil.copytree(adapter, tmp_path / "moved"), str(tmp_path / "gone"))
+    assert main(["--adapter", str(moved), "--output-dir", str(tmp_path / "m2")]) == 2
+    assert "--model: not given, and the base the adapter's moka_adapter_config.json records" in capsys.readouterr().err
+    assert parse_args(["--adapter", str(with_base(moved, "")), "--output-dir", str(tmp_path / "m2")]).model == EMBEDDED
+    model = tiny_llama(hidden=64)  # another shape, recorded as trained on base
+    apply_moka(model, MoKAConfig(num_components=2))
+    other = with_base(save_adapter(model, tmp_path / "other"), str(base))
+    assert main(["--adapter", str(other), "--output-dir", str(tmp_path / "m3")]) == 2
+    assert f"--adapter: on {str(base)!r}, the default base (pass --model): adapter" in capsys.readouterr().err
+    assert main(["--model", str(base), "--adapter", str(other), "--output-dir", str(tmp_path / "m3")]) == 2
+    assert "pass --model" not in capsys.readouterr().err  # given: the adapter is the one that does not fit
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 
 
 def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_adapter, tmp_path, capsys, monkeypatch):
