@@ -515,6 +515,9 @@ class MoKALinear(nn.Module):
                 (``max_abs`` and ``rel_rms`` against the unquantized merge). Ignored for dense bases.
             dtype: dtype of the merged dense weight; defaults to the base's dtype (for 4-bit bases,
                 the dtype bitsandbytes dequantizes to).
+
+        The merged layer's parameters are frozen (``requires_grad=False``), as the base was inside the
+        adapter; ``merge_moka`` restores the flags the model had before ``apply_moka``.
         """
         require_bool(requantize, "requantize")
         if dtype is not None and dtype not in FLOAT_DTYPES:

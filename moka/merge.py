@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for what, path in inputs:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             raise CLIError(f"--output-dir: {str(out)!r} holds {what} directory; choose another")
-    earlier_merge = f"an earlier moka-merge output (it holds {MERGE_RECORD_NAME})"
+    earlier_merge = f"an earlier moka-merge output (one holding {MERGE_RECORD_NAME})"
     refuse_replacing_unrelated(out, _is_merge_output, earlier_merge, "--output-dir")
     return args
 
