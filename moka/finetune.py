@@ -1062,6 +1062,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
             "rate never leaves its linear warm-up (the first step takes lr 0); lower --warmup-steps",
             flush=True,
         )
+    if is_main and eval_records is None:
+        print("note: no --eval-data: no eval loss and no exact-match accuracy (train loss only)", flush=True)
     if can_score and is_main and not args.resume:
         result["accuracy_before"], _ = exact_match_accuracy(model, tokenizer, eval_records, args.eval_max_new_tokens)
         print(f"exact-match accuracy before fine-tuning: {result['accuracy_before']:.1%} on {len(eval_records)}")

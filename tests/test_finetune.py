@@ -1350,3 +1350,15 @@ def test_tokenizer_quirks_a_user_may_bring(data, tmp_path, capsys):
     bare = _model_dir_with(tmp_path, "bare", tokenizer_change=without_pad_or_eos)
     out = tmp_path / "bare-run"
     _fails(_args(bare, data, out, "--max-steps", "1"), capsys, "neither a padding nor an end-of-sequence token", out)
+
+
+def test_data_without_eval_data_says_what_it_cannot_report(model_dir, data, tmp_path, capsys):
+    argv = _args(model_dir, data, tmp_path / "run", "--max-steps", "1")
+    at = argv.index("--eval-data")
+    del argv[at : at + 2]
+    result = run(parse_args(argv))
+    printed = capsys.readouterr().out
+    assert "note: no --eval-data: no eval loss and no exact-match accuracy" in printed
+    assert "eval_loss" not in result and "accuracy_after" not in result
+    run(parse_args(_args(model_dir, data, tmp_path / "with-eval", "--max-steps", "1", "--no-accuracy")))
+    assert "note: no --eval-data" not in capsys.readouterr().out
