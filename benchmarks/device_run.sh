@@ -32,4 +32,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 export PYTHONUNBUFFERED=1 PACK="$OUT/gpu-suite.tgz"
-bash benchmarks/gpu_suite.sh /tmp/gpu-suite "${1:-tests,layers,e2e,overhead,schedule}" 2>&1 | tee "$OUT/suite.log"
+bash benchmarks/gpu_suite.sh /tmp/gpu-suite "${1:-tests,layers,schedule,e2e,matrix,overhead}" 2>&1 | tee "$OUT/suite.log"

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# The GPU suite: GPU-marked tests at LLaMA shapes (bf16 and fp16), the kernel microbenchmarks, the
-# end-to-end steps on LLaMA-2-7B shapes (random weights, NF4 in memory), the per-call overhead and the
-# adapter-schedule sweep.
+# The GPU suite: GPU-marked tests at LLaMA shapes, the kernel microbenchmarks, the adapter-schedule and NF4-route
+# sweep, the end-to-end steps on LLaMA-2-7B shapes (random weights, NF4 in memory) and the per-call overhead.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [PARTS]   PARTS: comma list of
-#   tests,layers,e2e,overhead,schedule (default all)
+#   tests,layers,schedule,e2e,matrix,overhead (default all; run in that order, what the open issue needs
+#   most first: the focused tests, the layer rows, the thresholds' sweep, the end-to-end step)
 # Needs a CUDA GPU; no network; bitsandbytes needed for the QLoRA/bnb rows and the e2e part.
-# Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md/.png, e2e-cuda.json/.md,
-# overhead-cuda.json/.md, schedule-cuda.json/.md. Each part has its own time limit (a part killed there keeps
-# the rows it measured, marked "complete": false); all five fit in 510 s, and with each part's 5 s kill grace
-# and the render's 20 s limit (+5 s grace) the worst case is 565 s (a 600 s call keeps 35 s for the setup:
-# the wheel's install, a cold torch import for env.json)
-# (split the parts over two calls when the device budget allows: the limits are guesses, no GPU has run
-# this yet).
+# Writes OUT_DIR/env.json, gpu_tests(_matrix).xml/.log, layers-cuda.json/.csv/.md, schedule-cuda.json/.md,
+# e2e-cuda.json/.md, overhead-cuda.json/.md (plots are rendered afterwards, off the device:
+# python -m benchmarks.plot benchmarks/results/gpu/*.json). Each part has its own time limit (a part killed
+# there keeps the rows it measured, marked "complete": false), cut to what is left of SUITE_SECONDS (default
+# 540, from this script's start; each part gets 5 s more to exit) so the last parts shrink instead of the
+# device's command limit killing the whole call (a 600 s call keeps the rest for the setup: the wheel's
+# install, a cold torch import for env.json). The limits are guesses: no GPU has run this yet.
 # PACK=FILE: after each part and every 20 s, every result so far is packed into the one gzipped tar FILE (the
 # lent GPU machine returns at most 8 files; a part killed at the command's limit still leaves what it wrote).
 # A provider or layer that raises is recorded in its part's JSON under "errors" and the part goes on.
 # PYTHON: the interpreter (default python3; some images have no plain `python`).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [PARTS]}
-parts=",${2:-tests,layers,e2e,overhead,schedule},"
+parts=",${2:-tests,layers,schedule,e2e,matrix,overhead},"
+deadline=$((SECONDS + ${SUITE_SECONDS:-540}))
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -63,19 +64,34 @@ PY
 status=0
 # SIGINT, not timeout's default SIGTERM: pytest then still writes its junit XML and failure summary, and the
 # benchmarks unwind (their rows are written as they go). -k: SIGKILL 5 s later if that hangs.
-limit() { local seconds=$1; shift; timeout -s INT -k 5 "$seconds" "$@"; }
+# Each part's limit is cut to what is left before the deadline (its 5 s grace included); none left: skipped.
+limit() {
+  local seconds=$1 left=$((deadline - SECONDS - 5))
+  shift
+  ((left < seconds)) && seconds=$left
+  if ((seconds < 5)); then echo "gpu_suite: no time left for: $*" >&2; return 1; fi
+  timeout -s INT -k 5 "$seconds" "$@"
+}
+# pytest: -vv over pyproject's -q names each test as it ends (a log cut by SIGKILL still says which ran);
+# --durations=0 sizes the next run.
+tests() {
+  MOKA_NF4_AUTOTUNE=quick limit "$1" "$py" -m pytest -m gpu tests/test_gpu.py -k "$2" -vv --durations=0 -rfE \
+    -p no:cacheprovider --junitxml "$out/$3.xml" 2>&1 | tee "$out/$3.log"
+}
 if [[ $parts == *,tests,* ]]; then
-  # The focused tests first (schedules, determinism, CUDA graphs, NF4 kernels and routes), then the 60-case matrix at
-  # LLaMA shapes, 4096² first: each new shape and dtype compiles and autotunes, so the matrix may not finish.
-  # Correctness only: two NF4 GEMM configs each (MOKA_NF4_AUTOTUNE=quick), not every config timed per shape.
-  MOKA_NF4_AUTOTUNE=quick limit 75 "$py" -m pytest -m gpu tests/test_gpu.py -k "not test_triton_matches_reference_at_llama_shapes" -q -rfE \
-    -p no:cacheprovider --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
-  MOKA_NF4_AUTOTUNE=quick limit 55 "$py" -m pytest -m gpu tests/test_gpu.py -k test_triton_matches_reference_at_llama_shapes -q -rfE \
-    -p no:cacheprovider --junitxml "$out/gpu_tests_matrix.xml" 2>&1 | tee "$out/gpu_tests_matrix.log" || status=1
+  # The focused tests (schedules, determinism, CUDA graphs, NF4 kernels and routes). Correctness only: two NF4
+  # GEMM configs each (MOKA_NF4_AUTOTUNE=quick), not every config timed per shape.
+  tests 75 "not test_triton_matches_reference_at_llama_shapes" gpu_tests || status=1
   pack
 fi
 if [[ $parts == *,layers,* ]]; then
-  limit 140 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  limit 170 "$py" -m benchmarks.run --device cuda --out "$out" 2>&1 | tee "$out/layers.log" || status=1
+  pack
+fi
+if [[ $parts == *,schedule,* ]]; then
+  # r = 4 as the layer part: its kernels and tunings are reused (TRITON_CACHE_AUTOTUNING)
+  limit 80 "$py" -m benchmarks.schedule --device cuda --components 4 --out "$out" 2>&1 | tee "$out/schedule.log" \
+    || status=1
   pack
 fi
 if [[ $parts == *,e2e,* ]]; then
@@ -83,19 +99,19 @@ if [[ $parts == *,e2e,* ]]; then
     2>&1 | tee "$out/e2e.log" || status=1
   pack
 fi
-if [[ $parts == *,overhead,* ]]; then
-  limit 45 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
+if [[ $parts == *,matrix,* ]]; then
+  # The 60-case matrix at LLaMA shapes, bf16 (the training dtype) only: each new shape and dtype compiles and
+  # autotunes, and pytest would run every fp16 case of a layer before the next layer's bf16 ones.
+  tests 55 "test_triton_matches_reference_at_llama_shapes and bfloat16" gpu_tests_matrix || status=1
   pack
 fi
-if [[ $parts == *,schedule,* ]]; then
-  limit 65 "$py" -m benchmarks.schedule --device cuda --out "$out" 2>&1 | tee "$out/schedule.log" || status=1
+if [[ $parts == *,overhead,* ]]; then
+  limit 45 "$py" -m benchmarks.overhead --device cuda --out "$out" 2>&1 | tee "$out/overhead.log" || status=1
   pack
 fi
 # Clocks and throttling at the end of the run (a throttled GPU would explain slow rows).
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
   nvidia-smi -q -d PERFORMANCE; } > "$out/nvidia-smi-end.txt" 2>&1 || true
-# A part cut short leaves JSON only; render whatever is there (never measures).
-limit 20 "$py" -m benchmarks.plot "$out"/*.json > /dev/null 2>&1 || true
 if [[ -n ${PACK:-} ]]; then stop_packer; fi  # no older snapshot can land after the last one
 pack
 exit $status

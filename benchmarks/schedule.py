@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measure = _once if args.smoke else make_timer(device, 0.01)
     layers = [(64, 128)] if args.smoke else [(4096, 4096), (4096, 14336)]
-    tokens = [1, 64] if args.smoke else [1, 16, 128, 512, 2048, 4096]
+    tokens = [1, 64] if args.smoke else [1, 16, 64, 128, 256, 512, 2048, 4096]  # 64, 256: the crossovers
     conds = conditions(device, dtype, 0.01)
     conds.update(components=args.components, smoke=args.smoke, complete=False)
     path = args.out / f"schedule-{'smoke' if args.smoke else args.device}.json"

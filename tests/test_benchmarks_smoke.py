@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -830,3 +832,40 @@ def test_the_adapter_providers_compute_one_function_with_the_same_gradients():
         torch.testing.assert_close(results[provider][0], out, rtol=1e-5, atol=1e-6)
         for got, want in zip(results[provider][1], grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_suite_runs_its_parts_in_order_and_cuts_them_to_the_deadline(tmp_path):
+    """The GPU suite's shell plumbing, with a stand-in interpreter (no GPU, no torch): every part runs in order
+    with its own log, a part's limit shrinks to what is left of SUITE_SECONDS, parts with no time left are
+    skipped with a message, the pack holds what was written, and the exit status says a part failed."""
+    stub = tmp_path / "py"
+    calls = tmp_path / "calls.txt"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ $1 == - ]]; then cat > /dev/null; echo "{}"; exit 0; fi\n'
+        f'echo "$*" >> {calls}\n'
+        "if [[ $* == *benchmarks.run* ]]; then sleep 30; fi\n"  # the layer part overruns its cut limit
+        "exit 0\n"
+    )
+    stub.chmod(0o755)
+    out, pack = tmp_path / "out", tmp_path / "suite.tgz"
+    env = dict(os.environ, PYTHON=str(stub), SUITE_SECONDS="14", PACK=str(pack), PATH=os.environ["PATH"])
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    ran = calls.read_text().splitlines()
+    assert [line.split()[1] for line in ran] == ["pytest", "benchmarks.run"], ran  # then no time was left
+    assert "-vv --durations=0" in ran[0] and "not test_triton_matches_reference_at_llama_shapes" in ran[0]
+    assert done.returncode == 1  # the layer part was cut; the later ones were skipped
+    skipped = [line.split()[7] for line in done.stdout.splitlines() if line.startswith("gpu_suite: no time left")]
+    assert skipped == ["benchmarks.schedule", "benchmarks.e2e", "pytest", "benchmarks.overhead"], done.stdout
+    assert took < 14 + 10, took  # the layer part's 30 s sleep was cut at the deadline
+    assert (out / "env.json").read_text().strip() == "{}" and (out / "layers.log").exists()
+    with tarfile.open(pack) as archive:
+        assert {"./env.json", "./gpu_tests.log"} <= set(archive.getnames())

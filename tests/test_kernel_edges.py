@@ -220,3 +220,28 @@ def test_nf4_decode_tile_is_zero_outside_w(double_quant):
     want = torch.zeros(8, 64)
     want[:5, :32] = dequantize_nf4(w, torch.float32)[:, 64:]
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("tokens", [1, 40, 300], ids=["decode", "middle", "prefill"])
+def test_nf4_autotuners_skip_tiles_that_cannot_win_at_the_token_count(monkeypatch, tokens):
+    """Decode-size M times no BLOCK_M ≥ 128 tile and M ≥ 256 no BLOCK_M = 16 (half the compiles and timings
+    of a GPU's first call per shape); in between every config is timed."""
+    from triton.runtime import autotuner
+
+    from moka_kernels import dequantize_nf4, quantize_nf4
+    from moka_kernels.ops import nf4_matmul as nm
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32}) for bm in (16, 64, 128)]
+    monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(lambda self: lambda fn, quantiles=None: [1.0] * 3))
+    w = quantize_nf4(torch.randn(32, 64))
+    x, dy = torch.randn(tokens, 64), torch.randn(tokens, 32)
+    want = {1: {16, 64}, 40: {16, 64, 128}, 300: {64, 128}}[tokens]
+    for kernel, call in ((nm._nf4_matmul_kernel, nm.nf4_matmul), (nm._nf4_matmul_t_kernel, nm.nf4_matmul_t)):
+        assert kernel.early_config_prune is nm.configs_for_token_count
+        monkeypatch.setattr(kernel, "configs", configs)
+        monkeypatch.setattr(kernel, "cache", {})
+        got = call(x, w) if call is nm.nf4_matmul else call(dy, w)
+        assert {c.kwargs["BLOCK_M"] for c in kernel.configs_timings} == want
+        dense = dequantize_nf4(w, torch.float32)
+        torch.testing.assert_close(got, x @ dense.T if call is nm.nf4_matmul else dy @ dense, rtol=1e-4, atol=1e-4)
+    assert nm.configs_for_token_count(configs[2:], {"M_BUCKET": 1}) == configs[2:]  # never empty
