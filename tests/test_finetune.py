@@ -151,18 +151,23 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_path, capsys):
+def _stop_after_checkpoint(step: int | None = None):
+    """A callback raising _Interrupt once the checkpoint of ``step`` (None: the first one) is saved."""
     from transformers import TrainerCallback
 
     class StopAfterCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 4:
+            if step is None or state.global_step == step:
                 raise _Interrupt
 
+    return StopAfterCheckpoint()
+
+
+def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_path, capsys):
     common = ["--max-steps", "8", "--save-steps", "4", "--no-accuracy", "--dropout", "0.1"]
     run(parse_args(_args(model_dir, data, tmp_path / "straight", *common)))
     with pytest.raises(_Interrupt):
-        run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[StopAfterCheckpoint()])
+        run(parse_args(_args(model_dir, data, tmp_path / "broken", *common)), callbacks=[_stop_after_checkpoint(4)])
     assert (tmp_path / "broken" / "checkpoints" / "checkpoint-4").is_dir()
     assert not (tmp_path / "broken" / "adapter").exists()
     capsys.readouterr()
@@ -181,16 +186,10 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, data, tmp_pa
 def test_resume_refuses_a_run_on_another_base_or_data(model_dir, data, tmp_path, capsys):
     """A checkpoint records what it was trained on; --resume with other flags would silently train another
     experiment from its optimizer state (e.g. a requantized base), so it is refused before anything runs."""
-    from transformers import TrainerCallback
-
-    class StopAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            raise _Interrupt
-
     out = tmp_path / "broken"
     common = ["--max-steps", "4", "--save-steps", "2", "--no-accuracy", "--load-in-4bit", "--nf4-backend", "moka"]
     with pytest.raises(_Interrupt):
-        run(parse_args(_args(model_dir, data, out, *common)), callbacks=[StopAfterCheckpoint()])
+        run(parse_args(_args(model_dir, data, out, *common)), callbacks=[_stop_after_checkpoint()])
     recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "moka_run.json").read_text())
     assert recorded["nf4_backend"] == "moka" and recorded["dtype"] == "fp32" and recorded["max_length"] == 256
     _fails(
@@ -1014,13 +1013,6 @@ def test_adapter_flag_starts_from_the_saved_adapter(model_dir, data, tmp_path):
 def test_resume_of_a_run_started_from_an_adapter_matches_uninterrupted(model_dir, data, tmp_path):
     """--adapter X --resume: the checkpoint's weights and optimizer state win over X's, as in one straight run;
     dropped --adapter on resume, the flags' config (the same as X's) patches and the checkpoint fills it."""
-    from transformers import TrainerCallback
-
-    class StopAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise _Interrupt
-
     first = ["--max-steps", "2", "--save-steps", "2", "--no-accuracy", "--num-components", "2"]
     run(parse_args(_args(model_dir, data, tmp_path / "first", *first)))
     start = ["--adapter", str(tmp_path / "first" / "adapter")]
@@ -1030,7 +1022,7 @@ def test_resume_of_a_run_started_from_an_adapter_matches_uninterrupted(model_dir
     for resumed_with in (start, []):
         out = tmp_path / f"broken-{len(resumed_with)}"
         with pytest.raises(_Interrupt):
-            run(parse_args(_args(model_dir, data, out, *common, *start)), callbacks=[StopAfterCheckpoint()])
+            run(parse_args(_args(model_dir, data, out, *common, *start)), callbacks=[_stop_after_checkpoint(2)])
         run(parse_args(_args(model_dir, data, out, *common, *resumed_with, "--resume")))
         resumed = load_file(out / "adapter" / "moka_adapter.safetensors")
         assert straight.keys() == resumed.keys()
