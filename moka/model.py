@@ -845,6 +845,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    require_bool(strict, "strict")  # "False" would otherwise mean strict
     if not moka_layers(model):  # patched below: refused inside DDP/FSDP2 (checked before unwrapping DDP)
         _refuse_patching_inside_a_distributed_wrapper(model)
     _refuse_fsdp1(model, "load_adapter")

@@ -232,7 +232,11 @@ def test_an_adapter_from_save_adapter_merges_onto_the_base_its_config_names(base
     assert json.loads((adapter / "moka_adapter_config.json").read_text())["base_model"] == str(base)
     assert parse_args(["--adapter", str(adapter), "--output-dir", str(tmp_path / "m")]).model == str(base)
     assert main(["--adapter", str(adapter), "--output-dir", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    assert "note: the adapter dir has no moka_run.json" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "moka_merge.json").read_text())["base_model"] == str(base)
+    # an earlier merge's output is replaced only with --overwrite
+    assert main(["--adapter", str(adapter), "--output-dir", str(tmp_path / "m")]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
 
     def with_base(directory: Path, recorded) -> Path:
         config = json.loads((directory / "moka_adapter_config.json").read_text())
