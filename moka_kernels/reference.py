@@ -68,7 +68,8 @@ def gate_weights(
     """α = softmax(g), or the fixed uniform 1/r when the gate is off (``gate_logits is None``).
 
     Computed in ``dtype`` promoted to at least fp32 (and to the logits' dtype), never in half precision;
-    on the logits' device (``device`` is used when the gate is off: default the CPU).
+    on the logits' device (``device`` is used when the gate is off: default torch's default device, the CPU
+    unless set otherwise).
     """
     if num_components < 1:
         raise ValueError(f"num_components: expected an integer >= 1, got {num_components!r}")
