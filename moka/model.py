@@ -688,6 +688,16 @@ def _settings_differ(config: MoKAConfig, layer: MoKALinear, config_is: str) -> s
     return ", ".join(f"{k}={have[k]!r} ({config_is}: {want[k]!r})" for k in want if have[k] != want[k])
 
 
+def _recorded_base(model: nn.Module) -> object:
+    """The base an adapter file names: the model config's ``_name_or_path``, made absolute when it is a model
+    directory relative to the current one (so that ``moka-merge`` finds it from any directory); a hub id, an
+    absolute path or a model built in code ("") as it is."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name and not Path(name).is_absolute() and (Path(name) / "config.json").is_file():
+        return str(Path(name).absolute())
+    return name
+
+
 def _write_adapter(
     model: nn.Module, layers: dict[str, MoKALinear], state: dict[str, torch.Tensor], directory: Path
 ) -> Path:
@@ -706,7 +716,7 @@ def _write_adapter(
                 name: {"in_features": m.in_features, "out_features": m.out_features, "components": m.component_shapes}
                 for name, m in layers.items()
             },
-            "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+            "base_model": _recorded_base(model),
         }
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=1))
         share_like_a_new_dir(tmp)

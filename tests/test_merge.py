@@ -257,6 +257,22 @@ def test_an_adapter_from_save_adapter_merges_onto_the_base_its_config_names(base
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 
 
+def test_save_adapter_records_a_relative_base_dir_absolute(base_and_adapter, tmp_path, monkeypatch):
+    """A base loaded by a path relative to the current directory is recorded absolute, so the merge finds it
+    from anywhere; a hub-style name that is no directory here is recorded as it is."""
+    base, _ = base_and_adapter
+    monkeypatch.chdir(base.parent)
+    model = AutoModelForCausalLM.from_pretrained("base")
+    apply_moka(model, MoKAConfig(num_components=2, target_modules=["q_proj"]))
+    saved = save_adapter(model, tmp_path / "relative")
+    assert json.loads((saved / "moka_adapter_config.json").read_text())["base_model"] == str(base.absolute())
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["--adapter", str(saved), "--output-dir", str(tmp_path / "m")]).model == str(base.absolute())
+    model.config._name_or_path = "org/not-here"
+    saved = save_adapter(model, tmp_path / "hub")
+    assert json.loads((saved / "moka_adapter_config.json").read_text())["base_model"] == "org/not-here"
+
+
 def test_load_in_4bit_without_bitsandbytes_merges_the_same_nf4_base(base_and_adapter, tmp_path, capsys, monkeypatch):
     """moka quantizes the base itself: the same NF4 bytes as bitsandbytes', so the same merged model."""
     pytest.importorskip("bitsandbytes")  # for the reference
