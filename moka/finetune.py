@@ -209,7 +209,9 @@ DEFAULT_MAX_STEPS = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="moka-finetune", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(
+        prog="moka-finetune", description=__doc__.split("\n\n")[0].replace("``", "")
+    )  # RST markup read as text
     g = p.add_argument_group("model")
     g.add_argument("--model", default=EMBEDDED, help="local model dir, hub id, or the embedded SmolLM2-135M")
     g.add_argument(

@@ -28,8 +28,8 @@ class NF4Linear(nn.Module):
     """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
 
     Args:
-        weight: the NF4 weight; its ``dtype`` is the layer's ``nf4_dtype`` (an adapter's default dtype, a
-            merge's dtype).
+        weight: the NF4 weight; its ``dtype`` is the layer's ``nf4_dtype`` (what it decodes to, and a merge's
+            dtype; adapters on it default to fp32, fp64 on an fp64 base).
         bias: optional, shape (out_features,).
         compute_dtype: the dtype the layer computes in (x is cast to it and the output back to x's dtype, as
             bitsandbytes' ``Linear4bit`` does); None: x's own dtype.

@@ -65,7 +65,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="moka-merge", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(
+        prog="moka-merge", description=__doc__.split("\n\n")[0].replace("``", "")
+    )  # RST markup read as text
     p.add_argument(
         "--model",
         help="the base model: local dir, hub id, or the embedded SmolLM2 (default: the one the fine-tune recorded "

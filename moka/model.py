@@ -341,7 +341,8 @@ def quantize_model(
     * A dense ``nn.Linear`` (fp32/fp16/bf16 W) is quantized: ``quantize_nf4(W, blocksize, double_quant)``,
       the bytes bitsandbytes' ``Linear4bit(quant_type="nf4", compress_statistics=double_quant)`` holds when
       quantized on a GPU (its CPU kernel picks a neighbouring 8-bit scale code for 0.1–0.25% of blocks).
-      The layer computes in x's dtype; W's dtype is its ``nf4_dtype`` (the adapter's and a merge's dtype).
+      The layer computes in x's dtype; W's dtype is its ``nf4_dtype`` (what it decodes to, and a merge's dtype;
+      adapters default to fp32, fp64 on an fp64 base).
     * A bitsandbytes NF4 ``Linear4bit`` (e.g. loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) becomes
       an NF4Linear over the same bytes, not copied and not requantized (``blocksize``/``double_quant`` are
       its own), computing in its ``compute_dtype`` as before.
@@ -362,7 +363,7 @@ def quantize_model(
         shardable: for FSDP2 (``fully_shard``): the NF4 bytes become frozen integer parameters, which it
             shards and gathers bit for bit. (A ``Linear4bit`` loses its ``quant_state`` when FSDP2 shards it.)
             Leave it False for FSDP1, which needs one dtype per flattened unit, and for anything else.
-        progress: show a progress bar over the layers.
+        progress: show a progress bar over the layers (from 8 target layers; fewer take no time).
 
     Returns:
         The number of layers converted. Every target is checked before the first one is replaced; an error

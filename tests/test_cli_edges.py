@@ -172,3 +172,14 @@ def test_an_fp16_checkpoint_merges_in_fp16_by_default(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
     assert checkpoint_dtype(str(tmp_path)) == torch.float16
+
+
+@pytest.mark.parametrize("module", ["moka.finetune", "moka.merge"])
+def test_help_prints_plain_text_not_rst_markup(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "python -m " + module in printed and "``" not in printed
