@@ -985,6 +985,9 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> dict:
         )
     if args.load_in_4bit:
         print(f"NF4 base quantized by {args.nf4_backend}", flush=True)
+    # Again: loading may draw random numbers, and the embedded model's first load (the GGUF conversion) draws
+    # others than a load from the cache, so the adapters' initialization would depend on the cache.
+    set_seed(args.seed)
     try:
         summary: MoKASummary = load_adapter(model, args.adapter) if args.adapter else apply_moka(model, config)
     except (ValueError, FileNotFoundError, SafetensorError) as err:

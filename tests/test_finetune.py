@@ -1010,6 +1010,26 @@ def test_adapter_flag_starts_from_the_saved_adapter(model_dir, data, tmp_path):
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
+def test_adapter_initialization_does_not_depend_on_what_loading_the_model_draws(model_dir, data, tmp_path, monkeypatch):
+    """The embedded model's first load converts it and draws random numbers a cached load does not: the
+    adapters' initial values must come from --seed alone (learning rate 0 keeps them as initialized)."""
+    import moka.finetune as finetune
+
+    common = ["--max-steps", "1", "--no-accuracy", "--num-components", "2", "--lr", "0"]
+    run(parse_args(_args(model_dir, data, tmp_path / "plain", *common)))
+    load_model = finetune.load_model
+
+    def load_model_that_draws(*args, **kwargs):
+        torch.rand(1000)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "load_model", load_model_that_draws)
+    run(parse_args(_args(model_dir, data, tmp_path / "drawn", *common)))
+    plain, drawn = (load_file(tmp_path / d / "adapter" / "moka_adapter.safetensors") for d in ("plain", "drawn"))
+    assert any(torch.count_nonzero(v) for v in plain.values())
+    assert plain.keys() == drawn.keys() and all(torch.equal(plain[k], drawn[k]) for k in plain)
+
+
 def test_resume_of_a_run_started_from_an_adapter_matches_uninterrupted(model_dir, data, tmp_path):
     """--adapter X --resume: the checkpoint's weights and optimizer state win over X's, as in one straight run;
     dropped --adapter on resume, the flags' config (the same as X's) patches and the checkpoint fills it."""
