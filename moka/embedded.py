@@ -239,13 +239,15 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
             f"the embedded model's cache: {err.strerror or err}: {str(target.parent)!r} (set MOKA_CACHE to a "
             "writable directory)"
         ) from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # Models are built with random weights before theirs are loaded: on the caller's generator, a machine's
+    # first (converting) call would draw numbers a cached one does not, and seeded work after it would differ.
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in gguf_model.state_dict().items()})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

@@ -671,12 +671,10 @@ class LossRecorder(TrainerCallback):
 def plot_losses(recorder, path: Path, title: str, loss_of: str = "response tokens") -> None:
     """The logged train and eval losses against the optimizer step (``loss_of``: which tokens the loss
     covers, for the axis label)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: it would switch the process's backend (a notebook's)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     if recorder.train:
         ax.plot(*zip(*recorder.train, strict=True), label="train loss", marker=".")
     if recorder.eval:
@@ -692,7 +690,6 @@ def plot_losses(recorder, path: Path, title: str, loss_of: str = "response token
         ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -719,7 +716,7 @@ def exact_match_accuracy(
     batch_size: int = 16,
 ) -> tuple[float, list[str]]:
     """Greedy-decode each instruction prompt; (accuracy, predictions) by normalized exact match."""
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each one's: a user may hold some in eval
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -739,7 +736,8 @@ def exact_match_accuracy(
             predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     correct = sum(_normalize(p) == _normalize(r["output"]) for p, r in zip(predictions, records, strict=True))
     return correct / max(len(records), 1), predictions
 

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from moka_kernels import NF4Tensor, dequantize_nf4, factors_taken_as_they_are, moka_linear, nf4_linear, quantize_nf4
 from moka_kernels import delta_weight as materialized_delta_weight
@@ -559,8 +560,13 @@ class MoKALinear(nn.Module):
                 "merge: NF4 requantization error max_abs=%.3g rel_rms=%.3g", report["max_abs"], report["rel_rms"]
             )
             return layer
-        layer = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=merged_wide.device, dtype=out_dtype
+        layer = skip_init(  # not nn.Linear(): its random init would draw from the caller's generator
+            nn.Linear,
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=merged_wide.device,
+            dtype=out_dtype,
         )
         layer.weight.copy_(merged_wide.to(out_dtype))
         if bias is not None:

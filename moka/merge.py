@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from torch.nn.utils import skip_init
 
 from moka_kernels import dequantize_nf4
 
@@ -211,7 +212,9 @@ def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
     for name, m in layers.items():
         nf4 = m.nf4_weight if isinstance(m, NF4Linear) else nf4_from_linear4bit(m)
         weight = dequantize_nf4(nf4, dtype)
-        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=weight.device, dtype=dtype)
+        dense = skip_init(  # not nn.Linear(): its random init would draw from the caller's generator
+            nn.Linear, m.in_features, m.out_features, bias=m.bias is not None, device=weight.device, dtype=dtype
+        )
         dense.weight.copy_(weight)
         if m.bias is not None:
             dense.bias.copy_(m.bias)

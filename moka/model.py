@@ -874,8 +874,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             f"directory: {str(weights_path)!r} is not a readable safetensors file ({type(err).__name__}: {err})"
         ) from err
     patched_here = not moka_layers(model)
-    if patched_here:
-        apply_moka(model, saved)
+    if patched_here:  # the file's values replace the initialization: not drawn from the caller's generators
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            apply_moka(model, saved)
     else:  # names and shapes are checked below; these change the function without changing a shape
         in_file = {_layer_of(key) for key in tensors}
         for name, layer in moka_layers(model).items():

@@ -48,7 +48,10 @@ def select_backend(x: torch.Tensor) -> str:
         if not TRITON_AVAILABLE:
             raise ValueError("MOKA_BACKEND: 'triton' was asked for, but triton is not installed")
         if not x.is_cuda and not INTERPRET:
-            raise ValueError(f"MOKA_BACKEND: 'triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1")
+            raise ValueError(
+                f"MOKA_BACKEND: 'triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1 set before "
+                "importing moka_kernels"
+            )
     return requested
 
 
