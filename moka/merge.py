@@ -39,10 +39,12 @@ from .finetune import (
     ArgumentParser,
     CLIError,
     _read_json,
+    bitsandbytes_quantizes_on,
     canonical_location,
     directory_written_whole,
     load_model,
     one_line,
+    quantized_elsewhere_note,
     refuse_replacing_unrelated,
     refuse_unwritable,
     resolve_model_path,
@@ -172,6 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, flag in given.items()
         if flag is not None and args.record.get(key) not in (None, getattr(args, key))
     ]
+    args.nf4_quantized_on = bitsandbytes_quantizes_on(args.load_in_4bit, args.nf4_backend)
+    args.quantized_elsewhere = quantized_elsewhere_note(
+        args.record.get("nf4_quantized_on"), args.nf4_quantized_on, "merge"
+    )
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir: expected a directory, got the file {str(out)!r}")
@@ -261,12 +267,15 @@ def merge(args: argparse.Namespace) -> dict:
         "layers_merged": summary.layers_patched,
         "dtype": str(dtype).removeprefix("torch."),
         "nf4_backend": args.nf4_backend if args.load_in_4bit else None,
+        "nf4_quantized_on": getattr(args, "nf4_quantized_on", None),
         "base_dtype": str(base_dtype).removeprefix("torch."),
     }
     if record.get("model") not in (None, canonical_location(args.model)):
         result["trained_on"] = record["model"]
     if getattr(args, "overridden", None):
         result["overridden"] = args.overridden
+    if getattr(args, "quantized_elsewhere", None):
+        result["quantized_elsewhere"] = args.quantized_elsewhere
     if not record:
         result["run_record"] = None  # the flags as given: nothing says what the adapter was trained on
     if adapted is not None:
@@ -297,6 +306,8 @@ def print_summary(result: dict) -> None:
         )
     for flag in result.get("overridden", ()):
         print(f"note: merged with {flag} as given, not as the adapter's {RUN_CONDITIONS_NAME} records")
+    if "quantized_elsewhere" in result:
+        print(result["quantized_elsewhere"] + " (--nf4-backend moka takes the nearest code on either device)")
     if "trained_on" in result:
         print(f"note: the adapter was trained on {result['trained_on']!r} (its moka_run.json), not on this --model")
     if "probe_max_abs_diff" in result:

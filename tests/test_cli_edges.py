@@ -183,3 +183,21 @@ def test_help_prints_plain_text_not_rst_markup(module, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "python -m " + module in printed and "``" not in printed
+
+
+def test_a_resume_notes_a_base_bitsandbytes_quantized_on_another_kind_of_device(tmp_path, capsys):
+    from moka.finetune import CLIError, _check_resume_conditions, quantized_elsewhere_note
+
+    assert quantized_elsewhere_note("cuda", "cpu", "merge").startswith("note: bitsandbytes quantized")
+    for recorded, here in (("cpu", "cpu"), (None, "cpu"), ("cuda", None), ("gpu?", "cpu")):
+        assert quantized_elsewhere_note(recorded, here, "merge") is None
+    conditions = {"model": "m", "load_in_4bit": True, "nf4_backend": "bitsandbytes", "nf4_quantized_on": "cpu"}
+    (tmp_path / "moka_run.json").write_text(json.dumps({**conditions, "nf4_quantized_on": "cuda"}))
+    _check_resume_conditions(str(tmp_path), conditions)
+    assert "quantizes this resumed run's on cpu" in capsys.readouterr().out
+    (tmp_path / "moka_run.json").write_text(json.dumps(conditions))
+    _check_resume_conditions(str(tmp_path), conditions)
+    assert capsys.readouterr().out == ""
+    (tmp_path / "moka_run.json").write_text(json.dumps({**conditions, "model": "other"}))
+    with pytest.raises(CLIError, match="--model 'other'"):
+        _check_resume_conditions(str(tmp_path), conditions)

@@ -257,6 +257,27 @@ def test_an_adapter_from_save_adapter_merges_onto_the_base_its_config_names(base
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 
 
+def test_a_merge_notes_a_base_bitsandbytes_quantized_on_another_kind_of_device(base_and_adapter, tmp_path, capsys):
+    """Trained on a base bitsandbytes quantized on a GPU, merged here on the CPU (its CPU kernel picks other
+    scale codes for a few blocks): noted, and recorded; not noted for moka's backend or a matching device."""
+    pytest.importorskip("bitsandbytes")
+    base, adapter = base_and_adapter
+    recorded = shutil.copytree(adapter, tmp_path / "adapter")
+    record = {"model": str(base), "load_in_4bit": True, "nf4_backend": "bitsandbytes", "nf4_quantized_on": "cuda"}
+    (recorded / "moka_run.json").write_text(json.dumps(record))
+    assert main(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m"), "--no-check"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: bitsandbytes quantized the adapter's base on cuda and quantizes this merge's on cpu" in printed
+    report = json.loads((tmp_path / "m" / "moka_merge.json").read_text())
+    assert report["nf4_quantized_on"] == "cpu" and "quantizes this merge's on cpu" in report["quantized_elsewhere"]
+    argv = ["--adapter", str(recorded), "--output-dir", str(tmp_path / "m2"), "--no-check", "--nf4-backend", "moka"]
+    assert main(argv) == 0
+    assert "quantized the adapter's base" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "m2" / "moka_merge.json").read_text())["nf4_quantized_on"] is None
+    (recorded / "moka_run.json").write_text(json.dumps({**record, "nf4_quantized_on": "cpu"}))
+    assert parse_args(["--adapter", str(recorded), "--output-dir", str(tmp_path / "m3")]).quantized_elsewhere is None
+
+
 def test_save_adapter_records_a_relative_base_dir_absolute(base_and_adapter, tmp_path, monkeypatch):
     """A base loaded by a path relative to the current directory is recorded absolute, so the merge finds it
     from anywhere; a hub-style name that is no directory here is recorded as it is."""
