@@ -209,9 +209,8 @@ DEFAULT_MAX_STEPS = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="moka-finetune", description=__doc__.split("\n\n")[0].replace("``", "")
-    )  # RST markup read as text
+    # The module docstring's first paragraph, without its RST markup (argparse prints it as it is).
+    p = ArgumentParser(prog="moka-finetune", description=__doc__.split("\n\n")[0].replace("``", ""))
     g = p.add_argument_group("model")
     g.add_argument("--model", default=EMBEDDED, help="local model dir, hub id, or the embedded SmolLM2-135M")
     g.add_argument(
@@ -505,7 +504,7 @@ def _process_device() -> torch.device:
 def bitsandbytes_quantizes_on(load_in_4bit: bool, nf4_backend: str | None) -> str | None:
     """Where bitsandbytes quantizes a 4-bit base loaded here ("cpu" or "cuda"; None when it does not): its CPU
     kernel picks a neighbouring 8-bit scale code for 0.1–0.25% of blocks, so a base quantized on the other
-    kind of device differs slightly (moka's quantize_nf4 gives the same bytes on both)."""
+    kind of device differs slightly (moka's quantize_nf4 takes the nearest code on either)."""
     return _process_device().type if load_in_4bit and nf4_backend == "bitsandbytes" else None
 
 

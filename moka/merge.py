@@ -68,9 +68,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="moka-merge", description=__doc__.split("\n\n")[0].replace("``", "")
-    )  # RST markup read as text
+    # The module docstring's first paragraph, without its RST markup (argparse prints it as it is).
+    p = ArgumentParser(prog="moka-merge", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument(
         "--model",
         help="the base model: local dir, hub id, or the embedded SmolLM2 (default: the one the fine-tune recorded "
