@@ -25,6 +25,20 @@ logger = logging.getLogger("moka")
 _NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
 
 
+@torch.no_grad()
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight`` (out, in) and ``bias`` (cast to the weight's dtype), on the
+    weight's device. Built with ``skip_init``: ``nn.Linear()``'s random init would draw from the caller's
+    generator only to be overwritten."""
+    layer = skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer over an :class:`NF4Tensor`: y = x · dequant(W)ᵀ + b.
 
@@ -560,18 +574,7 @@ class MoKALinear(nn.Module):
                 "merge: NF4 requantization error max_abs=%.3g rel_rms=%.3g", report["max_abs"], report["rel_rms"]
             )
             return layer
-        layer = skip_init(  # not nn.Linear(): its random init would draw from the caller's generator
-            nn.Linear,
-            self.in_features,
-            self.out_features,
-            bias=bias is not None,
-            device=merged_wide.device,
-            dtype=out_dtype,
-        )
-        layer.weight.copy_(merged_wide.to(out_dtype))
-        if bias is not None:
-            layer.bias.copy_(bias.to(out_dtype))
-        layer.requires_grad_(False)
+        layer = frozen_linear(merged_wide.to(out_dtype), bias)
         return layer.train(self.training)  # the mode of the layer it replaces, as nn.Linear starts in train
 
     def num_trainable_parameters(self) -> int:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from torch.nn.utils import skip_init
 
 from moka_kernels import dequantize_nf4
 
@@ -51,7 +50,7 @@ from .finetune import (
     resolve_nf4_backend,
     user_path,
 )
-from .layer import NF4Linear
+from .layer import NF4Linear, frozen_linear
 from .model import ADAPTER_CONFIG_NAME, _parent_and_attr, load_adapter, merge_moka, read_adapter_config
 
 __all__ = ["decode_4bit_layers", "main", "merge", "parse_args"]
@@ -217,13 +216,7 @@ def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> int:
     for name, m in layers.items():
         nf4 = m.nf4_weight if isinstance(m, NF4Linear) else nf4_from_linear4bit(m)
         weight = dequantize_nf4(nf4, dtype)
-        dense = skip_init(  # not nn.Linear(): its random init would draw from the caller's generator
-            nn.Linear, m.in_features, m.out_features, bias=m.bias is not None, device=weight.device, dtype=dtype
-        )
-        dense.weight.copy_(weight)
-        if m.bias is not None:
-            dense.bias.copy_(m.bias)
-        dense.requires_grad_(False)
+        dense = frozen_linear(weight, m.bias)
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, dense)
     forget_4bit_loading(model)
